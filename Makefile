@@ -1,0 +1,27 @@
+# Two commands on a fresh machine:
+#   make run    install everything into .venv and run the main job
+#   make test   install everything into .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# Pin torch to the local CPU wheel by default; `make TORCH_CONSTRAINT= run` lifts the pin.
+TORCH_CONSTRAINT ?= -c constraints.txt
+RUN_DIR ?= runs/main
+
+.PHONY: install run test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/optmech train --model a --depth 1 --dataset mnist5k --out $(RUN_DIR) --overwrite
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
