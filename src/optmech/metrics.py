@@ -1,0 +1,266 @@
+"""The paper's per-sample quantities from (A, p, q): pure functions of tensors, in float64.
+
+Notation (paper Sec. 4, READING.md §1.3), per sample x with C classes:
+    e = p − q,  E_f = ‖p − q‖² (fitting error),  ‖g‖² = ‖∇_θ d_Ω(q, f_θ(x))‖² = eᵀ A_x e,
+    λmin, λmax the extreme eigenvalues of A_x,
+    U = −log2 λmin,  L = −log2 λmax,  G = U − L = log2(λmax/λmin) ≥ 0,
+    S(α, β, γ) = αG + βU + γL (structural error, Def. in Sec. 4.3; the paper gives no values,
+    the default (1, 1, 1) makes S = 2U),
+    Theorem 3: L ≤ log2(E_f/‖g‖²) ≤ U, i.e. lower = log2‖g‖² + L ≤ log2 E_f ≤ log2‖g‖² + U = upper,
+    equivalently ‖g‖²/λmax ≤ E_f ≤ ‖g‖²/λmin when λmin > 0.
+
+Logarithms are base 2 (paper Sec. 5; DESIGN §5). Eigenvalues are always computed in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pandas as pd
+import torch
+
+__all__ = [
+    "COLUMNS",
+    "Measurement",
+    "fitting_error",
+    "gradient_norm",
+    "spectrum",
+    "perp_spectrum",
+    "rank_tolerance",
+    "theorem3_holds",
+    "measure_from",
+    "THEOREM3_RTOL",
+]
+
+#: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
+#: only error is float64 rounding in eigvalsh and eᵀAe (about C·2.2e-16·λmax); 1e-9 leaves margin.
+THEOREM3_RTOL = 1e-9
+
+#: Column name -> (description, from the paper?). The probe's records carry these columns.
+COLUMNS: dict[str, tuple[str, bool]] = {
+    "loss": ("per-sample loss d_Ω(q, f)", True),
+    "fitting_error": ("E_f = ‖p − q‖²", True),
+    "log_fitting_error": ("log2 E_f (the plotted 'fitting error')", True),
+    "gradient_norm": ("‖∇_θ d_Ω‖² = eᵀ A_x e", True),
+    "log_gradient_norm": ("log2 ‖∇_θ d_Ω‖²", True),
+    "lambda_min": ("smallest eigenvalue of A_x", True),
+    "lambda_max": ("largest eigenvalue of A_x", True),
+    "U": ("−log2 λmin (+inf when rank_deficient)", True),
+    "L": ("−log2 λmax", True),
+    "G": ("U − L = log2(λmax/λmin)", True),
+    "structural_error": ("S = αG + βU + γL", True),
+    "lower": ("log2‖g‖² + L (Theorem 3 lower bound on log2 E_f)", True),
+    "upper": ("log2‖g‖² + U (Theorem 3 upper bound on log2 E_f)", True),
+    "bound_holds": ("lower ≤ log2 E_f ≤ upper within THEOREM3_RTOL", True),
+    "rank_deficient": ("λmin ≤ C·eps(dtype of A)·λmax: Theorem 3's hypothesis fails", False),
+    "exact_fit": ("E_f = 0 exactly (p = q), so the log columns are −inf", False),
+    "predicted_class": ("argmax of p", False),
+    "target_class": ("argmax of q", False),
+    "lambda_min_perp": ("smallest eigenvalue of A_x on 1^⊥ (simplex maps only; not from the paper)", False),
+    "lambda_max_perp": ("largest eigenvalue of A_x on 1^⊥ (simplex maps only; not from the paper)", False),
+    "lower_perp": ("log2‖g‖² − log2 λmax_perp: tighter lower bound (not from the paper)", False),
+    "upper_perp": ("log2‖g‖² − log2 λmin_perp: tighter upper bound (not from the paper)", False),
+    "bound_perp_holds": ("lower_perp ≤ log2 E_f ≤ upper_perp (not from the paper)", False),
+    "gradient_norm_autograd": ("‖∇_θ d_Ω‖² by autograd, with check=True (NaN otherwise)", False),
+}
+
+
+def fitting_error(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """E_f(q, p) = ‖p − q‖² per sample. Shapes (batch, classes) -> (batch,)."""
+    return ((p - q) ** 2).sum(-1)
+
+
+def gradient_norm(A: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """‖g‖² = eᵀ A e per sample (exact: g = J_xᵀ e). A (batch, C, C), e (batch, C) -> (batch,)."""
+    return torch.einsum("bi,bij,bj->b", e, A, e)
+
+
+def spectrum(A: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of each A_x in float64, ascending. (batch, C, C) -> (batch, C)."""
+    A = A.to(torch.float64)
+    return torch.linalg.eigvalsh(0.5 * (A + A.transpose(-1, -2)))
+
+
+def _perp_basis(n: int, device: torch.device) -> torch.Tensor:
+    """An orthonormal basis V (n, n−1) of the subspace orthogonal to the all-ones vector."""
+    M = torch.eye(n, dtype=torch.float64, device=device)
+    M[:, 0] = 1.0
+    Q, _ = torch.linalg.qr(M)
+    return Q[:, 1:]
+
+
+def perp_spectrum(A: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of VᵀA_xV, A_x restricted to 1^⊥ (batch, C−1), float64, ascending.
+
+    For predictions and targets on the simplex, e = p − q ⊥ 1, so eᵀAe/‖e‖² lies between these
+    extreme eigenvalues: a bracket at least as tight as Theorem 3's (Cauchy interlacing).
+    """
+    V = _perp_basis(A.shape[-1], A.device)
+    return spectrum(V.T @ A.to(torch.float64) @ V)
+
+
+def rank_tolerance(lambda_max: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Numerical-rank threshold C·eps(dtype)·λmax, with dtype that of A_x before the float64 cast."""
+    return n_classes * torch.finfo(dtype).eps * lambda_max
+
+
+def theorem3_holds(
+    E_f: torch.Tensor,
+    g2: torch.Tensor,
+    lam_min: torch.Tensor,
+    lam_max: torch.Tensor,
+    rank_deficient: torch.Tensor,
+    rtol: float = THEOREM3_RTOL,
+) -> torch.Tensor:
+    """Theorem 3 per sample in linear form: ‖g‖²/λmax ≤ E_f ≤ ‖g‖²/λmin (the upper side is vacuous
+    when λmin ≤ tolerance). Tolerance: rtol relative to λmax·E_f on both sides."""
+    slack = rtol * lam_max * E_f
+    lower_ok = g2 <= E_f * lam_max + slack
+    upper_ok = rank_deficient | (E_f * lam_min <= g2 + slack)
+    return lower_ok & upper_ok
+
+
+def _log2(x: torch.Tensor) -> torch.Tensor:
+    return torch.log2(torch.clamp(x, min=0.0))  # log2(0) = −inf; tiny negative rounding -> 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """Per-sample quantities for one batch; every tensor field has shape (batch,).
+
+    Float fields are float64, flags are bool. ``A`` (batch, C, C) and ``eigenvalues`` (batch, C)
+    are kept for inspection but not written by :meth:`to_frame`. See :data:`COLUMNS`.
+    """
+
+    loss: torch.Tensor
+    fitting_error: torch.Tensor
+    log_fitting_error: torch.Tensor
+    gradient_norm: torch.Tensor
+    log_gradient_norm: torch.Tensor
+    lambda_min: torch.Tensor
+    lambda_max: torch.Tensor
+    U: torch.Tensor
+    L: torch.Tensor
+    G: torch.Tensor
+    structural_error: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    bound_holds: torch.Tensor
+    rank_deficient: torch.Tensor
+    exact_fit: torch.Tensor
+    predicted_class: torch.Tensor
+    target_class: torch.Tensor
+    lambda_min_perp: torch.Tensor
+    lambda_max_perp: torch.Tensor
+    lower_perp: torch.Tensor
+    upper_perp: torch.Tensor
+    bound_perp_holds: torch.Tensor
+    gradient_norm_autograd: torch.Tensor
+    A: torch.Tensor = dataclasses.field(repr=False)
+    eigenvalues: torch.Tensor = dataclasses.field(repr=False)
+    method: str = "auto"
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __len__(self) -> int:
+        return int(self.loss.shape[0])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per sample, one column per entry of :data:`COLUMNS`."""
+        return pd.DataFrame({name: getattr(self, name).detach().cpu().numpy() for name in COLUMNS})
+
+    @property
+    def n_violations(self) -> int:
+        """Samples where Theorem 3 fails beyond tolerance."""
+        return int((~self.bound_holds).sum())
+
+
+def measure_from(
+    A: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    loss: torch.Tensor,
+    *,
+    simplex: bool,
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    rank_rtol: float | None = None,
+    gradient_norm_autograd: torch.Tensor | None = None,
+    method: str = "auto",
+) -> Measurement:
+    """Every per-sample quantity from the structural matrices and the prediction/target vectors.
+
+    Args:
+        A: (batch, C, C) structural matrices, any floating dtype (its dtype sets the rank tolerance).
+        p: (batch, C) predictions p = ∇Ω*(f).
+        q: (batch, C) targets.
+        loss: (batch,) per-sample loss values d_Ω(q, f).
+        simplex: whether p and q lie on the simplex (enables the 1^⊥ columns; NaN otherwise).
+        weights: (α, β, γ) of the structural error S = αG + βU + γL, each > 0.
+        rank_rtol: λmin ≤ rank_rtol·λmax flags the sample; default C·eps(A.dtype).
+        gradient_norm_autograd: (batch,) independent ‖g‖², stored as given.
+        method: the engine method that produced A (recorded).
+    """
+    alpha, beta, gamma = (float(w) for w in weights)
+    if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
+        raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
+    n, C = p.shape
+    A64, p64, q64 = A.to(torch.float64), p.to(torch.float64), q.to(torch.float64)
+    e = p64 - q64
+    E_f = fitting_error(p64, q64)
+    g2 = torch.clamp(gradient_norm(A64, e), min=0.0)
+    lam = spectrum(A64)
+    lam_min, lam_max = lam[:, 0], lam[:, -1]
+    tol = rank_tolerance(lam_max, C, A.dtype) if rank_rtol is None else rank_rtol * lam_max
+    deficient = (lam_min <= tol) | (lam_max <= 0)
+    inf = torch.full_like(lam_min, math.inf)
+    U = torch.where(deficient, inf, -_log2(lam_min))
+    L = torch.where(lam_max > 0, -_log2(lam_max), inf)
+    G = torch.where(deficient, inf, U - L)
+    S = torch.where(deficient, inf, alpha * G + beta * U + gamma * L)
+    log_g2 = _log2(g2)
+    lower = log_g2 + L
+    upper = torch.where(deficient, inf, log_g2 + U)
+    holds = theorem3_holds(E_f, g2, lam_min, lam_max, deficient)
+
+    nan = torch.full_like(lam_min, math.nan)
+    if simplex and C > 1:
+        lam_p = perp_spectrum(A64)
+        lmin_p, lmax_p = lam_p[:, 0], lam_p[:, -1]
+        deficient_p = (lmin_p <= (rank_tolerance(lmax_p, C, A.dtype) if rank_rtol is None else rank_rtol * lmax_p)) | (lmax_p <= 0)
+        lower_p = log_g2 - _log2(lmax_p)
+        upper_p = torch.where(deficient_p, inf, log_g2 - _log2(lmin_p))
+        holds_p = theorem3_holds(E_f, g2, lmin_p, lmax_p, deficient_p)
+    else:
+        lmin_p = lmax_p = lower_p = upper_p = nan
+        holds_p = torch.ones_like(holds)
+
+    return Measurement(
+        loss=loss.detach().to(torch.float64),
+        fitting_error=E_f,
+        log_fitting_error=_log2(E_f),
+        gradient_norm=g2,
+        log_gradient_norm=log_g2,
+        lambda_min=lam_min,
+        lambda_max=lam_max,
+        U=U,
+        L=L,
+        G=G,
+        structural_error=S,
+        lower=lower,
+        upper=upper,
+        bound_holds=holds,
+        rank_deficient=deficient,
+        exact_fit=E_f == 0,
+        predicted_class=p64.argmax(-1),
+        target_class=q64.argmax(-1),
+        lambda_min_perp=lmin_p,
+        lambda_max_perp=lmax_p,
+        lower_perp=lower_p,
+        upper_perp=upper_p,
+        bound_perp_holds=holds_p,
+        gradient_norm_autograd=nan if gradient_norm_autograd is None else gradient_norm_autograd.to(torch.float64),
+        A=A64,
+        eigenvalues=lam,
+        method=method,
+        weights=(alpha, beta, gamma),
+    )

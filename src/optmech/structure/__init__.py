@@ -1,0 +1,123 @@
+"""The structural matrix A_x = J_x J_xᵀ (C×C per sample), J_x = ∂f_θ(x)/∂θ (paper Sec. 4.3).
+
+A_x is the per-sample block of the empirical neural tangent kernel. It is computed exactly for a
+whole batch by one of several methods, named in :class:`EngineMethod` with their cost regime.
+The engine knows nothing of losses.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._context import check_outputs, prepare_inputs, probing, trainable_parameters
+from .jacobian import structural_matrix_jacobian
+from .loop import jacobian_rows_loop, structural_matrix_loop
+
+__all__ = ["EngineMethod", "structural_matrix", "available_methods", "jacobian_rows_loop"]
+
+log = logging.getLogger("optmech.structure")
+
+
+class EngineMethod(str, enum.Enum):
+    """How A_x is computed. All methods are exact; they differ in cost.
+
+    - ``LOOP``: the oracle. One ``torch.autograd.grad`` per sample and class: B forwards, B·C
+      backwards, memory C·|θ|. Works for any module, including ones torch.func cannot transform.
+    - ``JACOBIAN``: ``torch.func`` vmap∘jacrev over parameters, then Σ_t J_t J_tᵀ. Vectorised
+      C backward passes per sample; memory chunk·C·|θ| (chunked to a fixed budget).
+    - ``AUTO``: the fastest exact method that runs on the model: ``JACOBIAN``, falling back to
+      ``LOOP`` (with a warning) when the model's forward cannot be vmapped.
+
+    The layer-wise ``GRAM`` method (per-layer Gram contractions, DESIGN §3) is the next member
+    to be added here; every method registered in ``_METHODS`` is checked against ``LOOP``.
+    """
+
+    LOOP = "loop"
+    JACOBIAN = "jacobian"
+    AUTO = "auto"
+
+
+def available_methods() -> list[str]:
+    return [m.value for m in EngineMethod]
+
+
+def _resolve(method: str | EngineMethod) -> EngineMethod:
+    if isinstance(method, EngineMethod):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method: expected one of {available_methods()} (str), got {type(method).__name__} instead.")
+    try:
+        return EngineMethod(method.lower())
+    except ValueError:
+        raise ValueError(f"method: unknown engine method {method!r}; expected one of {available_methods()}.") from None
+
+
+def structural_matrix(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    method: str | EngineMethod = "auto",
+    chunk_size: int | None = None,
+    return_method: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, str]:
+    """Per-sample structural matrices A_x = J_x J_xᵀ for a batch.
+
+    J_x = ∂f_θ(x)/∂θ ∈ R^{C×|θ|} over every parameter with ``requires_grad=True`` (tied weights
+    once, with their total derivative; unused parameters contribute zero columns). Computed with
+    eval semantics (dropout off, BatchNorm on running statistics); the model's modes, buffers,
+    ``.grad`` fields and the RNG state are left as they were.
+
+    Args:
+        model: an ``nn.Module`` mapping inputs (batch, ...) to logits (batch, classes).
+        inputs: (batch, ...). Floating inputs are cast to the model's dtype and device.
+        method: ``"auto"``, ``"jacobian"`` or ``"loop"`` (see :class:`EngineMethod`).
+        chunk_size: samples per vectorised chunk for ``jacobian`` (default: fit 256 MiB).
+        return_method: also return the name of the method that actually ran.
+
+    Returns:
+        A of shape (batch, classes, classes) in the model's dtype: symmetric positive
+        semi-definite, trace A_x = ‖J_x‖_F². With ``return_method``, ``(A, method_name)``.
+
+    Example:
+        >>> A = structural_matrix(nn.Linear(4, 3), torch.randn(8, 4))   # (8, 3, 3)
+    """
+    chosen = _resolve(method)
+    named = trainable_parameters(model)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r} instead.")
+    x = prepare_inputs(model, inputs)
+    with probing(model):
+        with torch.no_grad():
+            n_classes = check_outputs(model(x[:1]), 1).shape[1]
+        if chosen is EngineMethod.AUTO:
+            try:
+                A = structural_matrix_jacobian(model, x, named, n_classes=n_classes, chunk_size=chunk_size)
+                ran = EngineMethod.JACOBIAN
+            except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
+                warnings.warn(
+                    f"structural_matrix: the 'jacobian' method failed on this model ({str(exc).splitlines()[0]}); "
+                    "falling back to the exact but slower 'loop' method.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                A = structural_matrix_loop(model, x, [p for _, p in named])
+                ran = EngineMethod.LOOP
+        else:
+            A = _METHODS[chosen](model, x, named, n_classes, chunk_size)
+            ran = chosen
+    log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], n_classes)
+    return (A, ran.value) if return_method else A
+
+
+_METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {
+    EngineMethod.LOOP: lambda model, x, named, n_classes, chunk: structural_matrix_loop(model, x, [p for _, p in named]),
+    EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk: structural_matrix_jacobian(
+        model, x, named, n_classes=n_classes, chunk_size=chunk
+    ),
+}

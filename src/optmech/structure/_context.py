@@ -1,0 +1,91 @@
+"""What every engine method shares: the parameter set θ, input checks, and a probing context.
+
+θ is every parameter with ``requires_grad=True``, each tensor once (``named_parameters`` drops
+tied duplicates, so a shared weight is one block of θ whose Jacobian is its total derivative).
+Probing uses eval semantics (dropout off, BatchNorm on running statistics) so that A_x is a
+per-sample quantity; the context restores every module's mode, every buffer and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter with requires_grad, tied tensors listed once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model: expected a torch.nn.Module, got {type(model).__name__} instead. "
+            "Wrap a plain function in an nn.Module whose forward maps (batch, ...) to (batch, classes)."
+        )
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            "model: expected at least one parameter with requires_grad=True, got none. "
+            "The structural matrix J_x J_xᵀ is taken over trainable parameters; unfreeze some."
+        )
+    return params
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def prepare_inputs(model: nn.Module, inputs: torch.Tensor, name: str = "inputs") -> torch.Tensor:
+    """Check a batch of inputs and cast floating inputs to the model's dtype and device."""
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, ...), got {type(inputs).__name__} instead.")
+    if inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch of shape (batch, ...), got shape {tuple(inputs.shape)} instead.")
+    if inputs.is_floating_point():
+        finite = torch.isfinite(inputs).flatten(1).all(1) if inputs.dim() > 1 else torch.isfinite(inputs)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"{name}: expected finite values, got NaN or inf in samples {bad[:10]}{'…' if len(bad) > 10 else ''}. "
+                "Remove or repair those samples before probing."
+            )
+        inputs = inputs.to(model_dtype(model))
+    device = next(model.parameters()).device
+    return inputs.to(device)
+
+
+def check_outputs(out: object, batch: int) -> torch.Tensor:
+    """The model's output must be logits of shape (batch, classes), finite."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"model output: expected a tensor of logits (batch, classes), got {type(out).__name__} instead. "
+            "Wrap the model so that forward returns the logits tensor."
+        )
+    if out.dim() != 2 or out.shape[0] != batch:
+        raise ValueError(
+            f"model output: expected logits of shape ({batch}, classes), got shape {tuple(out.shape)} instead. "
+            "Wrap the model so that forward returns one row of logits per sample."
+        )
+    return out
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """Eval semantics for the duration; restore modes, buffers (values) and RNG state afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            model.eval()
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+            with torch.no_grad():
+                for b, saved in buffers:
+                    if not torch.equal(b, saved):
+                        b.copy_(saved)
