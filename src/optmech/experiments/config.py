@@ -1,0 +1,119 @@
+"""Configs are data (DESIGN §4.7): frozen, validated pydantic models saved with every run."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..data import DATASETS
+from ..losses import available_losses
+from ..models import FAMILIES, INIT_SCHEMES, PAPER_MAPPINGS
+from ..structure import available_methods
+
+
+class TrainConfig(BaseModel):
+    """One training run of the paper's setup (Sec. 5.1) with the probe on a schedule.
+
+    Defaults are the paper's: SGD, lr 0.01, momentum 0.9, batch 64, 1 epoch, softmax
+    cross-entropy, PyTorch default initialisation; the probe measures 16 fixed held-out samples
+    before every step, on the same sample for every quantity (READING.md §1.5).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field("a", description="paper letter a–d (through `mapping`) or a family: mlp, snet, cnn, resnet")
+    depth: int = Field(1, ge=0, description="k, the number of repeated blocks")
+    skip: Optional[bool] = Field(None, description="skip connections (families only; letters fix it)")
+    mapping: str = Field("reconstruction", description="a–d mapping, see optmech.models.PAPER_MAPPINGS")
+    init: str = "pytorch"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dataset: str = "mnist5k"
+    data_dir: Optional[str] = None
+    loss: str = "softmax"
+    alpha: Optional[float] = Field(None, gt=1.0, description="Tsallis α for loss='entmax'")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps")
+    seed: int = 1
+    dtype: Literal["float32", "float64"] = "float32"
+    probe_every: int = Field(1, ge=1, description="measure before every n-th step")
+    n_probe: int = Field(16, ge=1, description="fixed held-out probe samples, chosen by seed")
+    probe_split: Literal["test", "train"] = "test"
+    probe_train_batch: bool = Field(False, description="also measure the current training batch")
+    method: str = "auto"
+    check: bool = Field(False, description="cross-check eᵀAe against autograd on every probe sample")
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    records_per_part: int = Field(20, ge=1, description="records per Parquet part; a checkpoint follows each part")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        letters = set().union(*(m.keys() for m in PAPER_MAPPINGS.values()))
+        if v not in FAMILIES and v not in letters:
+            raise ValueError(f"unknown model {v!r}; expected a paper letter {sorted(letters)} or a family {list(FAMILIES)}")
+        return v
+
+    @field_validator("mapping")
+    @classmethod
+    def _mapping(cls, v: str) -> str:
+        if v not in PAPER_MAPPINGS:
+            raise ValueError(f"unknown a–d mapping {v!r}; expected one of {list(PAPER_MAPPINGS)}")
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v not in INIT_SCHEMES:
+            raise ValueError(f"unknown initialisation {v!r}; expected one of {list(INIT_SCHEMES)}")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; expected one of {list(DATASETS)}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        if v not in available_losses():
+            raise ValueError(f"unknown loss {v!r}; expected one of {available_losses()}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in available_methods():
+            raise ValueError(f"unknown engine method {v!r}; expected one of {available_methods()}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError(f"structural-error weights (α, β, γ) must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.model in FAMILIES and self.skip is None:
+            object.__setattr__(self, "skip", False)
+        if self.model not in FAMILIES and self.skip is not None:
+            raise ValueError(f"skip: paper model {self.model!r} fixes skip through the mapping; leave --skip unset or use a family name")
+        if self.loss == "entmax" and self.alpha is None:
+            raise ValueError("alpha: loss 'entmax' needs alpha > 1 (for example --alpha 1.5)")
+        if self.loss != "entmax" and self.alpha is not None:
+            raise ValueError(f"alpha: only used by loss 'entmax', got alpha={self.alpha} with loss {self.loss!r}")
+        return self
+
+    def loss_kwargs(self) -> dict:
+        kw: dict = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        if self.alpha is not None:
+            kw["alpha"] = self.alpha
+        return kw

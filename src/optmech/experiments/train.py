@@ -1,0 +1,278 @@
+"""One training run of the paper's setup with the probe on a schedule; read it top to bottom.
+
+    optmech train --model a --depth 1 --dataset mnist5k --out runs/a1
+
+Each record is measured *before* its step, on the current weights, for a fixed set of held-out
+probe samples (and optionally the current batch). Rows go to Parquet parts every
+``records_per_part`` records, each part followed by a checkpoint, so ``resume=True`` continues a
+killed run and yields the same rows as an uninterrupted one (CPU, same seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .. import data as datasets
+from ..losses import get_loss
+from ..models import FAMILIES, build, build_paper, n_params, paper_spec
+from ..probe import Probe
+from ..records import RecordWriter, load_checkpoint, read_json, read_records, save_checkpoint, write_json_atomic
+from .config import TrainConfig
+
+__all__ = ["train", "RunResult", "RunDirError"]
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (exists, differs, or is not a run)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    records_path: Path
+    summary: dict
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("optmech", "torch", "numpy", "pandas", "pyarrow", "pydantic"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def _config_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 - JSON turns tuples into lists
+    return [f"{k}: {old.get(k)!r} (run) vs {new.get(k)!r} (now)" for k in keys if norm(old.get(k)) != norm(new.get(k))]
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict | None:
+    """Check the directory against the request; returns the stored run.json when resuming."""
+    meta_path = run_dir / "run.json"
+    if resume and overwrite:
+        raise RunDirError("resume/overwrite: expected at most one of --resume and --overwrite, got both.")
+    if resume:
+        if not meta_path.is_file():
+            raise RunDirError(f"{run_dir}: --resume expects an existing run directory with run.json, found none. Drop --resume to start it.")
+        stored = read_json(meta_path)
+        diff = _config_diff(stored.get("config", {}), config.model_dump(mode="json"))
+        if diff:
+            raise RunDirError(
+                f"{run_dir}: --resume expects the same config as the stored run, got differences: {'; '.join(diff)}. "
+                "Repeat the original options, or start a new run with another --out."
+            )
+        return stored
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{run_dir}: expected a new or empty run directory, got an existing one. Use --resume to continue it or --overwrite to replace it.")
+        if not (meta_path.is_file() or not any(run_dir.iterdir())):
+            raise RunDirError(f"{run_dir}: --overwrite only replaces optmech run directories (with run.json); this one has none. Choose another --out.")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _build_model(config: TrainConfig, input_shape: tuple[int, ...], n_classes: int) -> torch.nn.Module:
+    dtype = getattr(torch, config.dtype)
+    kw = dict(depth=config.depth, init=config.init, dropout=config.dropout, input_shape=input_shape,
+              n_classes=n_classes, seed=config.seed, dtype=dtype)
+    if config.model in FAMILIES:
+        return build(config.model, skip=bool(config.skip), **kw)
+    return build_paper(config.model, mapping=config.mapping, **kw)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch, from its own generator (resumable, RNG-independent)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _probe_indices(seed: int, n_available: int, n_probe: int) -> torch.Tensor:
+    if n_probe > n_available:
+        raise ValueError(f"n_probe: expected at most {n_available} (the probe split's size), got {n_probe} instead.")
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed + 7919))[:n_probe].sort().values
+
+
+def _rows(measurement, *, step: int, epoch: int, record: int, probe_set: str, sample_ids: torch.Tensor, train_loss: float) -> pd.DataFrame:
+    frame = measurement.to_frame()
+    frame.insert(0, "step", step)
+    frame.insert(1, "epoch", epoch)
+    frame.insert(2, "record", record)
+    frame.insert(3, "probe_set", probe_set)
+    frame.insert(4, "sample_id", sample_ids.numpy())
+    frame.insert(5, "train_loss", train_loss)
+    frame["method"] = measurement.method
+    return frame
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, split: datasets.Dataset, dtype: torch.dtype, batch: int = 1000) -> float:
+    mode = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch):
+        logits = model(split.inputs[start : start + batch].to(dtype))
+        correct += int((logits.argmax(1) == split.targets[start : start + batch]).sum())
+    model.train(mode)
+    return correct / max(1, len(split))
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Train one model with the probe on schedule and write the run directory.
+
+    Args:
+        config: the run's :class:`TrainConfig`.
+        out: the run directory.
+        resume: continue an interrupted run with the same config.
+        overwrite: replace an existing run directory.
+        on_step: called after every step with a dict (step, total, loss, records, violations);
+            the CLI draws its progress bar from it.
+
+    Returns:
+        :class:`RunResult` with the run directory, the records folder and the summary.
+    """
+    run_dir = Path(out)
+    stored = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    dtype = getattr(torch, config.dtype)
+    started = time.time()
+
+    # --- data, model, optimiser, probe --------------------------------------------------------
+    train_set = datasets.load(config.dataset, root=config.data_dir, split="train")
+    heldout = datasets.load(config.dataset, root=config.data_dir, split="test")
+    probe_source = heldout if config.probe_split == "test" else train_set
+    probe_ids = _probe_indices(config.seed, len(probe_source), config.n_probe)
+    x_probe, y_probe = probe_source.inputs[probe_ids].to(dtype), probe_source.targets[probe_ids]
+
+    torch.manual_seed(config.seed)
+    model = _build_model(config, train_set.input_shape, train_set.n_classes)
+    criterion = get_loss(config.loss, **config.loss_kwargs())
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=config.check)
+
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+
+    # --- state: fresh or from the checkpoint -----------------------------------------------------
+    writer = RecordWriter(run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    step, n_records, violations = 0, 0, 0
+    timings = {"training_s": 0.0, "probing_s": 0.0, "writing_s": 0.0}
+    last_loss = float("nan")
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        step, n_records, violations = ckpt["step"], ckpt["n_records"], ckpt["violations"]
+        timings, last_loss = ckpt["timings"], ckpt["last_loss"]
+    if resume:
+        writer.drop_from(step)
+    meta = {
+        "config": config.model_dump(mode="json"),
+        "status": "running",
+        "seed": config.seed,
+        "versions": _versions(),
+        "model": {"family_skip": list(paper_spec(config.model, config.mapping)) if config.model not in FAMILIES
+                  else [config.model, bool(config.skip)], "n_params": n_params(model)},
+        "data": {"train": len(train_set), "heldout": len(heldout), "probe_split": config.probe_split,
+                 "probe_ids": probe_ids.tolist()},
+        "steps": {"total": total_steps, "per_epoch": steps_per_epoch},
+        "started": (stored or {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+        "resumed_at_steps": (stored or {}).get("resumed_at_steps", []) + ([step] if resume else []),
+    }
+    write_json_atomic(run_dir / "run.json", meta)
+
+    # --- the loop -----------------------------------------------------------------------------
+    order, order_epoch = None, -1
+    model.train()
+    while step < total_steps:
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(config.seed, epoch, len(train_set)), epoch
+        batch_ids = order[i * config.batch_size : (i + 1) * config.batch_size]
+        x, y = train_set.inputs[batch_ids].to(dtype), train_set.targets[batch_ids]
+
+        measurements = []
+        if step % config.probe_every == 0:  # measure before the step, on the current weights
+            t0 = time.perf_counter()
+            measurements.append(("heldout" if config.probe_split == "test" else "train_fixed", probe.measure(x_probe, y_probe), probe_ids))
+            if config.probe_train_batch:
+                measurements.append(("train_batch", probe.measure(x, y), batch_ids))
+            timings["probing_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        last_loss = float(loss.detach())
+        timings["training_s"] += time.perf_counter() - t0
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(
+                f"training loss became {last_loss} at step {step}. Lower --lr or check the data; records up to step "
+                f"{step - 1} are in {run_dir / 'records'}."
+            )
+
+        t0 = time.perf_counter()
+        for probe_set, m, ids in measurements:
+            writer.add(_rows(m, step=step, epoch=epoch, record=n_records, probe_set=probe_set, sample_ids=ids, train_loss=last_loss))
+            violations += m.n_violations
+        if measurements:
+            n_records += 1
+        step += 1
+        if (measurements and n_records % config.records_per_part == 0) or step == total_steps:
+            writer.flush()  # the part first, then the checkpoint that says where to continue
+            save_checkpoint(ckpt_path, {
+                "step": step, "n_records": n_records, "violations": violations, "timings": timings,
+                "last_loss": last_loss, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+            })
+        timings["writing_s"] += time.perf_counter() - t0
+        if on_step is not None:
+            on_step({"step": step, "total": total_steps, "loss": last_loss, "records": n_records, "violations": violations})
+
+    # --- summary ------------------------------------------------------------------------------
+    records = read_records(run_dir)
+    summary = {
+        "steps": total_steps,
+        "records": n_records,
+        "rows": int(len(records)),
+        "theorem3_violations": int((~records["bound_holds"]).sum()) if len(records) else 0,
+        "rank_deficient_rows": int(records["rank_deficient"].sum()) if len(records) else 0,
+        "final_train_loss": last_loss,
+        "heldout_accuracy": _accuracy(model, heldout, dtype),
+        "engine_method": str(records["method"].iloc[-1]) if len(records) else None,
+        "training_s": round(timings["training_s"], 3),
+        "probing_s": round(timings["probing_s"], 3),
+        "writing_s": round(timings["writing_s"], 3),
+        "wall_s_this_session": round(time.time() - started, 3),
+    }
+    meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary)
+    write_json_atomic(run_dir / "run.json", meta)
+    return RunResult(run_dir=run_dir, records_path=run_dir / "records", summary=summary)
