@@ -106,9 +106,11 @@ def train(
     try:
         result = run_training(config, out, resume=resume, overwrite=overwrite, on_step=on_step)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
-        progress.stop()
+        if task is not None:
+            progress.stop()
         _fail(str(exc))
-    progress.stop()
+    if task is not None:
+        progress.stop()
     _print_summary(result)
 
 

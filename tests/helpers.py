@@ -1,0 +1,96 @@
+"""Tolerances (one place, by dtype; DESIGN §4.2) and the unusual models every engine must handle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+#: relative tolerances by dtype (neural-tangents' convention); the issue asks 1e-10 in float64.
+RTOL = {torch.float64: 1e-10, torch.float32: 5e-3}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b| (0 when both are zero)."""
+    scale = b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)
+    return float((a - b).abs().max() / scale)
+
+
+class LayerNormGELU(nn.Module):
+    def __init__(self, d_in: int = 12, width: int = 16, n_classes: int = 5) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(d_in, width), nn.LayerNorm(width), nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.norm(self.fc1(x.flatten(1)))))
+
+
+class BatchNormNet(nn.Module):
+    """Conv + BatchNorm2d + BatchNorm1d; run a few train-mode batches first so stats are not trivial."""
+
+    def __init__(self, n_classes: int = 4) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3)
+        self.fc, self.bn1 = nn.Linear(3 * 6 * 6, 8), nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, n_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x))).flatten(1)
+        return self.out(torch.tanh(self.bn1(self.fc(h))))
+
+
+class TiedWeights(nn.Module):
+    """One weight matrix used three times: encoder W, decoder Wᵀ, and a shared block applied twice."""
+
+    def __init__(self, d: int = 6, hidden: int = 5) -> None:
+        super().__init__()
+        self.enc = nn.Linear(d, hidden)
+        self.shared = nn.Linear(hidden, hidden)
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return F.linear(h, self.enc.weight.t(), self.bias)  # logits (batch, d)
+
+
+class UnusedAndFrozen(nn.Module):
+    def __init__(self, d_in: int = 7, n_classes: int = 3) -> None:
+        super().__init__()
+        self.used = nn.Linear(d_in, n_classes)
+        self.unused = nn.Linear(d_in, 4)  # never called: zero Jacobian columns
+        self.frozen = nn.Linear(d_in, d_in)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.used(torch.sin(self.frozen(x)))
+
+
+class EmbeddingModel(nn.Module):
+    """Integer inputs (batch, tokens) -> embeddings -> mean -> logits; custom forward with a residual add."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, n_classes: int = 4) -> None:
+        super().__init__()
+        self.emb, self.mix, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, dim), nn.Linear(dim, n_classes)
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        return self.head(h + torch.tanh(self.mix(h)))
+
+
+def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """name -> (float64 model, float64/integer inputs)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    bn = BatchNormNet().double()
+    bn.train()
+    for _ in range(3):
+        bn(torch.randn(8, 1, 6, 6, generator=g, dtype=torch.float64) * 2 + 1)
+    bn.eval()
+    return {
+        "layernorm_gelu": (LayerNormGELU().double(), torch.randn(4, 12, generator=g, dtype=torch.float64)),
+        "batchnorm_eval": (bn, torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
+        "tied_weights": (TiedWeights().double(), torch.randn(4, 6, generator=g, dtype=torch.float64)),
+        "unused_and_frozen": (UnusedAndFrozen().double(), torch.randn(4, 7, generator=g, dtype=torch.float64)),
+        "embedding": (EmbeddingModel().double(), torch.randint(0, 11, (4, 5), generator=g)),
+    }

@@ -1,0 +1,191 @@
+"""The paper's quantities: exact identities on every sample, edge cases flagged, never a silent inf."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import unusual_models
+from oracles import per_sample_jacobian
+from optmech import COLUMNS, Probe
+from optmech.losses import get_loss
+from optmech.metrics import measure_from, theorem3_holds
+from optmech.models import FAMILIES, build
+from optmech.probe import ConsistencyError
+
+LOSSES = [("softmax", {}), ("sparsemax", {}), ("entmax15", {}), ("entmax", {"alpha": 1.8}), ("squared", {}), ("softmax", {"label_smoothing": 0.1})]
+
+
+def _batch(n=6, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize("loss,kw", LOSSES, ids=[f"{n}{kw}" for n, kw in LOSSES])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gradient_norm_and_theorem3_on_every_sample(family, loss, kw):
+    model = build(family, depth=1, skip=True, input_shape=(1, 8, 8), seed=1, dtype=torch.float64)
+    x, y = _batch()
+    m = Probe(model, loss, check=True, **kw).measure(x, y)  # check: eᵀAe vs autograd to 1e-8
+    rel = (m.gradient_norm_autograd - m.gradient_norm).abs() / m.gradient_norm.clamp_min(1e-300)
+    assert (rel[m.gradient_norm > 0] < 1e-8).all()
+    assert m.bound_holds.all()
+    ok = ~m.rank_deficient & ~m.exact_fit
+    assert (m.lower[ok] <= m.log_fitting_error[ok] + 1e-9).all() and (m.log_fitting_error[ok] <= m.upper[ok] + 1e-9).all()
+    assert torch.allclose(m.G[ok], (m.U - m.L)[ok]) and (m.G[ok] >= -1e-12).all()
+    if get_loss(loss, **kw).simplex:
+        assert m.bound_perp_holds.all()
+        assert (m.lower_perp[ok] >= m.lower[ok] - 1e-9).all() and (m.upper_perp[ok] <= m.upper[ok] + 1e-9).all()
+
+
+def test_quantities_match_definitions_from_an_explicit_jacobian():
+    model = build("snet", depth=1, input_shape=(1, 8, 8), seed=2, dtype=torch.float64)
+    x, y = _batch(4)
+    m = Probe(model).measure(x, y)
+    J = per_sample_jacobian(model.eval(), x)
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    e = p - torch.nn.functional.one_hot(y, 10).double()
+    g = torch.einsum("bcp,bc->bp", J, e)
+    lam = torch.linalg.eigvalsh(J @ J.transpose(1, 2))
+    assert torch.allclose(m.gradient_norm, (g**2).sum(1), rtol=1e-10)
+    assert torch.allclose(m.fitting_error, (e**2).sum(1), rtol=1e-12)
+    assert torch.allclose(m.U, -torch.log2(lam[:, 0]), rtol=1e-9)
+    assert torch.allclose(m.L, -torch.log2(lam[:, -1]), rtol=1e-9)
+    assert torch.allclose(m.lower, torch.log2((g**2).sum(1)) - torch.log2(lam[:, -1]), rtol=1e-9)
+    assert torch.allclose(m.structural_error, 2 * m.U, rtol=1e-12)  # (1, 1, 1) weights: S = 2U
+
+
+def test_structural_error_weights():
+    model = build("mlp", depth=1, input_shape=(1, 8, 8), seed=0, dtype=torch.float64)
+    x, y = _batch(3)
+    m = Probe(model, weights=(0.5, 2.0, 3.0)).measure(x, y)
+    ok = ~m.rank_deficient
+    assert torch.allclose(m.structural_error[ok], (0.5 * m.G + 2 * m.U + 3 * m.L)[ok])
+    with pytest.raises(ValueError, match="weights"):
+        Probe(model, weights=(1, 0, 1))
+
+
+def test_unusual_models_through_the_probe():
+    for name, (model, x) in unusual_models().items():
+        with torch.no_grad():
+            n_classes = model.eval()(x).shape[1]
+        y = torch.arange(x.shape[0]) % n_classes
+        m = Probe(model, check=True).measure(x, y)
+        assert m.bound_holds.all(), name
+
+
+def test_rank_deficient_sample_is_flagged_not_silent():
+    """ReLU on the logits (the authors' LNet, READING F2): dead logits give λmin = 0."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU()).double()
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0, 0.0]))  # logit 0 is dead for every input
+    x = torch.randn(3, 4, dtype=torch.float64)
+    m = Probe(model).measure(x, torch.tensor([1, 2, 3]))
+    assert m.rank_deficient.all()
+    assert torch.isinf(m.U).all() and (m.U > 0).all() and torch.isinf(m.upper).all() and torch.isinf(m.G).all()
+    assert torch.isfinite(m.L).all() and torch.isfinite(m.lower).all()
+    assert m.bound_holds.all()  # the lower side still holds; the upper side is vacuous
+    frame = m.to_frame()
+    assert frame["rank_deficient"].all() and np.isinf(frame["U"]).all()
+
+
+def test_exact_fit_is_flagged():
+    """Sparsemax reaches p = q exactly: E_f = ‖g‖² = 0 and the log columns are −inf, flagged."""
+    model = nn.Linear(3, 4).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([10.0, 0, 0, 0]))
+    m = Probe(model, "sparsemax").measure(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 0]))
+    assert m.exact_fit.all() and (m.fitting_error == 0).all() and (m.gradient_norm == 0).all()
+    assert torch.isneginf(m.log_fitting_error).all() and m.bound_holds.all()
+
+
+def test_biased_output_layer_forces_lambda_min_at_least_one_plus_h():
+    """READING F1: with a final biased Linear z = W h + b, A_x ⪰ (1 + ‖h‖²) I, so U ≤ 0."""
+    model = build("resnet", depth=1, skip=True, input_shape=(1, 8, 8), seed=0, dtype=torch.float64)
+    x, y = _batch(4)
+    m = Probe(model).measure(x, y)
+    with torch.no_grad():
+        h = model.pool(model.blocks(model.stem(x)))
+    assert (m.lambda_min >= (1 + (h**2).sum(1)) * (1 - 1e-10)).all() and (m.U <= 0).all()
+
+
+def test_theorem3_holds_detects_a_violation():
+    E_f = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    g2 = torch.tensor([2.0, 0.4, 5.0], dtype=torch.float64)
+    lam_min = torch.ones(3, dtype=torch.float64)
+    lam_max = torch.full((3,), 4.0, dtype=torch.float64)
+    holds = theorem3_holds(E_f, g2, lam_min, lam_max, torch.zeros(3, dtype=torch.bool))
+    assert holds.tolist() == [True, False, False]  # 0.4 < E_f·λmin fails the upper side; 5 > E_f·λmax the lower
+
+
+def test_consistency_check_catches_a_wrong_structural_matrix():
+    model = nn.Linear(3, 4).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    probe = Probe(model, check=True)
+    import optmech.probe as probe_module
+
+    original = probe_module.structural_matrix
+    probe_module.structural_matrix = lambda *a, **k: (2 * original(*a, **k)[0], "jacobian")
+    try:
+        with pytest.raises(ConsistencyError, match="autograd gives"):
+            probe.measure(x, torch.tensor([0, 1]))
+    finally:
+        probe_module.structural_matrix = original
+
+
+def test_frame_has_every_documented_column_and_float32_models_work():
+    model = build("cnn", depth=1, input_shape=(1, 8, 8), seed=0)
+    x, y = _batch(5)
+    m = Probe(model, check=True).measure(x.float(), y)
+    frame = m.to_frame()
+    assert list(frame.columns) == list(COLUMNS) and len(frame) == 5 and len(m) == 5
+    assert m.lambda_min.dtype == torch.float64 and m.bound_holds.all()
+
+
+def test_probe_leaves_training_state_alone():
+    model = build("mlp", depth=1, input_shape=(1, 8, 8), dropout=0.3, seed=0).train()
+    x, y = _batch(3)
+    rng = torch.get_rng_state()
+    Probe(model, check=True).measure(x.float(), y)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "inputs,targets,match",
+    [
+        (torch.full((2, 1, 8, 8), math.nan), torch.tensor([0, 1]), "inputs: expected finite values"),
+        (torch.zeros(2, 1, 8, 8), torch.tensor([0, 1, 2]), "targets: expected 2 targets"),
+        (torch.zeros(2, 1, 8, 8), torch.tensor([0, 10]), r"class indices in \[0, 10\)"),
+        (torch.zeros(2, 1, 8, 8), torch.zeros(2, 9), r"distributions of shape \(batch, 10\)"),
+        (torch.zeros(2, 1, 8, 8), [0, 1], "targets: expected a torch.Tensor"),
+    ],
+)
+def test_probe_bad_input(inputs, targets, match):
+    model = build("mlp", depth=0, input_shape=(1, 8, 8), seed=0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Probe(model).measure(inputs, targets)
+
+
+def test_nan_logits_are_reported():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(x) * torch.tensor(float("inf"))
+
+    with pytest.raises(ValueError, match="logits: expected finite values"):
+        Probe(Broken()).measure(torch.ones(2, 2), torch.tensor([0, 1]))
+
+
+def test_measure_from_validates_weights():
+    A = torch.eye(3, dtype=torch.float64).expand(2, 3, 3)
+    p = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="weights"):
+        measure_from(A, p, p, torch.zeros(2), simplex=True, weights=(1, 1, -1))

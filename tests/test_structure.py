@@ -1,0 +1,149 @@
+"""Every engine method against the float64 oracle, on every model family and the unusual models."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import RTOL, rel_err, unusual_models
+from oracles import structural_oracle
+from optmech import structural_matrix
+from optmech.models import FAMILIES, build
+from optmech.structure import EngineMethod
+
+METHODS = [m.value for m in EngineMethod]
+
+
+def _family_cases():
+    cases = {}
+    for family in FAMILIES:
+        for skip in (False, True):
+            model = build(family, depth=2, skip=skip, input_shape=(1, 8, 8), seed=3, dtype=torch.float64)
+            x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+            cases[f"{family}-{'skip' if skip else 'plain'}"] = (model, x)
+    return cases
+
+
+CASES = {**_family_cases(), **unusual_models()}
+
+
+@pytest.fixture(scope="module")
+def oracle_results():
+    return {name: structural_oracle(model, x) for name, (model, x) in CASES.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_method_agrees_with_oracle(case, method, oracle_results):
+    model, x = CASES[case]
+    A_ref, J = oracle_results[case]
+    A = structural_matrix(model, x, method=method)
+    assert A.dtype == torch.float64 and A.shape == A_ref.shape
+    assert rel_err(A, A_ref) < RTOL[torch.float64], f"{case}/{method}: {rel_err(A, A_ref):.3e}"
+    # symmetric PSD with trace ‖J‖_F²
+    assert torch.equal(A, A.transpose(1, 2)) or rel_err(A, A.transpose(1, 2)) < 1e-14
+    eig = torch.linalg.eigvalsh(A)
+    assert (eig >= -1e-12 * eig[:, -1:].abs()).all()
+    trace = A.diagonal(dim1=1, dim2=2).sum(-1)
+    assert torch.allclose(trace, (J**2).sum((1, 2)), rtol=1e-10)
+
+
+def test_paper_resnet_at_mnist_shape_matches_oracle():
+    """The ResNet class at its real input size (28×28), float64, one sample per skip setting."""
+    for skip in (False, True):
+        model = build("resnet", depth=1, skip=skip, seed=0, dtype=torch.float64)
+        x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        A_ref, _ = structural_oracle(model, x)
+        assert rel_err(structural_matrix(model, x, method="jacobian"), A_ref) < RTOL[torch.float64]
+
+
+def test_float32_model_gives_float32_result_close_to_float64():
+    model = build("snet", depth=1, input_shape=(1, 8, 8), seed=0)
+    x = torch.randn(5, 1, 8, 8)
+    A32 = structural_matrix(model, x)
+    A64 = structural_matrix(model.double(), x.double())
+    assert A32.dtype == torch.float32 and rel_err(A32.double(), A64) < RTOL[torch.float32]
+
+
+def test_chunking_does_not_change_the_result():
+    model, x = CASES["cnn-skip"]
+    full = structural_matrix(model, x, method="jacobian")
+    assert rel_err(structural_matrix(model, x, method="jacobian", chunk_size=1), full) < 1e-14
+
+
+def test_engine_leaves_model_state_alone():
+    model, x = unusual_models()["batchnorm_eval"]
+    model.train()
+    model.out.weight.grad = torch.ones_like(model.out.weight)
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    for method in METHODS:
+        structural_matrix(model, x, method=method)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+    assert torch.equal(model.out.weight.grad, torch.ones_like(model.out.weight))
+    assert model.conv.weight.grad is None
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_eval_semantics_dropout_is_off():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    A1, A2 = structural_matrix(model, x), structural_matrix(model, x)
+    assert torch.equal(A1, A2) and model.training
+
+
+def test_auto_reports_the_method_and_falls_back_exactly():
+    class NotVmappable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            if float(x.sum()) > 1e9:  # data-dependent Python control flow: vmap cannot run this
+                return self.fc(x) * 2
+            return self.fc(x)
+
+    model = NotVmappable().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        A, ran = structural_matrix(model, x, return_method=True)
+    assert ran == "loop"
+    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    _, ran = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), return_method=True)
+    assert ran == "jacobian"
+
+
+def test_linear_model_closed_form():
+    """A single Linear layer: A_x = (‖x‖² + 1)·I exactly (the bias block gives I)."""
+    model = nn.Linear(5, 4).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    A = structural_matrix(model, x)
+    expected = (1 + (x**2).sum(1))[:, None, None] * torch.eye(4, dtype=torch.float64)
+    assert rel_err(A, expected) < 1e-14
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(method="gramm"), "unknown engine method 'gramm'"),
+        (dict(method=3), "method: expected one of"),
+        (dict(chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), **kwargs)
+
+
+def test_bad_inputs_and_models():
+    with pytest.raises(ValueError, match=r"inputs: expected finite values, got NaN or inf in samples \[1\]"):
+        structural_matrix(nn.Linear(3, 2), torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        structural_matrix(lambda x: x, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"model output: expected logits of shape \(1, classes\), got shape \(1, 2, 3, 3\)"):
+        structural_matrix(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5))
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        structural_matrix(frozen, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="non-empty batch"):
+        structural_matrix(nn.Linear(3, 2), torch.randn(0, 3))
