@@ -1,0 +1,46 @@
+"""The CLI: a real run with its summary, and clear errors without tracebacks (exit status 2)."""
+
+import pytest
+from typer.testing import CliRunner
+
+from optmech.cli import app
+
+runner = CliRunner()
+
+
+def test_train_prints_summary_and_records_path(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--model", "d", "--dataset", "digits", "--max-steps", "3", "--n-probe", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "Theorem 3 violations" in result.output and "0 of 6 probe rows" in result.output
+    assert str(out / "records") in result.output.replace("\n", "")
+    assert (out / "run.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "z"], "--model: unknown model 'z'"),
+        (["--dataset", "svhn"], "--dataset: unknown dataset 'svhn'"),
+        (["--loss", "hinge"], "--loss: unknown loss 'hinge'"),
+        (["--method", "gram2"], "--method: unknown engine method 'gram2'"),
+        (["--dataset", "mnist"], "expected a data directory"),
+        (["--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir: expected a directory"),
+        (["--n-probe", "100000", "--dataset", "digits"], "n_probe: expected at most 359"),
+        (["--dtype", "float16"], "--dtype"),
+    ],
+)
+def test_errors_are_clean(tmp_path, args, needle):
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--quiet", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+def test_resume_mismatch_is_clean(tmp_path):
+    base = ["train", "--out", str(tmp_path / "r"), "--dataset", "digits", "--model", "mlp", "--depth", "0", "--max-steps", "2", "--n-probe", "2", "--quiet"]
+    assert runner.invoke(app, base).exit_code == 0
+    result = runner.invoke(app, [*base, "--lr", "0.1", "--resume"])
+    assert result.exit_code == 2 and "lr: 0.01 (run) vs 0.1 (now)" in result.output.replace("\n", "")
+    again = runner.invoke(app, base)
+    assert again.exit_code == 2 and "--overwrite" in again.output

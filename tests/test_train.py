@@ -1,0 +1,113 @@
+"""The training run: Theorem 3 on every record, records and checkpoints, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from optmech import read_records
+from optmech.experiments import TrainConfig, train
+from optmech.experiments.train import RunDirError
+from optmech.metrics import COLUMNS
+
+
+@pytest.mark.parametrize("letter", ["a", "b", "c", "d"])
+def test_theorem3_on_every_record_of_each_paper_model(tmp_path, letter):
+    """k = 1, float64, with the autograd cross-check (eᵀAe vs ‖∇θ d‖² to 1e-8) on every probe sample."""
+    cfg = TrainConfig(model=letter, depth=1, dataset="digits", max_steps=6, n_probe=4, dtype="float64", check=True, records_per_part=4)
+    result = train(cfg, tmp_path / letter)
+    rows = read_records(result.run_dir)
+    assert len(rows) == 6 * 4 and rows["bound_holds"].all()
+    assert result.summary["theorem3_violations"] == 0
+    rel = (rows["gradient_norm_autograd"] - rows["gradient_norm"]).abs() / rows["gradient_norm"]
+    assert (rel < 1e-8).all()
+    meta = json.loads((result.run_dir / "run.json").read_text())
+    assert meta["status"] == "complete" and meta["config"]["model"] == letter and meta["versions"]["torch"]
+    assert {"training_s", "probing_s", "heldout_accuracy"} <= set(meta["summary"])
+
+
+def test_records_layout_and_schedule(tmp_path):
+    cfg = TrainConfig(model="snet", depth=1, dataset="digits", max_steps=7, probe_every=2, n_probe=3,
+                      probe_train_batch=True, batch_size=32, records_per_part=2)
+    result = train(cfg, tmp_path / "run")
+    rows = read_records(result.run_dir)
+    assert sorted(rows["step"].unique()) == [0, 2, 4, 6]
+    assert set(rows["probe_set"]) == {"heldout", "train_batch"}
+    assert (rows[rows.probe_set == "heldout"].groupby("step").size() == 3).all()
+    assert (rows[rows.probe_set == "train_batch"].groupby("step").size() == 32).all()
+    assert set(COLUMNS) <= set(rows.columns) and {"train_loss", "sample_id", "record", "epoch"} <= set(rows.columns)
+    parts = sorted(p.name for p in (result.run_dir / "records").iterdir())
+    assert parts == ["part-00000000-00000002.parquet", "part-00000004-00000006.parquet"]
+    # the same fixed probe samples at every record
+    held = rows[rows.probe_set == "heldout"]
+    assert held.groupby("step")["sample_id"].apply(tuple).nunique() == 1
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "optmech.cli", "train", *args]
+
+
+def test_resume_after_sigkill_gives_identical_rows(tmp_path):
+    common = ["--model", "c", "--dataset", "digits", "--n-probe", "4", "--records-per-part", "3",
+              "--batch-size", "16", "--max-steps", "40", "--dropout", "0.2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("--out", str(tmp_path / "full"), *common), check=True, env=env, capture_output=True)
+
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("--out", str(victim), *common), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        parts = list((victim / "records").glob("part-*.parquet")) if (victim / "records").is_dir() else []
+        if len(parts) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((victim / "run.json").read_text())["status"] == "running", "the run finished before it was killed"
+    killed_rows = len(read_records(victim))
+    assert 0 < killed_rows < 40 * 4
+
+    subprocess.run(_cli("--out", str(victim), *common, "--resume"), check=True, env=env, capture_output=True)
+    full, resumed = read_records(tmp_path / "full"), read_records(victim)
+    pd.testing.assert_frame_equal(full, resumed)
+    meta = json.loads((victim / "run.json").read_text())
+    assert meta["status"] == "complete" and len(meta["resumed_at_steps"]) == 1
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    cfg = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=2, n_probe=2)
+    train(cfg, tmp_path / "r")
+    with pytest.raises(RunDirError, match=r"lr: 0.01 \(run\) vs 0.5 \(now\)"):
+        train(cfg.model_copy(update={"lr": 0.5}), tmp_path / "r", resume=True)
+    with pytest.raises(RunDirError, match="Use --resume to continue it or --overwrite"):
+        train(cfg, tmp_path / "r")
+    with pytest.raises(RunDirError, match="--resume expects an existing run directory"):
+        train(cfg, tmp_path / "nothing", resume=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "thesis.tex").write_text("precious")
+    with pytest.raises(RunDirError, match="only replaces optmech run directories"):
+        train(cfg, tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(model="z"), "unknown model 'z'"),
+        (dict(dataset="imagenet"), "unknown dataset"),
+        (dict(loss="hinge"), "unknown loss"),
+        (dict(method="magic"), "unknown engine method"),
+        (dict(model="a", skip=True), "fixes skip"),
+        (dict(loss="entmax"), "needs alpha"),
+        (dict(lr=-1), "greater than 0"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
