@@ -80,7 +80,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwr
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RunDirError(f"{run_dir}: expected a new or empty run directory, got an existing one. Use --resume to continue it or --overwrite to replace it.")
-        if not (meta_path.is_file() or not any(run_dir.iterdir())):
+        if not meta_path.is_file():
             raise RunDirError(f"{run_dir}: --overwrite only replaces optmech run directories (with run.json); this one has none. Choose another --out.")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
