@@ -22,7 +22,8 @@ def _write_idx(path, array, magic, gz=False):
         path.write_bytes(payload)
 
 
-def _make_mnist(root, n_train=12, n_test=6, gz=False, rng=np.random.default_rng(0)):
+def _make_mnist(root, n_train=12, n_test=6, gz=False):
+    rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     ext = ".gz" if gz else ""
     out = {}

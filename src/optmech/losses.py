@@ -24,7 +24,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "FenchelYoungLoss",

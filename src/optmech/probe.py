@@ -41,7 +41,7 @@ def gradient_norm_autograd(
             value = loss(model(inputs[b : b + 1]), targets[b : b + 1], reduction="sum")
             grads = torch.autograd.grad(value, params, allow_unused=True)
             out.append(sum(float((g.to(torch.float64) ** 2).sum()) for g in grads if g is not None))
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor(out, dtype=torch.float64, device=inputs.device)
 
 
 class Probe:

@@ -14,7 +14,6 @@ import dataclasses
 import math
 import platform
 import shutil
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
