@@ -13,12 +13,13 @@ on resume, parts that start at or after the checkpoint's step are dropped and re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -30,28 +31,26 @@ __all__ = ["write_json_atomic", "read_json", "RecordWriter", "read_records", "sa
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
 
-def _atomic_target(path: Path):
+@contextlib.contextmanager
+def _atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON to a temporary file and rename it over ``path``."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with _atomic_write(Path(path)) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -84,12 +83,8 @@ class RecordWriter:
         frame = pd.concat(self._pending, ignore_index=True)
         first, last = int(frame["step"].min()), int(frame["step"].max())
         path = self.dir / f"part-{first:08d}-{last:08d}.parquet"
-        tmp = _atomic_target(path)
-        try:
+        with _atomic_write(path) as tmp:
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-            _replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self._pending.clear()
         return path
 
@@ -125,13 +120,8 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """torch.save to a temporary file, then rename."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    with _atomic_write(Path(path)) as tmp:
         torch.save(state, tmp)
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

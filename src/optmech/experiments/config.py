@@ -12,6 +12,17 @@ from ..models import FAMILIES, INIT_SCHEMES, PAPER_MAPPINGS
 from ..structure import available_methods
 
 
+#: field -> options accepted (looked up when validating, so registries stay the one source of truth)
+_NAMED_CHOICES = {
+    "mapping": lambda: list(PAPER_MAPPINGS),
+    "init": lambda: list(INIT_SCHEMES),
+    "dataset": lambda: list(DATASETS),
+    "loss": available_losses,
+    "method": available_methods,
+}
+_NAMED_KINDS = {"mapping": "a–d mapping", "init": "initialisation", "dataset": "dataset", "loss": "loss", "method": "engine method"}
+
+
 class TrainConfig(BaseModel):
     """One training run of the paper's setup (Sec. 5.1) with the probe on a schedule.
 
@@ -58,39 +69,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown model {v!r}; expected a paper letter {sorted(letters)} or a family {list(FAMILIES)}")
         return v
 
-    @field_validator("mapping")
+    @field_validator("mapping", "init", "dataset", "loss", "method")
     @classmethod
-    def _mapping(cls, v: str) -> str:
-        if v not in PAPER_MAPPINGS:
-            raise ValueError(f"unknown a–d mapping {v!r}; expected one of {list(PAPER_MAPPINGS)}")
-        return v
-
-    @field_validator("init")
-    @classmethod
-    def _init(cls, v: str) -> str:
-        if v not in INIT_SCHEMES:
-            raise ValueError(f"unknown initialisation {v!r}; expected one of {list(INIT_SCHEMES)}")
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; expected one of {list(DATASETS)}")
-        return v
-
-    @field_validator("loss")
-    @classmethod
-    def _loss(cls, v: str) -> str:
-        if v not in available_losses():
-            raise ValueError(f"unknown loss {v!r}; expected one of {available_losses()}")
-        return v
-
-    @field_validator("method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in available_methods():
-            raise ValueError(f"unknown engine method {v!r}; expected one of {available_methods()}")
+    def _known_name(cls, v: str, info) -> str:
+        options = _NAMED_CHOICES[info.field_name]()
+        if v not in options:
+            raise ValueError(f"unknown {_NAMED_KINDS[info.field_name]} {v!r}; expected one of {list(options)}")
         return v
 
     @field_validator("weights")
