@@ -78,6 +78,36 @@ class EmbeddingModel(nn.Module):
         return self.head(h + torch.tanh(self.mix(h)))
 
 
+class SequenceConv1d(nn.Module):
+    """Conv1d with stride and dilation, then a Linear applied at every position (sequence input)."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, stride=2, dilation=2, padding=1)
+        self.per_position = nn.Linear(4, 5)
+        self.head = nn.Linear(5, n_classes, bias=False)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).transpose(1, 2)  # (batch, positions, 4)
+        return self.head(torch.tanh(self.per_position(h)).mean(1))
+
+
+class GroupedAndPartlyFrozen(nn.Module):
+    """A grouped conv (not on the fast path), a Linear whose bias is frozen, a module called twice."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, groups=2)
+        self.fc = nn.Linear(4 * 3 * 3, 6)
+        self.fc.bias.requires_grad_(False)
+        self.twice = nn.Linear(6, 6)
+        self.out = nn.Linear(6, n_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(torch.relu(self.conv(x)).flatten(1)))
+        return self.out(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
+
+
 def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """name -> (float64 model, float64/integer inputs)."""
     g = torch.Generator().manual_seed(0)
@@ -93,4 +123,6 @@ def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "tied_weights": (TiedWeights().double(), torch.randn(4, 6, generator=g, dtype=torch.float64)),
         "unused_and_frozen": (UnusedAndFrozen().double(), torch.randn(4, 7, generator=g, dtype=torch.float64)),
         "embedding": (EmbeddingModel().double(), torch.randint(0, 11, (4, 5), generator=g)),
+        "sequence_conv1d": (SequenceConv1d().double(), torch.randn(4, 2, 12, generator=g, dtype=torch.float64)),
+        "grouped_partly_frozen": (GroupedAndPartlyFrozen().double(), torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)),
     }

@@ -53,7 +53,8 @@ def test_paper_resnet_at_mnist_shape_matches_oracle():
         model = build("resnet", depth=1, skip=skip, seed=0, dtype=torch.float64)
         x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         A_ref, _ = structural_oracle(model, x)
-        assert rel_err(structural_matrix(model, x, method="jacobian"), A_ref) < RTOL[torch.float64]
+        for method in ("jacobian", "gram"):
+            assert rel_err(structural_matrix(model, x, method=method), A_ref) < RTOL[torch.float64]
 
 
 def test_float32_model_gives_float32_result_close_to_float64():
@@ -64,10 +65,11 @@ def test_float32_model_gives_float32_result_close_to_float64():
     assert A32.dtype == torch.float32 and rel_err(A32.double(), A64) < RTOL[torch.float32]
 
 
-def test_chunking_does_not_change_the_result():
+@pytest.mark.parametrize("method", ["jacobian", "gram"])
+def test_chunking_does_not_change_the_result(method):
     model, x = CASES["cnn-skip"]
-    full = structural_matrix(model, x, method="jacobian")
-    assert rel_err(structural_matrix(model, x, method="jacobian", chunk_size=1), full) < 1e-14
+    full = structural_matrix(model, x, method=method)
+    assert rel_err(structural_matrix(model, x, method=method, chunk_size=1), full) < 1e-14
 
 
 def test_engine_leaves_model_state_alone():
@@ -97,11 +99,12 @@ def test_auto_reports_the_method_and_falls_back_exactly():
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 2)
+            self.scale = nn.Parameter(torch.tensor([1.5, 0.5]))  # not a Linear/Conv: generic path
 
         def forward(self, x):
             if float(x.sum()) > 1e9:  # data-dependent Python control flow: vmap cannot run this
                 return self.fc(x) * 2
-            return self.fc(x)
+            return self.fc(x) * self.scale
 
     model = NotVmappable().double()
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -110,6 +113,8 @@ def test_auto_reports_the_method_and_falls_back_exactly():
     assert ran == "loop"
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     _, ran = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), return_method=True)
+    assert ran == "gram"
+    _, ran = structural_matrix(nn.Sequential(nn.LayerNorm(3), nn.Tanh()), torch.randn(2, 3), return_method=True)
     assert ran == "jacobian"
 
 
@@ -147,3 +152,31 @@ def test_bad_inputs_and_models():
         structural_matrix(frozen, torch.randn(2, 3))
     with pytest.raises(ValueError, match="non-empty batch"):
         structural_matrix(nn.Linear(3, 2), torch.randn(0, 3))
+
+
+def test_gram_strategies_agree_and_fallbacks_are_used():
+    """Ghost and materialised forms give the same contribution; unknown/tied layers take the generic path."""
+    from optmech.structure._context import probing, trainable_parameters
+    from optmech.structure.gram import _layer_contribution, plan_layers
+
+    model, x = unusual_models()["sequence_conv1d"]
+    named = trainable_parameters(model)
+    plans, rest = plan_layers(model, named)
+    assert [p.name for p in plans] == ["conv", "per_position", "head"] and rest == []
+    captured = {}
+    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+    with probing(model):
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    for plan in plans[:2]:
+        a, z = captured[plan.module]
+        Bm = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(out.shape[1])], 1)
+        ghost = _layer_contribution(plan, a, Bm, strategy="ghost")
+        mat = _layer_contribution(plan, a, Bm, strategy="materialise")
+        assert rel_err(ghost, mat) < 1e-13
+
+    model, x = unusual_models()["grouped_partly_frozen"]
+    plans, rest = plan_layers(model, trainable_parameters(model))
+    assert [p.name for p in plans] == ["twice", "out"]  # grouped conv and the half-frozen fc go generic
+    assert set(rest) == {"conv.weight", "conv.bias", "fc.weight"}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._context import check_outputs, prepare_inputs, probing, trainable_parameters
+from .gram import plan_layers, structural_matrix_gram
 from .jacobian import structural_matrix_jacobian
 from .loop import jacobian_rows_loop, structural_matrix_loop
 
@@ -31,15 +32,20 @@ class EngineMethod(str, enum.Enum):
       backwards, memory C·|θ|. Works for any module, including ones torch.func cannot transform.
     - ``JACOBIAN``: ``torch.func`` vmap∘jacrev over parameters, then Σ_t J_t J_tᵀ. Vectorised
       C backward passes per sample; memory chunk·C·|θ| (chunked to a fixed budget).
-    - ``AUTO``: the fastest exact method that runs on the model: ``JACOBIAN``, falling back to
-      ``LOOP`` (with a warning) when the model's forward cannot be vmapped.
+    - ``GRAM``: layer-wise (DESIGN §3). One forward with hooks, C batched backward passes for
+      B_c = ∂f_c/∂z at every Linear/Conv1d/Conv2d output, then per layer the cheaper of the ghost
+      Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight gradient.
+      Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
+      them. Memory O(B·C·activations), independent of |θ| for the fast layers.
+    - ``AUTO``: ``GRAM`` when the model has at least one Linear/Conv layer, else ``JACOBIAN``;
+      falls back to ``LOOP`` (with a warning) when the forward cannot be vmapped.
 
-    The layer-wise ``GRAM`` method (per-layer Gram contractions, DESIGN §3) is the next member
-    to be added here; every method registered in ``_METHODS`` is checked against ``LOOP``.
+    Every method registered in ``_METHODS`` is checked against ``LOOP`` by the tests.
     """
 
     LOOP = "loop"
     JACOBIAN = "jacobian"
+    GRAM = "gram"
     AUTO = "auto"
 
 
@@ -76,7 +82,7 @@ def structural_matrix(
     Args:
         model: an ``nn.Module`` mapping inputs (batch, ...) to logits (batch, classes).
         inputs: (batch, ...). Floating inputs are cast to the model's dtype and device.
-        method: ``"auto"``, ``"jacobian"`` or ``"loop"`` (see :class:`EngineMethod`).
+        method: ``"auto"``, ``"gram"``, ``"jacobian"`` or ``"loop"`` (see :class:`EngineMethod`).
         chunk_size: samples per vectorised chunk for ``jacobian`` (default: fit 256 MiB).
         return_method: also return the name of the method that actually ran.
 
@@ -96,9 +102,9 @@ def structural_matrix(
         with torch.no_grad():
             n_classes = check_outputs(model(x[:1]), 1).shape[1]
         if chosen is EngineMethod.AUTO:
+            ran = EngineMethod.GRAM if plan_layers(model, named)[0] else EngineMethod.JACOBIAN
             try:
-                A = structural_matrix_jacobian(model, x, named, n_classes=n_classes, chunk_size=chunk_size)
-                ran = EngineMethod.JACOBIAN
+                A = _METHODS[ran](model, x, named, n_classes, chunk_size)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
                 warnings.warn(
                     f"structural_matrix: the 'jacobian' method failed on this model ({str(exc).splitlines()[0]}); "
@@ -118,6 +124,9 @@ def structural_matrix(
 _METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {
     EngineMethod.LOOP: lambda model, x, named, n_classes, chunk: structural_matrix_loop(model, x, [p for _, p in named]),
     EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk: structural_matrix_jacobian(
+        model, x, named, n_classes=n_classes, chunk_size=chunk
+    ),
+    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk: structural_matrix_gram(
         model, x, named, n_classes=n_classes, chunk_size=chunk
     ),
 }

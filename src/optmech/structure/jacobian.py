@@ -40,9 +40,12 @@ def structural_matrix_jacobian(
     per_sample_jacobian = vmap(jacrev(logits_of_one), in_dims=(None, 0))
     dtype = next(iter(detached.values())).dtype
     out = torch.zeros(inputs.shape[0], n_classes, n_classes, dtype=dtype, device=inputs.device)
-    for start in range(0, inputs.shape[0], chunk_size):
-        jac = per_sample_jacobian(detached, inputs[start : start + chunk_size])
-        for block in jac.values():
-            flat = block.flatten(2)  # (chunk, C, n_params of this tensor)
-            out[start : start + chunk_size] += flat @ flat.transpose(1, 2)
+    # jacrev ignores an outer no_grad; no_grad only stops parameters outside θ (frozen, or handled by
+    # another method) from recording a graph through the result.
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], chunk_size):
+            jac = per_sample_jacobian(detached, inputs[start : start + chunk_size])
+            for block in jac.values():
+                flat = block.flatten(2)  # (chunk, C, n_params of this tensor)
+                out[start : start + chunk_size] += flat @ flat.transpose(1, 2)
     return out
