@@ -95,58 +95,136 @@ def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
 
 
 def _conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches (batch, K = c_in·kernel, S positions) for Conv1d/Conv2d."""
+    """Input patches (batch, K = c_in·kernel, S positions) for Conv1d/Conv2d.
+
+    Built as a strided view of the zero-padded input and copied once: the same values as
+    ``F.unfold``, about 3× faster on CPU.
+    """
     if isinstance(module, nn.Conv1d):
         a = a.unsqueeze(-2)
         k, d, p, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
     else:
         k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    return F.unfold(a, k, dilation=d, padding=p, stride=s)
+    n, c, h, w = a.shape
+    padded = F.pad(a, (p[1], p[1], p[0], p[0])) if (p[0] or p[1]) else a
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    sn, sc, sh, sw = padded.stride()
+    view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
+    return view.reshape(n, c * k[0] * k[1], ho * wo)
 
 
-def _cost(B: int, C: int, S: int, K: int, d_out: int) -> tuple[float, float]:
-    """Multiply-adds of (ghost, materialise) for one layer with S positions, K inputs, d_out outputs."""
-    ghost = B * S * S * K + B * C * C * S * S * d_out
-    materialise = B * C * d_out * S * K + B * C * C * d_out * K
-    return float(ghost), float(materialise)
+def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
+    """Multiply-adds of each way to contract one layer with S positions, K inputs, d_out outputs.
+
+    - ``ghost``: Γ = a aᵀ (S×S), M = Γ b (S × C·d_out), A = b M: n·S²·K + n·S²·C·d_out + n·C²·S·d_out
+    - ``materialise``: G_c = Σ_s b_{c,s} a_sᵀ, A = ⟨G_c, G_c'⟩: n·C·d_out·S·K + n·C²·d_out·K
+    For S = 1 (a Linear layer on vectors) ghost is n·K + n·C²·d_out. The bias adds n·C·S·d_out + n·C²·d_out.
+    """
+    extra = (n * C * S * d_out + n * C * C * d_out) if bias else 0.0
+    if S == 1:
+        return {"ghost": float(n * K + n * C * C * d_out + extra), "materialise": float(n * C * d_out * K + n * C * C * d_out * K + extra)}
+    ghost = n * S * S * K + n * S * S * C * d_out + n * C * C * S * d_out
+    materialise = n * C * d_out * S * K + n * C * C * d_out * K
+    return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
+
+
+def _layer_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The layer's per-sample inputs as (n, K features, S positions): Linear over all middle dims, Conv patches."""
+    n = a.shape[0]
+    if isinstance(module, nn.Linear):
+        return a.reshape(n, -1, module.in_features).transpose(1, 2)
+    return _conv_patches(module, a)
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+class _LayerGram:
+    """Accumulates one layer's contribution class by class: ``add(b_c)`` for c = 0…C−1, then ``result()``.
+
+    b_c = ∂f_c/∂z has the layer output's shape (n, *z.shape[1:]). With positions (S > 1) the b_c
+    are copied into one (n, C·d_out, S) buffer so that the contraction is a single batched GEMM
+    (about 4× faster on CPU than C thin ones); a vector Linear (S = 1) keeps b_c itself.
+    A_layer[c, c'] = ⟨F_c, F_c'⟩ with F_c = G_c (materialised) or b_c (ghost, S = 1, times ‖a‖²),
+    or ⟨b_c, b_c' Γ⟩ with Γ = a aᵀ (ghost, S > 1); plus the bias term ⟨Σ_s b_c, Σ_s b_c'⟩.
+    """
+
+    def __init__(self, plan: LayerPlan, a: torch.Tensor, n_classes: int, strategy: str | None = None) -> None:
+        self.module = plan.module
+        self.a = _layer_patches(self.module, a)  # (n, K, S)
+        n, K, S = self.a.shape
+        self.n_classes, self.d_out = n_classes, _out_features(self.module)
+        self.bias = self.module.bias is not None
+        costs = contraction_costs(n, n_classes, S, K, self.d_out, self.bias)
+        plan.strategy = self.strategy = strategy or min(costs, key=costs.get)
+        self.buffer = torch.empty(n, n_classes, self.d_out, S, dtype=a.dtype, device=a.device)
+        self.count = 0
+
+    def add(self, b: torch.Tensor) -> None:
+        n = b.shape[0]
+        if isinstance(self.module, nn.Linear):
+            self.buffer[:, self.count] = b.reshape(n, -1, self.d_out).transpose(1, 2)  # (n, d_out, T)
+        else:
+            self.buffer[:, self.count] = b.reshape(n, self.d_out, -1)  # (n, d_out, S)
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        assert self.count == self.n_classes, "every class must be added once"
+        n, C, d, S = self.buffer.shape
+        if self.strategy == "materialise":
+            F_ = (self.buffer.reshape(n, C * d, S) @ self.a.transpose(1, 2)).reshape(n, C, -1)  # G_c = Σ_s b_{c,s} a_sᵀ
+            out = F_ @ F_.transpose(1, 2)
+        elif S == 1:
+            F_ = self.buffer[..., 0]
+            out = ((self.a[..., 0] ** 2).sum(-1))[:, None, None] * (F_ @ F_.transpose(1, 2))
+        else:
+            gram_a = self.a.transpose(1, 2) @ self.a  # Γ = (a_s·a_t), (n, S, S)
+            mixed = (self.buffer.reshape(n, C * d, S) @ gram_a).reshape(n, C, d * S)
+            out = self.buffer.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+        if self.bias:
+            bs = self.buffer.sum(3)  # (n, C, d_out)
+            out = out + bs @ bs.transpose(1, 2)
+        return out
 
 
 def _layer_contribution(plan: LayerPlan, a: torch.Tensor, Bm: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
-    """A contribution (batch, C, C) of one layer from its input a and Bm = ∂f/∂z, shape (batch, C, *z.shape[1:]).
+    """A contribution (batch, C, C) of one layer from its input a and Bm = ∂f/∂z of shape (batch, C, *z.shape[1:]).
 
     ``strategy`` forces ``"ghost"`` or ``"materialise"`` (tests); by default the cheaper one is used.
     """
-    module = plan.module
-    n, C = Bm.shape[:2]
-    if isinstance(module, nn.Linear):
-        a = a.reshape(n, -1, module.in_features)  # (n, T, d_in)
-        b = Bm.reshape(n, C, -1, module.out_features)  # (n, C, T, d_out)
-    else:
-        a = _conv_patches(module, a).transpose(1, 2)  # (n, S, K)
-        b = Bm.reshape(n, C, module.out_channels, -1).transpose(2, 3)  # (n, C, S, d_out)
-    S, K, d_out = a.shape[1], a.shape[2], b.shape[-1]
-    bias = module.bias is not None
-    if S == 1 and strategy is None:
-        plan.strategy = "ghost"
-        scale = (a[:, 0] ** 2).sum(-1) + (1.0 if bias else 0.0)
-        bb = b[:, :, 0]
-        return scale[:, None, None] * (bb @ bb.transpose(1, 2))
-    ghost, materialise = _cost(n, C, S, K, d_out)
-    if strategy == "ghost" or (strategy is None and ghost <= materialise):
-        plan.strategy = "ghost"
-        gram_a = a @ a.transpose(1, 2)  # (n, S, S)
-        # A[c,c'] = Σ_{s,s'} gram_a[s,s'] (b_{c,s}·b_{c',s'})
-        bt = b.reshape(n, C * S, d_out)
-        gram_b = (bt @ bt.transpose(1, 2)).reshape(n, C, S, C, S)
-        out = torch.einsum("bst,bcsdt->bcd", gram_a, gram_b)
-    else:
-        plan.strategy = "materialise"
-        G = torch.einsum("bcso,bsk->bcok", b, a).reshape(n, C, d_out * K)
-        out = G @ G.transpose(1, 2)
-    if bias:
-        bsum = b.sum(2)  # (n, C, d_out)
-        out = out + bsum @ bsum.transpose(1, 2)
-    return out
+    acc = _LayerGram(plan, a, Bm.shape[1], strategy)
+    for c in range(Bm.shape[1]):
+        acc.add(Bm[:, c])
+    return acc.result()
+
+
+def _stream_logit_jacobians(out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool) -> None:
+    """Feed b_c = ∂f_c/∂z (shape (n, *z.shape[1:])) of every layer to ``sinks[i].add`` for c = 0…C−1.
+
+    ``batched``: one backward of the C one-hot cotangents at once (``is_grads_batched``, a vmap over
+    the cotangents); otherwise C backward passes, each batched over the samples. Measured on a
+    2-core CPU (benchmarks/structural.py), the first is about 2× faster for MLPs and the second
+    1.2–1.7× faster for CNNs, whose vmapped convolution backward works on a C× larger batch. The
+    batched form falls back to the loop for graphs whose backward cannot be vmapped.
+    """
+    n = out.shape[0]
+    if batched:
+        eye = torch.eye(n_classes, dtype=out.dtype, device=out.device).unsqueeze(1).expand(n_classes, n, n_classes)
+        try:
+            grads = torch.autograd.grad(out, zs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        except RuntimeError:
+            grads = None  # not vmappable: the loop below is exact too
+        if grads is not None:
+            for sink, g, z in zip(sinks, grads, zs):
+                for c in range(n_classes):
+                    sink.add(torch.zeros_like(z) if g is None else g[c])
+            return
+    for c in range(n_classes):
+        grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=c < n_classes - 1, allow_unused=True)
+        for sink, g, z in zip(sinks, grads, zs):
+            sink.add(torch.zeros_like(z) if g is None else g)
 
 
 def structural_matrix_gram(
@@ -203,14 +281,11 @@ def structural_matrix_gram(
                 slow_names.extend(plan.params)
         if fast:
             zs = [captured[id(p.module)][0][1] for p in fast]
-            rows: list[list[torch.Tensor]] = [[] for _ in fast]
-            for c in range(n_classes):
-                grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=c < n_classes - 1, allow_unused=True)
-                for i, g in enumerate(grads):
-                    rows[i].append(torch.zeros_like(zs[i]) if g is None else g)
-            for plan, row in zip(fast, rows):
-                a = captured[id(plan.module)][0][0]
-                part = _layer_contribution(plan, a, torch.stack(row, 1))
+            sinks = [_LayerGram(p, captured[id(p.module)][0][0], n_classes) for p in fast]
+            batched = all(isinstance(p.module, nn.Linear) for p in fast)  # see _stream_logit_jacobians
+            _stream_logit_jacobians(out, zs, n_classes, sinks, batched)
+            for plan, sink in zip(fast, sinks):
+                part = sink.result()
                 total[start : start + chunk] += part
                 if per_layer:
                     groups.setdefault(plan.name, torch.zeros_like(total))[start : start + chunk] += part

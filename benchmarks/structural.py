@@ -1,0 +1,183 @@
+"""Side-by-side timing of the structural-matrix methods against a training step and the arithmetic bound.
+
+    .venv/bin/python benchmarks/structural.py                 # all models, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/structural.py --models a1 mlp1024 --rounds 3 --no-loop
+
+For each model (the paper's a–d at k = 1 and k = 5 under the default mapping, and an MLP of
+width 256 and 1024), batch 64, C = 10, float32, it measures in one process, interleaved round by
+round so that machine noise hits every method alike:
+
+- a training step (forward, cross-entropy, backward, SGD step with lr 0);
+- ``gram``, ``jacobian`` and (once, it is slow) ``loop``;
+- the arithmetic bound = one forward + C activation-backward passes (C × one measured backward
+  to the layer outputs) + the cheapest per-layer Gram contraction (its multiply-adds, from the
+  layer shapes, at the GEMM throughput measured on a 2048² matrix product in the same run).
+
+It prints medians, each method's ratio to the training step and to the bound, the peak memory of
+each method (resident-set growth measured in a fresh subprocess) and the largest relative error
+against the float64 ``loop`` oracle on 4 samples. neural-tangents is not compared (it needs a JAX
+port of each model; see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from optmech import structural_matrix
+from optmech.models import build_paper, n_params
+from optmech.models.families import MLP
+from optmech.structure._context import probing, trainable_parameters
+from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers
+
+BATCH, N_CLASSES = 64, 10
+MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
+
+
+def make_model(name: str) -> torch.nn.Module:
+    if name.startswith("mlp"):
+        return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
+    return build_paper(name[0], depth=int(name[1:]), seed=0)
+
+
+def gemm_rate() -> float:
+    """FLOP/s of a 2048×2048 float32 matrix product (median of 5)."""
+    a = torch.randn(2048, 2048)
+    a @ a
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t)
+    return 2 * 2048**3 / statistics.median(times)
+
+
+def bound_parts(model, x) -> tuple[callable, callable, float]:
+    """(forward fn, one activation-backward fn, cheapest contraction multiply-adds)."""
+    named = trainable_parameters(model)
+    plans, _ = plan_layers(model, named)
+    captured = {}
+    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    zs = [captured[p.module][1] for p in plans]
+    macs = 0.0
+    for p in plans:
+        a = _layer_patches(p.module, captured[p.module][0])
+        costs = contraction_costs(x.shape[0], N_CLASSES, a.shape[2], a.shape[1], _out_features(p.module), p.module.bias is not None)
+        macs += min(costs.values())
+
+    def forward():
+        with torch.enable_grad():
+            return model(x)
+
+    def one_backward():
+        return torch.autograd.grad(out[:, 0].sum(), zs, retain_graph=True)
+
+    return forward, one_backward, macs
+
+
+def rel_errors(name: str, methods: list[str]) -> dict[str, float]:
+    """Max |A − A_oracle| / max |A_oracle| in float64 on 4 samples, oracle = loop."""
+    model = make_model(name).double()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = structural_matrix(model, x, method="loop")
+    return {m: float((structural_matrix(model, x, method=m) - ref).abs().max() / ref.abs().max()) for m in methods}
+
+
+def peak_memory_mib(name: str, method: str) -> float:
+    """Resident-set growth of one call, measured in a fresh process."""
+    code = (
+        "import resource, torch, sys; sys.argv=['x'];"
+        "from benchmarks.structural import make_model;"
+        "from optmech import structural_matrix;"
+        f"m = make_model({name!r}); x = torch.randn({BATCH}, 1, 28, 28); m(x);"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        f"structural_matrix(m, x, method={method!r}) if {method!r} != 'step' else "
+        "torch.nn.functional.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long)).backward();"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (medians are reported)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the slow loop oracle timing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    rate = gemm_rate()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, C = {N_CLASSES}, float32; "
+          f"GEMM throughput {rate / 1e9:.1f} GFLOP/s (2048² matmul)")
+    header = f"{'model':8s} {'|θ|':>9s} {'method':9s} {'median ms':>10s} {'× step':>8s} {'× bound':>8s} {'peak MiB':>9s} {'rel err f64':>12s}"
+    print(header)
+    print("-" * len(header))
+    for name in args.models:
+        model = make_model(name).eval()
+        x = torch.randn(BATCH, 1, 28, 28)
+        y = torch.randint(0, N_CLASSES, (BATCH,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
+
+        def step():
+            model.train()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        twin = copy.deepcopy(model)  # the bound's graph must not see the optimiser's in-place steps
+        with probing(twin):
+            forward, one_backward, macs = bound_parts(twin, x)
+        methods = {"gram": lambda: structural_matrix(model, x, method="gram"),
+                   "jacobian": lambda: structural_matrix(model, x, method="jacobian")}
+        times = {k: [] for k in ["step", "forward", "one_backward", *methods]}
+        step()  # warm-up
+        with probing(twin):
+            forward(), one_backward()
+        for fn in methods.values():
+            fn()
+        for _ in range(args.rounds):
+            times["step"].append(timed(step))
+            with probing(twin):
+                times["forward"].append(timed(forward))
+                times["one_backward"].append(timed(one_backward))
+            for key, fn in methods.items():
+                times[key].append(timed(fn))
+        if not args.no_loop:
+            times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop"))]
+        med = {k: statistics.median(v) for k, v in times.items()}
+        bound = med["forward"] + N_CLASSES * med["one_backward"] + 2 * macs / rate
+        errors = rel_errors(name, [m for m in ("gram", "jacobian") if m in med])
+        label = f"{name:8s} {n_params(model):9d}"
+        rows = [("step", med["step"]), ("bound", bound)] + [(m, med[m]) for m in ("gram", "jacobian", "loop") if m in med]
+        for method, t in rows:
+            mem = "" if args.no_memory or method == "bound" else f"{peak_memory_mib(name, method):9.0f}"
+            err = f"{errors[method]:12.1e}" if method in errors else ""
+            print(f"{label} {method:9s} {1e3 * t:10.1f} {t / med['step']:8.2f} {t / bound:8.2f} {mem:>9s} {err:>12s}")
+            label = " " * len(label)
+        print(f"{'':19s} bound = forward {1e3 * med['forward']:.1f} ms + {N_CLASSES} × activation backward "
+              f"{1e3 * med['one_backward']:.1f} ms + contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms)")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
