@@ -189,3 +189,14 @@ def test_measure_from_validates_weights():
     p = torch.full((2, 3), 1 / 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="weights"):
         measure_from(A, p, p, torch.zeros(2), simplex=True, weights=(1, 1, -1))
+
+
+def test_per_layer_trace_columns():
+    model = build("resnet", depth=1, skip=True, input_shape=(1, 8, 8), seed=0, dtype=torch.float64)
+    x, y = _batch(3)
+    m = Probe(model, per_layer=True).measure(x, y)
+    frame = m.to_frame()
+    layer_cols = [c for c in frame.columns if c.startswith("layer_trace:")]
+    assert "layer_trace:fc" in layer_cols and "layer_trace:stem.0" in layer_cols
+    total = m.A.diagonal(dim1=1, dim2=2).sum(-1).numpy()
+    assert np.allclose(frame[layer_cols].sum(1).to_numpy(), total, rtol=1e-12)

@@ -180,3 +180,17 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
     plans, rest = plan_layers(model, trainable_parameters(model))
     assert [p.name for p in plans] == ["twice", "out"]  # grouped conv and the half-frozen fc go generic
     assert set(rest) == {"conv.weight", "conv.bias", "fc.weight"}
+
+
+@pytest.mark.parametrize("case", ["resnet-skip", "snet-plain", "layernorm_gelu", "tied_weights", "grouped_partly_frozen", "sequence_conv1d"])
+def test_per_layer_shares_sum_to_A_and_agree_across_methods(case):
+    model, x = CASES[case]
+    results = {m: structural_matrix(model, x, method=m, per_layer=True) for m in ("loop", "jacobian", "gram")}
+    A_loop, groups_loop = results["loop"]
+    for method, (A, groups) in results.items():
+        assert set(groups) == set(groups_loop), method
+        assert rel_err(sum(groups.values()), A) < 1e-12
+        for name, part in groups.items():
+            assert rel_err(part, groups_loop[name]) < RTOL[torch.float64], (method, name)
+    A, groups, ran = structural_matrix(model, x, per_layer=True, return_method=True)
+    assert ran in ("gram", "jacobian") and rel_err(A, A_loop) < RTOL[torch.float64]

@@ -110,3 +110,9 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_per_layer_columns_are_recorded(tmp_path):
+    cfg = TrainConfig(model="d", depth=1, dataset="digits", max_steps=2, n_probe=2, per_layer=True)
+    rows = read_records(train(cfg, tmp_path / "r").run_dir)
+    assert "layer_trace:head" in rows.columns and (rows["layer_trace:head"] > 0).all()

@@ -65,8 +65,9 @@ def train(
     n_probe: int = typer.Option(16, help="Fixed probe samples."),
     probe_split: str = typer.Option("test", help="Where the fixed probe samples come from: test (held out) or train."),
     probe_train_batch: bool = typer.Option(False, help="Also measure the current training batch."),
-    method: str = typer.Option("auto", help="Engine method: auto, jacobian, loop."),
+    method: str = typer.Option("auto", help="Engine method: auto, gram, jacobian, loop."),
     check: bool = typer.Option(False, help="Cross-check ‖g‖² = eᵀAe against autograd on every probe sample."),
+    per_layer: bool = typer.Option(False, help="Record each module's share of A_x (layer_trace:<module> columns)."),
     records_per_part: int = typer.Option(20, help="Records per Parquet part (a checkpoint follows each)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same options."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
@@ -84,7 +85,7 @@ def train(
             data_dir=data_dir, loss=loss, alpha=alpha, label_smoothing=label_smoothing, optimizer=optimizer, lr=lr,
             momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype,
             probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch,
-            method=method, check=check, records_per_part=records_per_part,
+            method=method, check=check, per_layer=per_layer, records_per_part=records_per_part,
         )
     except ValidationError as exc:
         _fail(_format_validation(exc))

@@ -161,13 +161,18 @@ class Measurement:
     eigenvalues: torch.Tensor = dataclasses.field(repr=False)
     method: str = "auto"
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    per_layer: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per sample, one column per entry of :data:`COLUMNS`."""
-        return pd.DataFrame({name: getattr(self, name).detach().cpu().numpy() for name in COLUMNS})
+        """One row per sample, one column per entry of :data:`COLUMNS`; with per-layer shares also
+        ``layer_trace:<module>`` = tr A_x^(l) = ‖∂f/∂θ_l‖²_F (not from the paper)."""
+        columns = {name: getattr(self, name).detach().cpu().numpy() for name in COLUMNS}
+        for layer, part in (self.per_layer or {}).items():
+            columns[f"layer_trace:{layer}"] = part.diagonal(dim1=-2, dim2=-1).sum(-1).to(torch.float64).cpu().numpy()
+        return pd.DataFrame(columns)
 
     @property
     def n_violations(self) -> int:
@@ -186,6 +191,7 @@ def measure_from(
     rank_rtol: float | None = None,
     gradient_norm_autograd: torch.Tensor | None = None,
     method: str = "auto",
+    per_layer: dict[str, torch.Tensor] | None = None,
 ) -> Measurement:
     """Every per-sample quantity from the structural matrices and the prediction/target vectors.
 
@@ -199,6 +205,7 @@ def measure_from(
         rank_rtol: λmin ≤ rank_rtol·λmax flags the sample; default C·eps(A.dtype).
         gradient_norm_autograd: (batch,) independent ‖g‖², stored as given.
         method: the engine method that produced A (recorded).
+        per_layer: optional {module path: (batch, C, C)} shares of A, kept on the Measurement.
     """
     alpha, beta, gamma = (float(w) for w in weights)
     if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
@@ -263,4 +270,5 @@ def measure_from(
         eigenvalues=lam,
         method=method,
         weights=(alpha, beta, gamma),
+        per_layer=per_layer,
     )

@@ -56,6 +56,8 @@ class Probe:
         rank_rtol: λmin ≤ rank_rtol·λmax flags a sample as rank deficient (default C·eps(dtype)).
         chunk_size: passed to :func:`optmech.structural_matrix`.
         check: cross-check ‖g‖² = eᵀAe against autograd on every sample (slower).
+        per_layer: also keep each module's share A_x^(l) (``Measurement.per_layer``; the frame gets
+            ``layer_trace:<module>`` columns).
         **loss_kwargs: options of the loss (``label_smoothing``, ``alpha``).
 
     Example:
@@ -74,6 +76,7 @@ class Probe:
         rank_rtol: float | None = None,
         chunk_size: int | None = None,
         check: bool = False,
+        per_layer: bool = False,
         **loss_kwargs,
     ) -> None:
         trainable_parameters(model)  # validates the model early
@@ -86,6 +89,7 @@ class Probe:
         self.rank_rtol = rank_rtol
         self.chunk_size = chunk_size
         self.check = check
+        self.per_layer = per_layer
 
     def measure(self, inputs: torch.Tensor, targets: torch.Tensor, *, check: bool | None = None) -> Measurement:
         """Per-sample quantities for a batch.
@@ -115,7 +119,10 @@ class Probe:
         q = self.loss.targets(targets, logits.shape[1], torch.float64)  # validates targets
         p = self.loss.predict(logits64)
         loss = self.loss(logits64, q, reduction="none")
-        A, ran = structural_matrix(self.model, x, method=self.method, chunk_size=self.chunk_size, return_method=True)
+        result = structural_matrix(
+            self.model, x, method=self.method, chunk_size=self.chunk_size, return_method=True, per_layer=self.per_layer
+        )
+        A, groups, ran = result if self.per_layer else (result[0], None, result[1])
         auto = None
         if self.check if check is None else check:
             with probing(self.model):
@@ -123,7 +130,7 @@ class Probe:
         m = measure_from(
             A, p, q, loss,
             simplex=self.loss.simplex, weights=self.weights, rank_rtol=self.rank_rtol,
-            gradient_norm_autograd=auto, method=ran,
+            gradient_norm_autograd=auto, method=ran, per_layer=groups,
         )
         if auto is not None:
             self._assert_consistent(m, A.dtype)

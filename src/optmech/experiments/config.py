@@ -58,6 +58,7 @@ class TrainConfig(BaseModel):
     probe_train_batch: bool = Field(False, description="also measure the current training batch")
     method: str = "auto"
     check: bool = Field(False, description="cross-check eᵀAe against autograd on every probe sample")
+    per_layer: bool = Field(False, description="record each module's share tr A_x^(l) as layer_trace:<module> columns")
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     records_per_part: int = Field(20, ge=1, description="records per Parquet part; a checkpoint follows each part")
 

@@ -170,7 +170,7 @@ def train(
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=config.check)
+    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=config.check, per_layer=config.per_layer)
 
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch

@@ -71,7 +71,8 @@ def structural_matrix(
     method: str | EngineMethod = "auto",
     chunk_size: int | None = None,
     return_method: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, str]:
+    per_layer: bool = False,
+) -> torch.Tensor | tuple:
     """Per-sample structural matrices A_x = J_x J_xᵀ for a batch.
 
     J_x = ∂f_θ(x)/∂θ ∈ R^{C×|θ|} over every parameter with ``requires_grad=True`` (tied weights
@@ -85,10 +86,14 @@ def structural_matrix(
         method: ``"auto"``, ``"gram"``, ``"jacobian"`` or ``"loop"`` (see :class:`EngineMethod`).
         chunk_size: samples per vectorised chunk for ``jacobian`` (default: fit 256 MiB).
         return_method: also return the name of the method that actually ran.
+        per_layer: also return the per-module shares {module path: (batch, C, C)}, A = Σ_l A^(l)
+            (a module's share is J_l J_lᵀ over its own parameters; tied tensors count once, with
+            the module that registers them).
 
     Returns:
         A of shape (batch, classes, classes) in the model's dtype: symmetric positive
-        semi-definite, trace A_x = ‖J_x‖_F². With ``return_method``, ``(A, method_name)``.
+        semi-definite, trace A_x = ‖J_x‖_F². With ``per_layer`` and/or ``return_method`` a tuple
+        ``(A, [per_layer dict], [method name])`` in that order.
 
     Example:
         >>> A = structural_matrix(nn.Linear(4, 3), torch.randn(8, 4))   # (8, 3, 3)
@@ -101,10 +106,11 @@ def structural_matrix(
     with probing(model):
         with torch.no_grad():
             n_classes = check_outputs(model(x[:1]), 1).shape[1]
+        groups: dict[str, torch.Tensor] | None = {} if per_layer else None
         if chosen is EngineMethod.AUTO:
             ran = EngineMethod.GRAM if plan_layers(model, named)[0] else EngineMethod.JACOBIAN
             try:
-                A = _METHODS[ran](model, x, named, n_classes, chunk_size)
+                A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
                 warnings.warn(
                     f"structural_matrix: the 'jacobian' method failed on this model ({str(exc).splitlines()[0]}); "
@@ -112,21 +118,23 @@ def structural_matrix(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                A = structural_matrix_loop(model, x, [p for _, p in named])
+                groups = {} if per_layer else None
+                A = structural_matrix_loop(model, x, named, groups)
                 ran = EngineMethod.LOOP
         else:
-            A = _METHODS[chosen](model, x, named, n_classes, chunk_size)
+            A = _METHODS[chosen](model, x, named, n_classes, chunk_size, groups)
             ran = chosen
     log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], n_classes)
-    return (A, ran.value) if return_method else A
+    out = (A,) + ((groups,) if per_layer else ()) + ((ran.value,) if return_method else ())
+    return out if len(out) > 1 else A
 
 
 _METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {
-    EngineMethod.LOOP: lambda model, x, named, n_classes, chunk: structural_matrix_loop(model, x, [p for _, p in named]),
-    EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk: structural_matrix_jacobian(
-        model, x, named, n_classes=n_classes, chunk_size=chunk
+    EngineMethod.LOOP: lambda model, x, named, n_classes, chunk, groups: structural_matrix_loop(model, x, named, groups),
+    EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk, groups: structural_matrix_jacobian(
+        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups
     ),
-    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk: structural_matrix_gram(
-        model, x, named, n_classes=n_classes, chunk_size=chunk
+    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk, groups: structural_matrix_gram(
+        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups
     ),
 }

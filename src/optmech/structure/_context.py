@@ -31,6 +31,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return params
 
 
+def layer_of(param_name: str) -> str:
+    """The module path owning a parameter ("blocks.0.conv1.weight" -> "blocks.0.conv1"; "(root)" at top level)."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else "(root)"
+
+
+def add_group(groups: dict | None, name: str, rows: slice, part: torch.Tensor, n: int) -> None:
+    """groups[name][rows] += part, creating a zero (n, C, C) tensor on first use; no-op without groups."""
+    if groups is None:
+        return
+    if name not in groups:
+        groups[name] = torch.zeros(n, *part.shape[1:], dtype=part.dtype, device=part.device)
+    groups[name][rows] += part
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     for p in model.parameters():
         if p.is_floating_point():

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._context import check_outputs
+from ._context import add_group, check_outputs
 from .jacobian import structural_matrix_jacobian
 
 __all__ = ["structural_matrix_gram", "plan_layers", "LayerPlan"]
@@ -234,8 +234,8 @@ def structural_matrix_gram(
     *,
     n_classes: int,
     chunk_size: int | None = None,
-    per_layer: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    groups: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """A (batch, C, C) by per-layer Gram contractions, the rest through torch.func.
 
     Args:
@@ -244,8 +244,7 @@ def structural_matrix_gram(
         named_params: θ as (name, tensor) pairs.
         n_classes: C.
         chunk_size: samples per chunk (bounds the memory of activations and B's).
-        per_layer: also return {group name: (batch, C, C)} with A = Σ of the groups; a group is a
-            fast layer (its module name) or ``"other"`` for everything on the generic path.
+        groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
     """
     plans, rest = plan_layers(model, named_params)
     by_name = dict(named_params)
@@ -253,7 +252,6 @@ def structural_matrix_gram(
     chunk = n if chunk_size is None else chunk_size
     dtype = named_params[0][1].dtype
     total = torch.zeros(n, n_classes, n_classes, dtype=dtype, device=inputs.device)
-    groups: dict[str, torch.Tensor] = {}
 
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
@@ -287,13 +285,15 @@ def structural_matrix_gram(
             for plan, sink in zip(fast, sinks):
                 part = sink.result()
                 total[start : start + chunk] += part
-                if per_layer:
-                    groups.setdefault(plan.name, torch.zeros_like(total))[start : start + chunk] += part
+                add_group(groups, plan.name, slice(start, start + chunk), part, n)
         del out, captured
         if slow_names:
             keep = set(slow_names)
-            part = structural_matrix_jacobian(model, x, [(nm, p) for nm, p in named_params if nm in keep], n_classes=n_classes)
+            sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
+            part = structural_matrix_jacobian(
+                model, x, [(nm, p) for nm, p in named_params if nm in keep], n_classes=n_classes, groups=sub
+            )
             total[start : start + chunk] += part
-            if per_layer:
-                groups.setdefault("other", torch.zeros_like(total))[start : start + chunk] += part
-    return (total, groups) if per_layer else total
+            for name, value in (sub or {}).items():
+                add_group(groups, name, slice(start, start + chunk), value, n)
+    return total

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from ._context import add_group, layer_of
+
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample Jacobians
 
 
@@ -27,8 +29,12 @@ def structural_matrix_jacobian(
     *,
     n_classes: int,
     chunk_size: int | None = None,
+    groups: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A (batch, classes, classes) from per-sample Jacobians computed with vmap∘jacrev."""
+    """A (batch, classes, classes) from per-sample Jacobians computed with vmap∘jacrev.
+
+    With ``groups`` (a dict), each module's share J_l J_lᵀ is also added to ``groups[module path]``.
+    """
     detached = {name: p.detach() for name, p in named_params}
     n_params = sum(p.numel() for p in detached.values())
     if chunk_size is None:
@@ -44,8 +50,11 @@ def structural_matrix_jacobian(
     # another method) from recording a graph through the result.
     with torch.no_grad():
         for start in range(0, inputs.shape[0], chunk_size):
-            jac = per_sample_jacobian(detached, inputs[start : start + chunk_size])
-            for block in jac.values():
+            rows = slice(start, start + chunk_size)
+            jac = per_sample_jacobian(detached, inputs[rows])
+            for name, block in jac.items():
                 flat = block.flatten(2)  # (chunk, C, n_params of this tensor)
-                out[start : start + chunk_size] += flat @ flat.transpose(1, 2)
+                part = flat @ flat.transpose(1, 2)
+                out[rows] += part
+                add_group(groups, layer_of(name), rows, part, inputs.shape[0])
     return out

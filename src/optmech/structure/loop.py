@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._context import check_outputs
+from ._context import add_group, check_outputs, layer_of
 
 
 def jacobian_rows_loop(model: nn.Module, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -28,11 +28,18 @@ def jacobian_rows_loop(model: nn.Module, x: torch.Tensor, params: list[torch.Ten
     return torch.stack(rows)
 
 
-def structural_matrix_loop(model: nn.Module, inputs: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """A (batch, classes, classes) by the per-sample, per-class autograd loop."""
+def structural_matrix_loop(
+    model: nn.Module, inputs: torch.Tensor, named_params: list[tuple[str, torch.Tensor]], groups: dict | None = None
+) -> torch.Tensor:
+    """A (batch, classes, classes) by the per-sample, per-class autograd loop (per-module shares into ``groups``)."""
+    params = [p for _, p in named_params]
+    sizes = [p.numel() for p in params]
     mats = []
     with torch.enable_grad():
         for b in range(inputs.shape[0]):
             jac = jacobian_rows_loop(model, inputs[b : b + 1], params)
             mats.append(jac @ jac.T)
+            if groups is not None:
+                for (name, _), block in zip(named_params, jac.split(sizes, dim=1)):
+                    add_group(groups, layer_of(name), slice(b, b + 1), (block @ block.T)[None], inputs.shape[0])
     return torch.stack(mats)
