@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,17 +93,23 @@ def rel_errors(name: str, methods: list[str]) -> dict[str, float]:
     return {m: float((structural_matrix(model, x, method=m) - ref).abs().max() / ref.abs().max()) for m in methods}
 
 
+def _hwm_kib() -> int:
+    """Peak resident set (VmHWM) of this process in KiB. Unlike ru_maxrss it is not inherited across exec."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
+
 def peak_memory_mib(name: str, method: str) -> float:
-    """Resident-set growth of one call, measured in a fresh process."""
+    """Resident-set growth of one call, measured in a fresh process (Linux /proc)."""
     code = (
-        "import resource, torch, sys; sys.argv=['x'];"
-        "from benchmarks.structural import make_model;"
+        "import torch;"
+        "from benchmarks.structural import make_model, _hwm_kib;"
         "from optmech import structural_matrix;"
         f"m = make_model({name!r}); x = torch.randn({BATCH}, 1, 28, 28); m(x);"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "base = _hwm_kib();"
         f"structural_matrix(m, x, method={method!r}) if {method!r} != 'step' else "
         "torch.nn.functional.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long)).backward();"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+        "print((_hwm_kib() - base) / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -199,4 +199,28 @@ def test_per_layer_trace_columns():
     layer_cols = [c for c in frame.columns if c.startswith("layer_trace:")]
     assert "layer_trace:fc" in layer_cols and "layer_trace:stem.0" in layer_cols
     total = m.A.diagonal(dim1=1, dim2=2).sum(-1).numpy()
-    assert np.allclose(frame[layer_cols].sum(1).to_numpy(), total, rtol=1e-12)
+    assert np.allclose(frame[layer_cols].sum(axis=1).to_numpy(), total, rtol=1e-12)
+
+
+def test_capture_reuses_the_training_forward_and_matches_measure():
+    model = build("snet", depth=1, skip=True, input_shape=(1, 8, 8), seed=0, dtype=torch.float64).train()
+    x, y = _batch(5)
+    probe = Probe(model, per_layer=True)
+    expected = probe.measure(x, y)
+    with probe.capture() as step:
+        logits = model(x)
+    m = step.measure(x, y, logits)
+    for col in ("gradient_norm", "lambda_min", "lambda_max", "lower", "upper"):
+        assert torch.allclose(getattr(m, col), getattr(expected, col), rtol=1e-10), col
+    assert set(m.per_layer) == set(expected.per_layer)
+    # the graph is still there for the training step
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_capture_refuses_models_with_active_dropout():
+    model = build("mlp", depth=1, input_shape=(1, 8, 8), dropout=0.2, seed=0).train()
+    with pytest.raises(ValueError, match="active dropout/BatchNorm modules"):
+        Probe(model).capture()
+    model.eval()
+    Probe(model).capture()  # fine in eval mode

@@ -116,3 +116,25 @@ def test_per_layer_columns_are_recorded(tmp_path):
     cfg = TrainConfig(model="d", depth=1, dataset="digits", max_steps=2, n_probe=2, per_layer=True)
     rows = read_records(train(cfg, tmp_path / "r").run_dir)
     assert "layer_trace:head" in rows.columns and (rows["layer_trace:head"] > 0).all()
+
+
+def test_training_batch_probe_reuses_the_forward_and_matches_eval_measure(tmp_path):
+    """Without dropout the train-batch rows come from the training forward; they equal a separate eval measure."""
+    cfg = TrainConfig(model="c", depth=1, dataset="digits", max_steps=2, n_probe=2, probe_train_batch=True, batch_size=8, dtype="float64")
+    rows = read_records(train(cfg, tmp_path / "reuse").run_dir)
+    assert rows[rows.probe_set == "train_batch"]["bound_holds"].all()
+    # the same batch measured with Probe.measure on the same initial weights
+    from optmech.experiments.train import _build_model, _epoch_order
+    from optmech.data import load
+    from optmech import Probe
+
+    data = load("digits")
+    model = _build_model(cfg, data.input_shape, 10)
+    ids = _epoch_order(cfg.seed, 0, len(data))[:8]
+    expected = Probe(model).measure(data.inputs[ids].double(), data.targets[ids]).to_frame()
+    got = rows[(rows.probe_set == "train_batch") & (rows.step == 0)].reset_index(drop=True)
+    for col in ("gradient_norm", "lambda_min", "lambda_max", "fitting_error"):
+        assert ((got[col] - expected[col]).abs() <= 1e-10 * expected[col].abs()).all(), col
+    # with dropout the train-mode forward differs: the batch is measured separately with eval semantics
+    dropped = read_records(train(cfg.model_copy(update={"dropout": 0.3}), tmp_path / "dropout").run_dir)
+    assert len(dropped[dropped.probe_set == "train_batch"]) == 2 * 8 and dropped["bound_holds"].all()

@@ -18,8 +18,24 @@ from .losses import FenchelYoungLoss, get_loss
 from .metrics import Measurement, measure_from
 from .structure import EngineMethod, structural_matrix
 from .structure._context import check_outputs, prepare_inputs, probing, trainable_parameters
+from .structure.gram import ForwardCapture
 
-__all__ = ["Probe", "ConsistencyError", "gradient_norm_autograd"]
+#: modules whose train-mode forward differs from eval mode (forward reuse is refused when active)
+MODE_DEPENDENT = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+)
+
+
+def mode_dependent_modules(model: nn.Module) -> list[str]:
+    """Names of active modules whose training-mode forward differs from eval (dropout p > 0, BatchNorm)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, MODE_DEPENDENT) and m.training and (not hasattr(m, "p") or m.p > 0):
+            found.append(name or type(m).__name__)
+    return found
+
+__all__ = ["Probe", "StepCapture", "ConsistencyError", "gradient_norm_autograd", "mode_dependent_modules"]
 
 
 class ConsistencyError(RuntimeError):
@@ -136,6 +152,27 @@ class Probe:
             self._assert_consistent(m, A.dtype)
         return m
 
+    def capture(self) -> "StepCapture":
+        """Reuse a training step's forward: hooks record it, ``measure`` then needs only the backward passes.
+
+        Example::
+
+            with probe.capture() as step:
+                logits = model(x)                   # the training forward, in train mode
+            m = step.measure(x, y, logits)          # before loss.backward(); the graph is kept
+            loss = F.cross_entropy(logits, y); loss.backward(); optimizer.step()
+
+        Only for models whose train-mode forward equals their eval-mode forward: active dropout or
+        BatchNorm make the captured forward a different function, and are refused.
+        """
+        active = mode_dependent_modules(self.model)
+        if active:
+            raise ValueError(
+                f"capture: expected a model whose train-mode forward equals its eval forward, got active "
+                f"dropout/BatchNorm modules {active[:5]}. Call probe.measure(x, y) instead (it runs eval semantics)."
+            )
+        return StepCapture(self)
+
     @staticmethod
     def _assert_consistent(m: Measurement, dtype: torch.dtype) -> None:
         rtol = CHECK_RTOL.get(dtype, 1e-3)
@@ -149,3 +186,39 @@ class Probe:
                 f"{float(m.gradient_norm_autograd[i]):.12g} on sample {i} ({len(bad)} samples differ beyond rtol {rtol:g}). "
                 "The structural matrix does not match the model's gradients: report this with the model definition."
             )
+
+
+class StepCapture:
+    """Returned by :meth:`Probe.capture`: records one forward, then :meth:`measure` on it."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.forward = ForwardCapture(probe.model, trainable_parameters(probe.model))
+
+    def __enter__(self) -> "StepCapture":
+        self.forward.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.forward.__exit__(*exc)
+
+    def measure(self, inputs: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> Measurement:
+        """The Measurement of the captured forward (inputs, targets as in :meth:`Probe.measure`)."""
+        probe = self.probe
+        x = prepare_inputs(probe.model, inputs)
+        logits = check_outputs(logits, x.shape[0])
+        if logits.grad_fn is None:
+            raise ValueError("logits: expected the output of the captured forward with its graph, got a tensor without grad_fn. "
+                             "Run the forward inside `with probe.capture()` and without torch.no_grad().")
+        logits64 = logits.detach().to(torch.float64)
+        q = probe.loss.targets(targets.to(x.device), logits.shape[1], torch.float64)
+        p = probe.loss.predict(logits64)
+        loss = probe.loss(logits64, q, reduction="none")
+        groups = {} if probe.per_layer else None
+        A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
+        auto = gradient_norm_autograd(probe.model, probe.loss, x, targets) if probe.check else None
+        m = measure_from(A, p, q, loss, simplex=probe.loss.simplex, weights=probe.weights, rank_rtol=probe.rank_rtol,
+                         gradient_norm_autograd=auto, method="gram", per_layer=groups)
+        if auto is not None:
+            probe._assert_consistent(m, A.dtype)
+        return m

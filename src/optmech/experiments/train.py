@@ -10,6 +10,7 @@ killed run and yields the same rows as an uninterrupted one (CPU, same seed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import platform
@@ -25,7 +26,7 @@ import torch
 from .. import data as datasets
 from ..losses import get_loss
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
-from ..probe import Probe
+from ..probe import Probe, mode_dependent_modules
 from ..records import RecordWriter, load_checkpoint, read_json, read_records, save_checkpoint, write_json_atomic
 from .config import TrainConfig
 
@@ -93,6 +94,15 @@ def _build_model(config: TrainConfig, input_shape: tuple[int, ...], n_classes: i
     if config.model in FAMILIES:
         return build(config.model, skip=bool(config.skip), **kw)
     return build_paper(config.model, mapping=config.mapping, **kw)
+
+
+@contextlib.contextmanager
+def _timer(timings: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] += time.perf_counter() - t0
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -172,6 +182,8 @@ def train(
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     probe = Probe(model, criterion, method=config.method, weights=config.weights, check=config.check, per_layer=config.per_layer)
 
+    # the training batch is measured on the training forward itself when train and eval forwards agree
+    reuse_forward = not mode_dependent_modules(model)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -218,20 +230,25 @@ def train(
         x, y = train_set.inputs[batch_ids].to(dtype), train_set.targets[batch_ids]
 
         measurements = []
-        if step % config.probe_every == 0:  # measure before the step, on the current weights
-            t0 = time.perf_counter()
-            measurements.append(("heldout" if config.probe_split == "test" else "train_fixed", probe.measure(x_probe, y_probe), probe_ids))
-            if config.probe_train_batch:
-                measurements.append(("train_batch", probe.measure(x, y), batch_ids))
-            timings["probing_s"] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        last_loss = float(loss.detach())
-        timings["training_s"] += time.perf_counter() - t0
+        probing_now = step % config.probe_every == 0
+        reuse_now = probing_now and config.probe_train_batch and reuse_forward
+        if probing_now:  # measure before the step, on the current weights
+            with _timer(timings, "probing_s"):
+                fixed_set = "heldout" if config.probe_split == "test" else "train_fixed"
+                measurements.append((fixed_set, probe.measure(x_probe, y_probe), probe_ids))
+                if config.probe_train_batch and not reuse_forward:  # dropout/BatchNorm: eval semantics
+                    measurements.append(("train_batch", probe.measure(x, y), batch_ids))
+        with _timer(timings, "training_s"), (probe.capture() if reuse_now else contextlib.nullcontext()) as captured:
+            logits = model(x)
+        if reuse_now:  # the training batch, measured on the training forward itself
+            with _timer(timings, "probing_s"):
+                measurements.append(("train_batch", captured.measure(x, y, logits), batch_ids))
+        with _timer(timings, "training_s"):
+            loss = criterion(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            last_loss = float(loss.detach())
         if not math.isfinite(last_loss):
             raise FloatingPointError(
                 f"training loss became {last_loss} at step {step}. Lower --lr or check the data; records up to step "

@@ -200,7 +200,9 @@ def _layer_contribution(plan: LayerPlan, a: torch.Tensor, Bm: torch.Tensor, stra
     return acc.result()
 
 
-def _stream_logit_jacobians(out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool) -> None:
+def _stream_logit_jacobians(
+    out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool, keep_graph: bool = False
+) -> None:
     """Feed b_c = ∂f_c/∂z (shape (n, *z.shape[1:])) of every layer to ``sinks[i].add`` for c = 0…C−1.
 
     ``batched``: one backward of the C one-hot cotangents at once (``is_grads_batched``, a vmap over
@@ -222,9 +224,83 @@ def _stream_logit_jacobians(out: torch.Tensor, zs: list[torch.Tensor], n_classes
                     sink.add(torch.zeros_like(z) if g is None else g[c])
             return
     for c in range(n_classes):
-        grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=c < n_classes - 1, allow_unused=True)
+        grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=keep_graph or c < n_classes - 1, allow_unused=True)
         for sink, g, z in zip(sinks, grads, zs):
             sink.add(torch.zeros_like(z) if g is None else g)
+
+
+class ForwardCapture:
+    """Hooks on the fast layers that record (input, output) of one forward; use as a context manager.
+
+    ``with ForwardCapture(model, named_params) as cap: out = model(x)`` then ``cap.structural_matrix(out, x)``.
+    The forward's graph is kept (backward passes use ``retain_graph``), so a training step can still
+    call ``loss.backward()`` on the same output afterwards.
+    """
+
+    def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) -> None:
+        self.model, self.named_params = model, named_params
+        self.plans, self.rest = plan_layers(model, named_params)
+        self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "ForwardCapture":
+        self.captured = {id(p.module): [] for p in self.plans}
+
+        def hook(module, args, output):
+            self.captured[id(module)].append((args[0].detach(), output))
+
+        self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def structural_matrix(
+        self, out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int, groups: dict | None = None,
+        rows: slice | None = None, total: torch.Tensor | None = None, keep_graph: bool = False,
+    ) -> torch.Tensor:
+        """A for the captured forward (``out`` its logits, ``inputs`` its inputs, for the generic path).
+
+        ``keep_graph`` leaves the forward's graph usable for a later ``backward`` (training reuse).
+        """
+        n = out.shape[0]
+        rows = rows or slice(0, n)
+        if total is None:
+            total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
+        n_all = total.shape[0]
+        by_name = dict(self.named_params)
+        counts = _use_counts(out) if out.grad_fn is not None else {}
+        fast, slow_names = [], list(self.rest)
+        for plan in self.plans:
+            calls = self.captured[id(plan.module)]
+            uses = [counts.get(id(by_name[name]), 0) for name in plan.params]
+            if len(calls) == 1 and all(u == 1 for u in uses) and calls[0][1].requires_grad:
+                fast.append(plan)
+            else:  # reused module, weight used elsewhere too, or not on the graph: exact generic path
+                plan.strategy = "func"
+                slow_names.extend(plan.params)
+        if fast:
+            zs = [self.captured[id(p.module)][0][1] for p in fast]
+            sinks = [_LayerGram(p, self.captured[id(p.module)][0][0], n_classes) for p in fast]
+            batched = all(isinstance(p.module, nn.Linear) for p in fast)  # see _stream_logit_jacobians
+            _stream_logit_jacobians(out, zs, n_classes, sinks, batched, keep_graph)
+            for plan, sink in zip(fast, sinks):
+                part = sink.result()
+                total[rows] += part
+                add_group(groups, plan.name, rows, part, n_all)
+        self.captured = {id(p.module): [] for p in self.plans}
+        if slow_names:
+            keep = set(slow_names)
+            sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
+            part = structural_matrix_jacobian(
+                self.model, inputs, [(nm, p) for nm, p in self.named_params if nm in keep], n_classes=n_classes, groups=sub
+            )
+            total[rows] += part
+            for name, value in (sub or {}).items():
+                add_group(groups, name, rows, value, n_all)
+        return total
 
 
 def structural_matrix_gram(
@@ -246,54 +322,14 @@ def structural_matrix_gram(
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
     """
-    plans, rest = plan_layers(model, named_params)
-    by_name = dict(named_params)
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
-    dtype = named_params[0][1].dtype
-    total = torch.zeros(n, n_classes, n_classes, dtype=dtype, device=inputs.device)
-
+    total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+    capture = ForwardCapture(model, named_params)
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
-        captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(p.module): [] for p in plans}
-
-        def hook(module, args, output):
-            captured[id(module)].append((args[0].detach(), output))
-
-        handles = [p.module.register_forward_hook(hook) for p in plans]
-        try:
-            with torch.enable_grad():
-                out = check_outputs(model(x), x.shape[0])
-        finally:
-            for h in handles:
-                h.remove()
-        counts = _use_counts(out) if out.grad_fn is not None else {}
-        fast, slow_names = [], list(rest)
-        for plan in plans:
-            calls = captured[id(plan.module)]
-            uses = [counts.get(id(by_name[name]), 0) for name in plan.params]
-            if len(calls) == 1 and all(u == 1 for u in uses) and calls[0][1].requires_grad:
-                fast.append(plan)
-            else:  # reused module, weight used elsewhere too, or not on the graph: exact generic path
-                plan.strategy = "func"
-                slow_names.extend(plan.params)
-        if fast:
-            zs = [captured[id(p.module)][0][1] for p in fast]
-            sinks = [_LayerGram(p, captured[id(p.module)][0][0], n_classes) for p in fast]
-            batched = all(isinstance(p.module, nn.Linear) for p in fast)  # see _stream_logit_jacobians
-            _stream_logit_jacobians(out, zs, n_classes, sinks, batched)
-            for plan, sink in zip(fast, sinks):
-                part = sink.result()
-                total[start : start + chunk] += part
-                add_group(groups, plan.name, slice(start, start + chunk), part, n)
-        del out, captured
-        if slow_names:
-            keep = set(slow_names)
-            sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
-            part = structural_matrix_jacobian(
-                model, x, [(nm, p) for nm, p in named_params if nm in keep], n_classes=n_classes, groups=sub
-            )
-            total[start : start + chunk] += part
-            for name, value in (sub or {}).items():
-                add_group(groups, name, slice(start, start + chunk), value, n)
+        with capture, torch.enable_grad():
+            out = check_outputs(model(x), x.shape[0])
+        capture.structural_matrix(out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
+        del out
     return total
