@@ -18,9 +18,11 @@ def test_readme_python_blocks_run():
         "x": torch.randn(3, 1, 28, 28),
         "x_probe": torch.randn(4, 1, 28, 28),
         "y_probe": torch.tensor([0, 1, 2, 3]),
+        "y": torch.tensor([0, 1, 2]),
     }
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["A"].shape == (3, 10, 10)
-    assert namespace["m"].bound_holds.all()
+    assert sum(namespace["shares"].values()).shape == (3, 10, 10)
+    assert namespace["m"].bound_holds.all() and len(namespace["m"]) == 3
     assert namespace["net"](torch.randn(2, 3, 32, 32)).shape == (2, 10)
