@@ -117,16 +117,21 @@ def train(
 
 def _print_summary(result) -> None:
     s = result.summary
-    table = Table(title="optmech train — summary", show_header=False, title_justify="left")
+    table = Table(title="optmech train — summary (bounds: median over the fixed probes)", show_header=False, title_justify="left")
     table.add_column("quantity", style="bold")
     table.add_column("value")
     table.add_row("steps / records / rows", f"{s['steps']} / {s['records']} / {s['rows']}")
     style = "green" if s["theorem3_violations"] == 0 else "bold red"
     table.add_row("Theorem 3 violations", f"[{style}]{s['theorem3_violations']} of {s['rows']} probe rows[/]")
-    table.add_row("rank-deficient rows (λmin ≈ 0, U = +inf)", str(s["rank_deficient_rows"]))
+    table.add_row("rank-deficient rows (U = +inf)", str(s["rank_deficient_rows"]))
     table.add_row("final training loss", f"{s['final_train_loss']:.4f}")
     table.add_row("held-out accuracy", f"{100 * s['heldout_accuracy']:.2f} %")
     table.add_row("engine method", str(s["engine_method"]))
+    fl = s.get("first_last_medians") or {}
+    if fl:
+        for key, label in (("log_fitting_error", "log₂ E_f"), ("lower", "lower bound"), ("upper", "upper bound"),
+                           ("U", "U"), ("L", "L"), ("G", "G")):
+            table.add_row(f"{label}, first → last record", f"{fl[key][0]:.4g} → {fl[key][1]:.4g}")
     table.add_row("time training / probing / writing", f"{s['training_s']:.1f} s / {s['probing_s']:.1f} s / {s['writing_s']:.1f} s")
     console.print(table)
     console.print(f"records: [bold]{result.records_path}[/]  (run.json beside it)")

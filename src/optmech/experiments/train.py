@@ -128,6 +128,16 @@ def _rows(measurement, *, step: int, epoch: int, record: int, probe_set: str, sa
     return frame
 
 
+def _first_last_medians(records: pd.DataFrame) -> dict:
+    """Median over the fixed probe samples of a few columns at the first and the last record."""
+    if not len(records):
+        return {}
+    fixed = records[records["probe_set"] != "train_batch"]
+    first, last = fixed[fixed["step"] == fixed["step"].min()], fixed[fixed["step"] == fixed["step"].max()]
+    cols = ("log_fitting_error", "lower", "upper", "U", "L", "G")
+    return {c: [float(first[c].median()), float(last[c].median())] for c in cols}
+
+
 @torch.no_grad()
 def _accuracy(model: torch.nn.Module, split: datasets.Dataset, dtype: torch.dtype, batch: int = 1000) -> float:
     mode = model.training
@@ -284,6 +294,7 @@ def train(
         "final_train_loss": last_loss,
         "heldout_accuracy": _accuracy(model, heldout, dtype),
         "engine_method": str(records["method"].iloc[-1]) if len(records) else None,
+        "first_last_medians": _first_last_medians(records),
         "training_s": round(timings["training_s"], 3),
         "probing_s": round(timings["probing_s"], 3),
         "writing_s": round(timings["writing_s"], 3),
