@@ -16,6 +16,7 @@ ALLOWED = {
     "metrics": set(),
     "probe": {"losses", "metrics", "structure"},
     "records": set(),
+    "theory": set(),
     "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics"},
     "cli": {"experiments", "data", "records"},
 }

@@ -224,3 +224,22 @@ def test_capture_refuses_models_with_active_dropout():
         Probe(model).capture()
     model.eval()
     Probe(model).capture()  # fine in eval mode
+
+
+def test_local_pearson_matches_pandas_rolling_corr():
+    import pandas as pd
+    from optmech.metrics import local_pearson
+
+    rng = np.random.default_rng(0)
+    a = np.cumsum(rng.normal(size=300))
+    b = a + rng.normal(scale=2.0, size=300)
+    ours = local_pearson(a, b, window=50)
+    ref = pd.Series(a).rolling(50).corr(pd.Series(b)).to_numpy()
+    assert np.isnan(ours[:49]).all() and np.allclose(ours[49:], ref[49:], atol=1e-10)
+    flat = local_pearson(np.ones(60), b[:60], window=50)
+    assert np.isnan(flat).all()  # zero variance: NaN, never a made-up 0
+    grown = local_pearson(a, b, window=50, growing_from=10)
+    assert np.isnan(grown[:9]).all() and np.isfinite(grown[9:]).all()
+    assert np.allclose(grown[49:], ours[49:])
+    with pytest.raises(ValueError, match="equal length"):
+        local_pearson(a, b[:10])

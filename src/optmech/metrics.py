@@ -31,6 +31,7 @@ __all__ = [
     "theorem3_holds",
     "measure_from",
     "THEOREM3_RTOL",
+    "local_pearson",
 ]
 
 #: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
@@ -272,3 +273,39 @@ def measure_from(
         weights=(alpha, beta, gamma),
         per_layer=per_layer,
     )
+
+
+def local_pearson(a, b, window: int = 50, *, growing_from: int | None = None):
+    """Windowed (local) Pearson correlation of two series (paper Figs 3, 8, 9; READING §1.6).
+
+    r_t = Pearson(a[t−window+1 : t+1], b[t−window+1 : t+1]), reported at the window's last index t.
+    Full windows only (r_t = NaN for t < window − 1), and NaN where either series has zero variance
+    in the window (or a non-finite value). ``growing_from=k`` reproduces the authors' variant: for
+    k ≤ t+1 < window the window is [0, t] (growing), so r_t is defined from t = k − 1 on.
+
+    Args:
+        a, b: 1-D sequences of equal length (numpy arrays, lists or tensors).
+        window: the window length in records (the paper's 50).
+
+    Returns:
+        numpy array of r_t, same length as the inputs.
+    """
+    import numpy as np
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"local_pearson: expected two 1-D series of equal length, got shapes {x.shape} and {y.shape}.")
+    if window < 2:
+        raise ValueError(f"window: expected at least 2 records, got {window}.")
+    out = np.full(x.shape, np.nan)
+    start_t = window - 1 if growing_from is None else max(1, growing_from - 1)
+    for t in range(start_t, len(x)):
+        lo = max(0, t - window + 1)
+        xs, ys = x[lo : t + 1], y[lo : t + 1]
+        if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+            continue
+        xc, yc = xs - xs.mean(), ys - ys.mean()
+        denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+        if denom > 0:
+            out[t] = float((xc * yc).sum()) / denom
+    return out
