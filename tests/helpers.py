@@ -108,6 +108,18 @@ class GroupedAndPartlyFrozen(nn.Module):
         return self.out(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
 
 
+class InplaceReLU(nn.Module):
+    """Conv and Linear outputs overwritten by ReLU(inplace=True), as in torchvision's ResNets."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(1, 3, 3), nn.Linear(3 * 4 * 4, 5), nn.Linear(5, n_classes)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc(self.act(self.conv(x)).flatten(1))))
+
+
 def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """name -> (float64 model, float64/integer inputs)."""
     g = torch.Generator().manual_seed(0)
@@ -124,5 +136,6 @@ def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "unused_and_frozen": (UnusedAndFrozen().double(), torch.randn(4, 7, generator=g, dtype=torch.float64)),
         "embedding": (EmbeddingModel().double(), torch.randint(0, 11, (4, 5), generator=g)),
         "sequence_conv1d": (SequenceConv1d().double(), torch.randn(4, 2, 12, generator=g, dtype=torch.float64)),
+        "inplace_relu": (InplaceReLU().double(), torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
         "grouped_partly_frozen": (GroupedAndPartlyFrozen().double(), torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)),
     }

@@ -81,7 +81,7 @@ def test_rank_deficient_sample_is_flagged_not_silent():
     """ReLU on the logits (the authors' LNet, READING F2): dead logits give λmin = 0."""
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU()).double()
     with torch.no_grad():
-        model[0].bias.copy_(torch.tensor([-100.0, 0.0, 0.0, 0.0, 0.0]))  # logit 0 is dead for every input
+        model[0].bias.copy_(torch.tensor([-100.0, 10.0, 10.0, 10.0, 10.0]))  # logit 0 dead, the others alive
     x = torch.randn(3, 4, dtype=torch.float64)
     m = Probe(model).measure(x, torch.tensor([1, 2, 3]))
     assert m.rank_deficient.all()

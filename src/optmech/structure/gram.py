@@ -259,14 +259,15 @@ class ForwardCapture:
     def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) -> None:
         self.model, self.named_params = model, named_params
         self.plans, self.rest = plan_layers(model, named_params)
-        self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self._handles: list = []
 
     def __enter__(self) -> "ForwardCapture":
         self.captured = {id(p.module): [] for p in self.plans}
 
         def hook(module, args, output):
-            self.captured[id(module)].append((args[0].detach(), output))
+            # the version counter tells later whether an in-place op (ReLU(inplace=True)) overwrote z
+            self.captured[id(module)].append((args[0].detach(), output, output._version))
 
         self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
         return self
@@ -295,9 +296,10 @@ class ForwardCapture:
         for plan in self.plans:
             calls = self.captured[id(plan.module)]
             uses = [counts.get(id(by_name[name]), 0) for name in plan.params]
-            if len(calls) == 1 and all(u == 1 for u in uses) and calls[0][1].requires_grad:
+            intact = len(calls) == 1 and calls[0][1].requires_grad and calls[0][1]._version == calls[0][2]
+            if intact and all(u == 1 for u in uses):
                 fast.append(plan)
-            else:  # reused module, weight used elsewhere too, or not on the graph: exact generic path
+            else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
                 plan.strategy = "func"
                 slow_names.extend(plan.params)
         if fast:
