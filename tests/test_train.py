@@ -138,3 +138,11 @@ def test_training_batch_probe_reuses_the_forward_and_matches_eval_measure(tmp_pa
     # with dropout the train-mode forward differs: the batch is measured separately with eval semantics
     dropped = read_records(train(cfg.model_copy(update={"dropout": 0.3}), tmp_path / "dropout").run_dir)
     assert len(dropped[dropped.probe_set == "train_batch"]) == 2 * 8 and dropped["bound_holds"].all()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
+    cfg = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=1, n_probe=2)
+    train(cfg, tmp_path / "r")
+    with pytest.raises(FileNotFoundError):
+        train(cfg.model_copy(update={"dataset": "mnist", "data_dir": str(tmp_path / "missing")}), tmp_path / "r", overwrite=True)
+    assert (tmp_path / "r" / "run.json").is_file() and len(read_records(tmp_path / "r")) == 2

@@ -61,8 +61,11 @@ def _config_diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} (run) vs {new.get(k)!r} (now)" for k in keys if norm(old.get(k)) != norm(new.get(k))]
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> dict | None:
-    """Check the directory against the request; returns the stored run.json when resuming."""
+def _check_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrite: bool) -> tuple[dict | None, bool]:
+    """Check the directory against the request, changing nothing.
+
+    Returns (the stored run.json when resuming, whether an existing run is to be replaced).
+    """
     meta_path = run_dir / "run.json"
     if resume and overwrite:
         raise RunDirError("resume/overwrite: expected at most one of --resume and --overwrite, got both.")
@@ -76,15 +79,14 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwr
                 f"{run_dir}: --resume expects the same config as the stored run, got differences: {'; '.join(diff)}. "
                 "Repeat the original options, or start a new run with another --out."
             )
-        return stored
+        return stored, False
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise RunDirError(f"{run_dir}: expected a new or empty run directory, got an existing one. Use --resume to continue it or --overwrite to replace it.")
         if not meta_path.is_file():
             raise RunDirError(f"{run_dir}: --overwrite only replaces optmech run directories (with run.json); this one has none. Choose another --out.")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return None
+        return None, True
+    return None, False
 
 
 def _build_model(config: TrainConfig, input_shape: tuple[int, ...], n_classes: int) -> torch.nn.Module:
@@ -172,7 +174,7 @@ def train(
         :class:`RunResult` with the run directory, the records folder and the summary.
     """
     run_dir = Path(out)
-    stored = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
+    stored, replace = _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     dtype = getattr(torch, config.dtype)
     started = time.time()
 
@@ -199,7 +201,10 @@ def train(
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
-    # --- state: fresh or from the checkpoint -----------------------------------------------------
+    # --- state: fresh or from the checkpoint (the old run is replaced only once data and model loaded)
+    if replace:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     writer = RecordWriter(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     step, n_records, violations = 0, 0, 0
