@@ -26,13 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint", "load_checkpoint"]
+__all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint", "load_checkpoint"]
 
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
 
 @contextlib.contextmanager
-def _atomic_write(path: Path) -> Iterator[Path]:
+def atomic_write(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -49,7 +49,7 @@ def _atomic_write(path: Path) -> Iterator[Path]:
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     """Write JSON to a temporary file and rename it over ``path``."""
-    with _atomic_write(Path(path)) as tmp:
+    with atomic_write(Path(path)) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
@@ -83,7 +83,7 @@ class RecordWriter:
         frame = pd.concat(self._pending, ignore_index=True)
         first, last = int(frame["step"].min()), int(frame["step"].max())
         path = self.dir / f"part-{first:08d}-{last:08d}.parquet"
-        with _atomic_write(path) as tmp:
+        with atomic_write(path) as tmp:
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
         self._pending.clear()
         return path
@@ -120,7 +120,7 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """torch.save to a temporary file, then rename."""
-    with _atomic_write(Path(path)) as tmp:
+    with atomic_write(Path(path)) as tmp:
         torch.save(state, tmp)
 
 

@@ -1,0 +1,49 @@
+"""Fig. 5 slice: the depth sweep at initialisation (resumable) and its figure."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from optmech.experiments.depth_sweep import DepthSweepConfig, depth_sweep, read_depth_sweep
+from optmech.report.figures import plot_depth_sweep, save_figure
+
+
+def test_depth_sweep_rows_resume_and_bounds(tmp_path):
+    cfg = DepthSweepConfig(models=["a", "d"], depths=[0, 2], seeds=[0, 1], n_probe=3, dataset="digits")
+    frame = depth_sweep(cfg, tmp_path)
+    assert len(frame) == 2 * 2 * 2 * 3 and frame["bound_holds"].all()
+    assert set(frame.columns) >= {"model", "family", "skip", "depth", "seed", "n_params", "U", "L", "G"}
+    parts = sorted((tmp_path / "depth_sweep").glob("*.parquet"))
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    (parts[0]).unlink()  # as if interrupted before this part was written
+    again = depth_sweep(cfg, tmp_path)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != parts[0])  # finished parts kept
+    pd.testing.assert_frame_equal(
+        again.sort_values(["model", "depth", "seed", "sample_id"]).reset_index(drop=True),
+        frame.sort_values(["model", "depth", "seed", "sample_id"]).reset_index(drop=True),
+    )
+    # the plain ResNet class under PyTorch's default init: A_x ≈ I (READING F3), G small
+    a2 = frame[(frame.model == "a") & (frame.depth == 2)]
+    assert float(a2["G"].median()) < 0.1
+
+
+def test_plot_depth_sweep_on_synthetic_records(tmp_path):
+    rows = []
+    for model, family, skip in (("a", "resnet", False), ("b", "resnet", True)):
+        for depth in range(4):
+            for seed in range(3):
+                U = -1.0 / (depth + 1) - seed * 0.01
+                rows.append(dict(model=model, family=family, skip=skip, depth=depth, seed=seed, init="pytorch",
+                                 U=U if depth != 3 or model != "b" else np.inf, L=U - 1, G=1.0))
+    fig = plot_depth_sweep(pd.DataFrame(rows))
+    assert [ax.get_ylabel() for ax in fig.axes] == ["U (bits)", "L (bits)", "G (bits)"]
+    assert "3 inf dropped" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    paths = save_figure(fig, tmp_path / "fig5")
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_depth_sweep_errors(tmp_path):
+    with pytest.raises(ValueError, match="paper letters"):
+        DepthSweepConfig(models=["z"])
+    with pytest.raises(FileNotFoundError, match="depth-sweep Parquet parts"):
+        read_depth_sweep(tmp_path)
