@@ -47,3 +47,36 @@ def test_depth_sweep_errors(tmp_path):
         DepthSweepConfig(models=["z"])
     with pytest.raises(FileNotFoundError, match="depth-sweep Parquet parts"):
         read_depth_sweep(tmp_path)
+
+
+def _synthetic_run(n_steps=120, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step in range(n_steps):
+        for sample in range(4):
+            fit = -0.02 * step + rng.normal(scale=0.1)
+            U, L = -1.0 + rng.normal(scale=0.05), -3.0
+            g = fit - 0.5 * (U + L)
+            rows.append(dict(step=step, probe_set="heldout", sample_id=sample, log_fitting_error=fit, lower=g + L,
+                             upper=g + U, log_gradient_norm=g, U=U, L=L, G=U - L))
+        rows.append(dict(step=step, probe_set="train_batch", sample_id=99, log_fitting_error=50.0, lower=50.0,
+                         upper=50.0, log_gradient_norm=50.0, U=50.0, L=50.0, G=0.0))
+    return pd.DataFrame(rows)
+
+
+def test_training_figures_from_synthetic_records(tmp_path):
+    from optmech.report import plot_bounds, plot_indicators, plot_local_pearson
+
+    runs = {"a": _synthetic_run(), "b": _synthetic_run(seed=1)}
+    fig2 = plot_bounds(runs)
+    ax = fig2.axes[0]
+    assert ax.get_title() == "model a" and ax.get_xlabel().startswith("batch index")
+    black = [line for line in ax.get_lines() if "fitting error" in line.get_label()][0]
+    assert black.get_ydata().max() < 1.0  # train-batch rows (value 50) are not in the fixed-probe medians
+    fig4 = plot_indicators(runs)
+    assert {line.get_label() for line in fig4.axes[1].get_lines()} >= {"U", "L", "G = U − L"}
+    fig3 = plot_local_pearson(runs, window=20)
+    r = fig3.axes[0].get_lines()[0].get_ydata()
+    assert np.isnan(r[:19]).all() and np.nanmin(r) > 0.5  # E_f moves with its bounds when U, L are steady
+    for name, fig in (("fig2", fig2), ("fig3", fig3), ("fig4", fig4)):
+        assert all(p.stat().st_size > 1000 for p in save_figure(fig, tmp_path / name))

@@ -62,3 +62,89 @@ def save_figure(fig, path: str | Path) -> list[Path]:
     fig.savefig(out[1])
     plt.close(fig)
     return out
+
+
+def _fixed_probe_medians(records: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Per step, the median over the fixed probe samples (train-batch rows excluded) of each column."""
+    fixed = records[records["probe_set"] != "train_batch"]
+    return fixed.groupby("step")[columns].median()
+
+
+def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
+    """Fig. 2: log₂ E_f between its Theorem 3 bounds against batch index, one panel per model.
+
+    Args:
+        runs: {label: per-sample records of a training run} (e.g. {"a": read_records(dir_a), ...}).
+
+    Lines are medians over the fixed probe samples at each record; the bracket is shaded.
+    """
+    n = len(runs)
+    if axes is None:
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
+        axes = axes[0]
+    else:
+        fig = axes[0].figure
+    for ax, (label, records) in zip(axes, runs.items()):
+        med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
+        ax.fill_between(med.index, med["lower"], med["upper"], color="tab:gray", alpha=0.25, label="Theorem 3 bracket")
+        ax.plot(med.index, med["upper"], color="tab:red", lw=1, label="upper = log₂‖g‖² + U")
+        ax.plot(med.index, med["lower"], color="tab:green", lw=1, label="lower = log₂‖g‖² + L")
+        ax.plot(med.index, med["log_fitting_error"], color="black", lw=1.2, label="log₂ E_f (fitting error)")
+        ax.set_title(f"model {label}")
+        ax.set_xlabel("batch index (training step)")
+        ax.set_ylabel("bits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Fitting error and its bounds during training (median over the fixed probe samples)")
+    return fig
+
+
+def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
+    """Fig. 4: log₂‖g‖², U, L and G against batch index, one panel per model (medians over probes)."""
+    n = len(runs)
+    if axes is None:
+        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
+        axes = axes[0]
+    else:
+        fig = axes[0].figure
+    styles = {"log_gradient_norm": ("black", "log₂‖g‖² (gradient norm)"), "U": ("tab:red", "U"),
+              "L": ("tab:green", "L"), "G": ("tab:blue", "G = U − L")}
+    for ax, (label, records) in zip(axes, runs.items()):
+        med = _fixed_probe_medians(records, list(styles))
+        for column, (color, name) in styles.items():
+            ax.plot(med.index, med[column], color=color, lw=1.1, label=name)
+        ax.set_title(f"model {label}")
+        ax.set_xlabel("batch index (training step)")
+        ax.set_ylabel("bits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Gradient norm and structural error during training (median over the fixed probe samples)")
+    return fig
+
+
+def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None):
+    """Fig. 3: local Pearson r between log₂ E_f and each bound (window of ``window`` records).
+
+    The series are the medians over the fixed probe samples; r is plotted at the window's last
+    step, NaN (a gap) where a window has zero variance.
+    """
+    from ..metrics import local_pearson
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+    else:
+        fig = ax.figure
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, records) in enumerate(runs.items()):
+        med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
+        color = colors[i % len(colors)]
+        for bound, style in (("upper", "-"), ("lower", ":")):
+            r = local_pearson(med["log_fitting_error"], med[bound], window=window)
+            ax.plot(med.index, r, style, color=color, lw=1.1, label=f"{label}: r(log₂ E_f, {bound})")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("batch index at the window's end")
+    ax.set_ylabel(f"local Pearson r ({window} records)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Local correlation of the fitting error with its bounds")
+    return fig
