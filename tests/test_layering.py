@@ -17,7 +17,7 @@ ALLOWED = {
     "probe": {"losses", "metrics", "structure"},
     "records": set(),
     "theory": set(),
-    "report": set(),
+    "report": {"metrics", "records"},
     "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics"},
     "cli": {"experiments", "data", "records"},
 }
