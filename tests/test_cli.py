@@ -44,3 +44,15 @@ def test_resume_mismatch_is_clean(tmp_path):
     assert result.exit_code == 2 and "lr: 0.01 (run) vs 0.1 (now)" in result.output.replace("\n", "")
     again = runner.invoke(app, base)
     assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_internal_inconsistency_exits_3_without_traceback(tmp_path, monkeypatch):
+    import optmech.experiments.train as train_module
+    from optmech.probe import ConsistencyError
+
+    def broken(*args, **kwargs):
+        raise ConsistencyError("check: eᵀA_x e = 1 but autograd gives 2 on sample 0")
+
+    monkeypatch.setattr(train_module, "train", broken)
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--quiet", "--check"])
+    assert result.exit_code == 3 and "autograd gives 2" in result.output and "Traceback" not in result.output

@@ -19,7 +19,7 @@ ALLOWED = {
     "theory": set(),
     "report": {"metrics", "records"},
     "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics"},
-    "cli": {"experiments", "data", "records"},
+    "cli": {"experiments", "data", "records", "probe"},
 }
 
 

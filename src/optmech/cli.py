@@ -25,9 +25,10 @@ def _root() -> None:
     """optmech: the optimisation-mechanism bounds of Qi, Gong & Li for PyTorch models."""
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One message, no traceback; status 2 for bad input, 3 for an internal inconsistency (--check)."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def _format_validation(exc) -> str:
@@ -104,12 +105,14 @@ def train(
             task = progress.add_task("train", total=info["total"], loss=info["loss"], records=0, violations=0)
         progress.update(task, completed=info["step"], loss=info["loss"], records=info["records"], violations=info["violations"])
 
+    from .probe import ConsistencyError
+
     try:
         result = run_training(config, out, resume=resume, overwrite=overwrite, on_step=on_step)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError, ConsistencyError) as exc:
         if task is not None:
             progress.stop()
-        _fail(str(exc))
+        _fail(str(exc), code=3 if isinstance(exc, ConsistencyError) else 2)
     if task is not None:
         progress.stop()
     _print_summary(result)
