@@ -47,8 +47,11 @@ def test_resume_mismatch_is_clean(tmp_path):
 
 
 def test_internal_inconsistency_exits_3_without_traceback(tmp_path, monkeypatch):
-    import optmech.experiments.train as train_module
+    import importlib
+
     from optmech.probe import ConsistencyError
+
+    train_module = importlib.import_module("optmech.experiments.train")  # the module, not the re-exported function
 
     def broken(*args, **kwargs):
         raise ConsistencyError("check: eᵀA_x e = 1 but autograd gives 2 on sample 0")
