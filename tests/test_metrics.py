@@ -243,3 +243,22 @@ def test_local_pearson_matches_pandas_rolling_corr():
     assert np.allclose(grown[49:], ours[49:])
     with pytest.raises(ValueError, match="equal length"):
         local_pearson(a, b[:10])
+
+
+def test_gic_diagnostics_from_an_explicit_jacobian():
+    from optmech.metrics import gic_diagnostics
+
+    model = build("snet", depth=1, input_shape=(1, 8, 8), seed=4, dtype=torch.float64)
+    x, y = _batch(3)
+    m = Probe(model).measure(x, y)
+    J = per_sample_jacobian(model.eval(), x)
+    norms = J.norm(dim=2)
+    Jn = J / norms.unsqueeze(-1)
+    cos = (Jn @ Jn.transpose(1, 2)).abs() - torch.eye(10, dtype=torch.float64)
+    assert torch.allclose(m.gic_norm_ratio, norms.min(1).values / norms.max(1).values, rtol=1e-10)
+    assert torch.allclose(m.gic_max_cos, cos.flatten(1).max(1).values, rtol=1e-9)
+    # exact GIC: orthogonal rows of equal norm
+    ratio, max_cos = gic_diagnostics(4.0 * torch.eye(5, dtype=torch.float64).expand(2, 5, 5))
+    assert torch.allclose(ratio, torch.ones(2, dtype=torch.float64)) and (max_cos == 0).all()
+    ratio, _ = gic_diagnostics(torch.zeros(1, 3, 3, dtype=torch.float64))
+    assert torch.isnan(ratio).all()

@@ -32,6 +32,7 @@ __all__ = [
     "measure_from",
     "THEOREM3_RTOL",
     "local_pearson",
+    "gic_diagnostics",
 ]
 
 #: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
@@ -64,6 +65,8 @@ COLUMNS: dict[str, tuple[str, bool]] = {
     "upper_perp": ("log2‖g‖² − log2 λmin_perp: tighter upper bound (not from the paper)", False),
     "bound_perp_holds": ("lower_perp ≤ log2 E_f ≤ upper_perp (not from the paper)", False),
     "gradient_norm_autograd": ("‖∇_θ d_Ω‖² by autograd, with check=True (NaN otherwise)", False),
+    "gic_norm_ratio": ("GIC diagnostic: min/max of the row norms ‖∂f_c/∂θ‖ = √A_cc (1 under an exact GIC)", False),
+    "gic_max_cos": ("GIC diagnostic: max_{c≠c'} |A_cc'|/√(A_cc A_c'c'), the largest |cos| between Jacobian rows", False),
 }
 
 
@@ -122,6 +125,27 @@ def theorem3_holds(
     return lower_ok & upper_ok
 
 
+def gic_diagnostics(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Descriptive proxies for the Gradient Independence Condition (Def. 1; READING §1.9), from A alone.
+
+    Under the GIC the C rows of J_x are near-orthogonal with near-equal norms; Lemma 2 bounds
+    |cos| by about √(6 ln C/(|θ| − 1)) (see :func:`optmech.theory.lemma2_thresholds`).
+
+    Returns:
+        (min_c √A_cc / max_c √A_cc, max_{c≠c'} |A_cc'|/√(A_cc A_c'c')), each (batch,); NaN where a row is zero.
+    """
+    diag = A.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (batch, C) row norms
+    ratio = diag.min(-1).values / diag.max(-1).values
+    outer = diag.unsqueeze(-1) * diag.unsqueeze(-2)
+    cos = (A / outer).abs()
+    eye = torch.eye(A.shape[-1], dtype=torch.bool, device=A.device)
+    cos = cos.masked_fill(eye, 0.0)
+    max_cos = cos.flatten(1).max(-1).values
+    bad = (diag <= 0).any(-1)
+    nan = torch.full_like(ratio, math.nan)
+    return torch.where(bad, nan, ratio), torch.where(bad, nan, max_cos)
+
+
 def _log2(x: torch.Tensor) -> torch.Tensor:
     return torch.log2(torch.clamp(x, min=0.0))  # log2(0) = −inf; tiny negative rounding -> 0
 
@@ -158,6 +182,8 @@ class Measurement:
     upper_perp: torch.Tensor
     bound_perp_holds: torch.Tensor
     gradient_norm_autograd: torch.Tensor
+    gic_norm_ratio: torch.Tensor
+    gic_max_cos: torch.Tensor
     A: torch.Tensor = dataclasses.field(repr=False)
     eigenvalues: torch.Tensor = dataclasses.field(repr=False)
     method: str = "auto"
@@ -242,6 +268,7 @@ def measure_from(
         lmin_p = lmax_p = lower_p = upper_p = nan
         holds_p = torch.ones_like(holds)
 
+    norm_ratio, max_cos = gic_diagnostics(A64)
     return Measurement(
         loss=loss.detach().to(torch.float64),
         fitting_error=E_f,
@@ -267,6 +294,8 @@ def measure_from(
         upper_perp=upper_p,
         bound_perp_holds=holds_p,
         gradient_norm_autograd=nan if gradient_norm_autograd is None else gradient_norm_autograd.to(torch.float64),
+        gic_norm_ratio=norm_ratio,
+        gic_max_cos=max_cos,
         A=A64,
         eigenvalues=lam,
         method=method,
