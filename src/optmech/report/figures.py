@@ -70,6 +70,14 @@ def _fixed_probe_medians(records: pd.DataFrame, columns: list[str]) -> pd.DataFr
     return fixed.groupby("step")[columns].median()
 
 
+def _panels(n: int, axes=None):
+    """(figure, n axes side by side), or the figure of the given axes."""
+    if axes is not None:
+        return axes[0].figure, axes
+    fig, grid = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
+    return fig, grid[0]
+
+
 def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
     """Fig. 2: log₂ E_f between its Theorem 3 bounds against batch index, one panel per model.
 
@@ -78,12 +86,7 @@ def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
 
     Lines are medians over the fixed probe samples at each record; the bracket is shaded.
     """
-    n = len(runs)
-    if axes is None:
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
-        axes = axes[0]
-    else:
-        fig = axes[0].figure
+    fig, axes = _panels(len(runs), axes)
     for ax, (label, records) in zip(axes, runs.items()):
         med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
         ax.fill_between(med.index, med["lower"], med["upper"], color="tab:gray", alpha=0.25, label="Theorem 3 bracket")
@@ -101,12 +104,7 @@ def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
 
 def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
     """Fig. 4: log₂‖g‖², U, L and G against batch index, one panel per model (medians over probes)."""
-    n = len(runs)
-    if axes is None:
-        fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), constrained_layout=True, squeeze=False)
-        axes = axes[0]
-    else:
-        fig = axes[0].figure
+    fig, axes = _panels(len(runs), axes)
     styles = {"log_gradient_norm": ("black", "log₂‖g‖² (gradient norm)"), "U": ("tab:red", "U"),
               "L": ("tab:green", "L"), "G": ("tab:blue", "G = U − L")}
     for ax, (label, records) in zip(axes, runs.items()):
