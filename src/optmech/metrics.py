@@ -146,6 +146,20 @@ def gic_diagnostics(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(bad, nan, ratio), torch.where(bad, nan, max_cos)
 
 
+def _bracket(lam_min, lam_max, g2, log_g2, E_f, n_classes, dtype, rank_rtol):
+    """(rank_deficient, U, L, lower, upper, holds) of Theorem 3 for one pair of extreme eigenvalues.
+
+    U is +inf (and the upper bound vacuous) when λmin ≤ tolerance; L is +inf when λmax ≤ 0.
+    """
+    tol = rank_tolerance(lam_max, n_classes, dtype) if rank_rtol is None else rank_rtol * lam_max
+    deficient = (lam_min <= tol) | (lam_max <= 0)
+    inf = torch.full_like(lam_min, math.inf)
+    U = torch.where(deficient, inf, -_log2(lam_min))
+    L = torch.where(lam_max > 0, -_log2(lam_max), inf)
+    upper = torch.where(deficient, inf, log_g2 + U)
+    return deficient, U, L, log_g2 + L, upper, theorem3_holds(E_f, g2, lam_min, lam_max, deficient)
+
+
 def _log2(x: torch.Tensor) -> torch.Tensor:
     return torch.log2(torch.clamp(x, min=0.0))  # log2(0) = −inf; tiny negative rounding -> 0
 
@@ -242,28 +256,19 @@ def measure_from(
     e = p64 - q64
     E_f = fitting_error(p64, q64)
     g2 = torch.clamp(gradient_norm(A64, e), min=0.0)
+    log_g2 = _log2(g2)
     lam = spectrum(A64)
     lam_min, lam_max = lam[:, 0], lam[:, -1]
-    tol = rank_tolerance(lam_max, C, A.dtype) if rank_rtol is None else rank_rtol * lam_max
-    deficient = (lam_min <= tol) | (lam_max <= 0)
+    deficient, U, L, lower, upper, holds = _bracket(lam_min, lam_max, g2, log_g2, E_f, C, A.dtype, rank_rtol)
     inf = torch.full_like(lam_min, math.inf)
-    U = torch.where(deficient, inf, -_log2(lam_min))
-    L = torch.where(lam_max > 0, -_log2(lam_max), inf)
     G = torch.where(deficient, inf, U - L)
     S = torch.where(deficient, inf, alpha * G + beta * U + gamma * L)
-    log_g2 = _log2(g2)
-    lower = log_g2 + L
-    upper = torch.where(deficient, inf, log_g2 + U)
-    holds = theorem3_holds(E_f, g2, lam_min, lam_max, deficient)
 
     nan = torch.full_like(lam_min, math.nan)
-    if simplex and C > 1:
+    if simplex and C > 1:  # the same bracket from A_x restricted to 1^⊥ (e ⊥ 1 on the simplex)
         lam_p = perp_spectrum(A64)
         lmin_p, lmax_p = lam_p[:, 0], lam_p[:, -1]
-        deficient_p = (lmin_p <= (rank_tolerance(lmax_p, C, A.dtype) if rank_rtol is None else rank_rtol * lmax_p)) | (lmax_p <= 0)
-        lower_p = log_g2 - _log2(lmax_p)
-        upper_p = torch.where(deficient_p, inf, log_g2 - _log2(lmin_p))
-        holds_p = theorem3_holds(E_f, g2, lmin_p, lmax_p, deficient_p)
+        _, _, _, lower_p, upper_p, holds_p = _bracket(lmin_p, lmax_p, g2, log_g2, E_f, C, A.dtype, rank_rtol)
     else:
         lmin_p = lmax_p = lower_p = upper_p = nan
         holds_p = torch.ones_like(holds)
