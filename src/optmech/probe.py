@@ -11,6 +11,8 @@ Probing runs with eval semantics on the current weights and leaves the model's m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -122,6 +124,19 @@ class Probe:
             ConsistencyError: with check, when eᵀAe and autograd disagree beyond tolerance.
         """
         x = prepare_inputs(self.model, inputs)
+        with probing(self.model), torch.no_grad():
+            logits = check_outputs(self.model(x), x.shape[0])
+
+        def engine():
+            result = structural_matrix(
+                self.model, x, method=self.method, chunk_size=self.chunk_size, return_method=True, per_layer=self.per_layer
+            )
+            return result if self.per_layer else (result[0], None, result[1])
+
+        return self._assemble(x, targets, logits, engine, self.check if check is None else check, eval_semantics=True)
+
+    def _assemble(self, x, targets, logits, engine, check: bool, *, eval_semantics: bool) -> Measurement:
+        """Validate targets, compute p, q and the loss from ``logits``, A from ``engine()``, and the Measurement."""
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__} instead.")
         if targets.shape[:1] != x.shape[:1]:
@@ -129,19 +144,14 @@ class Probe:
                 f"targets: expected {x.shape[0]} targets to match the inputs' batch, got shape {tuple(targets.shape)} instead."
             )
         targets = targets.to(x.device)
-        with probing(self.model), torch.no_grad():
-            logits = check_outputs(self.model(x), x.shape[0])
-        logits64 = logits.to(torch.float64)
+        logits64 = logits.detach().to(torch.float64)
         q = self.loss.targets(targets, logits.shape[1], torch.float64)  # validates targets
         p = self.loss.predict(logits64)
         loss = self.loss(logits64, q, reduction="none")
-        result = structural_matrix(
-            self.model, x, method=self.method, chunk_size=self.chunk_size, return_method=True, per_layer=self.per_layer
-        )
-        A, groups, ran = result if self.per_layer else (result[0], None, result[1])
+        A, groups, ran = engine()
         auto = None
-        if self.check if check is None else check:
-            with probing(self.model):
+        if check:
+            with probing(self.model) if eval_semantics else contextlib.nullcontext():
                 auto = gradient_norm_autograd(self.model, self.loss, x, targets)
         m = measure_from(
             A, p, q, loss,
@@ -210,15 +220,10 @@ class StepCapture:
         if logits.grad_fn is None:
             raise ValueError("logits: expected the output of the captured forward with its graph, got a tensor without grad_fn. "
                              "Run the forward inside `with probe.capture()` and without torch.no_grad().")
-        logits64 = logits.detach().to(torch.float64)
-        q = probe.loss.targets(targets.to(x.device), logits.shape[1], torch.float64)
-        p = probe.loss.predict(logits64)
-        loss = probe.loss(logits64, q, reduction="none")
-        groups = {} if probe.per_layer else None
-        A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
-        auto = gradient_norm_autograd(probe.model, probe.loss, x, targets) if probe.check else None
-        m = measure_from(A, p, q, loss, simplex=probe.loss.simplex, weights=probe.weights, rank_rtol=probe.rank_rtol,
-                         gradient_norm_autograd=auto, method="gram", per_layer=groups)
-        if auto is not None:
-            probe._assert_consistent(m, A.dtype)
-        return m
+
+        def engine():
+            groups = {} if probe.per_layer else None
+            A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
+            return A, groups, "gram"
+
+        return probe._assemble(x, targets, logits, engine, probe.check, eval_semantics=False)
