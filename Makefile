@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # Pin torch to the local CPU wheel by default; `make TORCH_CONSTRAINT= run` lifts the pin.
 TORCH_CONSTRAINT ?= -c constraints.txt
-RUN_DIR ?= runs/main
+RUN_DIR ?= runs/quick
 
 .PHONY: install run test clean
 
@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/optmech train --model a --depth 1 --dataset mnist5k --out $(RUN_DIR) --overwrite
+	$(VENV)/bin/optmech reproduce --preset quick --out $(RUN_DIR) --jobs 2 --overwrite
 
 test: install
 	$(VENV)/bin/python -m pytest -q

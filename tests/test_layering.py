@@ -17,9 +17,9 @@ ALLOWED = {
     "probe": {"losses", "metrics", "structure"},
     "records": set(),
     "theory": set(),
-    "report": {"metrics", "records"},
-    "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics"},
-    "cli": {"experiments", "data", "records", "probe"},
+    "report": {"metrics", "records", "theory"},
+    "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics", "theory"},
+    "cli": {"experiments", "data", "records", "probe", "report"},
 }
 
 

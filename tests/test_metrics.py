@@ -262,3 +262,20 @@ def test_gic_diagnostics_from_an_explicit_jacobian():
     assert torch.allclose(ratio, torch.ones(2, dtype=torch.float64)) and (max_cos == 0).all()
     ratio, _ = gic_diagnostics(torch.zeros(1, 3, 3, dtype=torch.float64))
     assert torch.isnan(ratio).all()
+
+
+def test_check_tolerance_covers_float32_rounding_of_e_but_stays_tight_in_float64():
+    """The case that motivated the √(‖g‖²·λmax) term: a well-fitted float32 sample of model b (k = 5,
+    Fashion-MNIST, step 400) where autograd's float32 e = p − q gave ‖g‖² = 0.0038349 against the
+    exact 0.0038244 (float64 engine and float64 autograd agree to 1e-15)."""
+    import torch
+
+    from optmech.probe import check_tolerance
+
+    g2, lam_max, e_f = torch.tensor([0.0038244]), torch.tensor([52987.5]), torch.tensor([1.376e-6])
+    observed = 0.003834909753 - 0.00382437958326
+    assert float(check_tolerance(g2, lam_max, e_f, 10, torch.float32)) > observed
+    assert float(check_tolerance(g2, lam_max, e_f, 10, torch.float64)) < 1.01e-8 * float(g2)  # float64: rtol 1e-8, rounding negligible
+    # an engine error of 1 % on an ordinary sample is still caught in float32
+    g2, lam_max, e_f = torch.tensor([80.0]), torch.tensor([2000.0]), torch.tensor([0.5])
+    assert float(check_tolerance(g2, lam_max, e_f, 10, torch.float32)) < 0.01 * 80.0

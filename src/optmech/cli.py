@@ -1,4 +1,4 @@
-"""Command line: ``optmech train`` (thin: parse, call experiments, print with rich).
+"""Command line: ``optmech train``, ``optmech reproduce``, ``optmech report`` (thin: parse, call experiments, print with rich).
 
 Errors in what the user gave (names, values, files, run directories) are printed as one message
 without a traceback, and the command exits with status 2.
@@ -66,6 +66,7 @@ def train(
     n_probe: int = typer.Option(16, help="Fixed probe samples."),
     probe_split: str = typer.Option("test", help="Where the fixed probe samples come from: test (held out) or train."),
     probe_train_batch: bool = typer.Option(False, help="Also measure the current training batch."),
+    published_pair: bool = typer.Option(False, help="Make the authors' two probe images (held-out #0 and its same-label partner) the first probes."),
     method: str = typer.Option("auto", help="Engine method: auto, gram, jacobian, loop."),
     check: bool = typer.Option(False, help="Cross-check ‖g‖² = eᵀAe against autograd on every probe sample."),
     per_layer: bool = typer.Option(False, help="Record each module's share of A_x (layer_trace:<module> columns)."),
@@ -85,7 +86,7 @@ def train(
             model=model, depth=depth, skip=skip, mapping=mapping, init=init, dropout=dropout, dataset=dataset,
             data_dir=data_dir, loss=loss, alpha=alpha, label_smoothing=label_smoothing, optimizer=optimizer, lr=lr,
             momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype,
-            probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch,
+            probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch, published_pair=published_pair,
             method=method, check=check, per_layer=per_layer, records_per_part=records_per_part,
         )
     except ValidationError as exc:
@@ -138,6 +139,93 @@ def _print_summary(result) -> None:
     table.add_row("time training / probing / writing", f"{s['training_s']:.1f} s / {s['probing_s']:.1f} s / {s['writing_s']:.1f} s")
     console.print(table)
     console.print(f"records: [bold]{result.records_path}[/]  (run.json beside it)")
+
+
+@app.command()
+def reproduce(
+    preset: str = typer.Option("quick", help="quick (bundled MNIST-5k, offline), paper, fashion, cifar10, or a path to a TOML file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Reproduction directory (default runs/<preset>)."),
+    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files (paper: MNIST IDX; cifar10: python batches)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set seeds=[1,2] --set train.n_probe=4."),
+    jobs: int = typer.Option(2, help="Parallel worker processes."),
+    overwrite: bool = typer.Option(False, help="Replace a reproduction made with another config."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Reproduce the paper: train, sweep and check every claim, then write claims.json and report.html.
+
+    Re-running the same command skips finished runs and completes interrupted ones.
+    """
+    from pydantic import ValidationError
+
+    from .experiments.reproduce import ReproduceError
+    from .experiments.reproduce import reproduce as run_reproduction
+    from .experiments.reproduce_config import PresetError, load_preset
+
+    try:
+        config = load_preset(preset, overrides=set_, data_dir=data_dir)
+    except ValidationError as exc:
+        _fail(f"preset {preset}: {_format_validation(exc)}")
+    except PresetError as exc:
+        _fail(str(exc))
+    run_dir = out or Path("runs") / config.name
+    progress = Progress(TextColumn("[bold]reproduce[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+                        TimeElapsedColumn(), console=console, disable=quiet)
+
+    task = None
+
+    def on_event(info: dict) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("jobs", total=info["total"], last="")
+        if info["event"] in ("done", "skip"):
+            progress.update(task, completed=info["done"], last=f"{info['event']}: {info['key']}")
+        elif info["event"] == "failed":
+            progress.console.print(f"[bold red]failed[/] {info['key']}: {info['error']}", highlight=False)
+
+    try:
+        result = run_reproduction(config, run_dir, jobs=jobs, overwrite=overwrite, on_event=on_event)
+    except ReproduceError as exc:
+        if task is not None:
+            progress.stop()
+        _fail(str(exc), code=3)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        if task is not None:
+            progress.stop()
+        _fail(f"{exc} Finished jobs are kept in {run_dir}; re-run the same command to continue.")
+    if task is not None:
+        progress.stop()
+    console.print(f"jobs: {len(result.ran)} run, {len(result.skipped)} already finished; {result.wall_s:.0f} s")
+    _report(run_dir)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A directory written by `optmech reproduce`.")) -> None:
+    """Re-check every claim and rebuild every figure and report.html from the records, without retraining."""
+    try:
+        _report(run_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+def _report(run_dir: Path) -> None:
+    from .experiments.claims import evaluate_claims, write_claims
+    from .records import read_reproduction
+    from .report.html import build_report, units_summary
+
+    claims = evaluate_claims(read_reproduction(run_dir))
+    write_claims(claims, run_dir / "claims.json")
+    path = build_report(run_dir)
+    table = Table(title="claims (READING.md §2, §5)", title_justify="left")
+    for column in ("id", "source", "verdict", "measured"):
+        table.add_column(column)
+    style = {"holds": "green", "fails": "bold red", "inconclusive": "yellow"}
+    for c in claims:
+        table.add_row(c.id, c.source, f"[{style[c.verdict]}]{c.verdict}[/]", units_summary(c.to_json()))
+    console.print(table)
+    counts = {v: sum(c.verdict == v for c in claims) for v in style}
+    console.print(f"{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive — claims: [bold]{run_dir / 'claims.json'}[/]")
+    console.print(f"report: [bold]{path}[/]")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ on resume, parts that start at or after the checkpoint's step are dropped and re
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-__all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint", "load_checkpoint"]
+__all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint",
+           "load_checkpoint", "write_parquet_atomic", "read_parquet_folder", "Reproduction", "read_reproduction"]
 
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
@@ -109,13 +111,7 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
     parts = sorted(p for p in folder.iterdir() if _PART.match(p.name))
     if not parts:
         return pd.DataFrame()
-    frames = []
-    for p in parts:
-        try:
-            frames.append(pq.read_table(p).to_pandas())
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{p}: expected a readable Parquet part, got an error ({exc}). Delete it and resume the run.") from None
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -130,3 +126,66 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable checkpoint
         raise ValueError(f"{path}: could not load the checkpoint ({type(exc).__name__}: {exc}). Start the run again with --overwrite.") from None
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write ``frame`` as one Parquet file, atomically."""
+    with atomic_write(Path(path)) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+
+
+def read_parquet_folder(folder: str | os.PathLike) -> pd.DataFrame:
+    """All ``*.parquet`` files of a folder (recursively), concatenated; empty frame when none."""
+    parts = sorted(Path(folder).rglob("*.parquet")) if Path(folder).is_dir() else []
+    frames = [_read_parquet(p) for p in parts]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path}: expected a readable Parquet file, got an error ({exc}). Delete it and resume the run (or re-run the reproduction) to recompute it.") from None
+
+
+@dataclasses.dataclass
+class Reproduction:
+    """What ``optmech reproduce`` wrote, read back from its directory (records only, no models).
+
+    Attributes:
+        run_dir: the directory.
+        meta: ``reproduce.json`` (config, versions, per-job timings).
+        train: {(model, depth, seed): per-sample records of that training run}.
+        train_meta: {(model, depth, seed): that run's run.json}.
+        sweep: the depth-sweep rows of every initialisation arm (column ``init``).
+        theory: {name: table} of the theory experiments.
+    """
+
+    run_dir: Path
+    meta: dict
+    train: dict
+    train_meta: dict
+    sweep: pd.DataFrame
+    theory: dict
+
+
+def read_reproduction(run_dir: str | os.PathLike) -> Reproduction:
+    """Read a reproduction directory: ``reproduce.json``, ``train/*/``, ``sweep/``, ``theory/*.parquet``."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "reproduce.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: expected a reproduction directory with reproduce.json, found none. "
+                                "Run `optmech reproduce --out DIR` first.")
+    meta = read_json(meta_path)
+    train, train_meta = {}, {}
+    for sub in sorted((run_dir / "train").glob("*/run.json")) if (run_dir / "train").is_dir() else []:
+        info = read_json(sub)
+        if info.get("status") != "complete":
+            continue
+        cfg = info["config"]
+        key = (cfg["model"], int(cfg["depth"]), int(cfg["seed"]))
+        train[key], train_meta[key] = read_records(sub.parent), info
+    theory = {p.stem: _read_parquet(p) for p in sorted((run_dir / "theory").glob("*.parquet"))}
+    return Reproduction(run_dir=run_dir, meta=meta, train=train, train_meta=train_meta,
+                        sweep=read_parquet_folder(run_dir / "sweep"), theory=theory)
+

@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     n_probe: int = Field(16, ge=1, description="fixed held-out probe samples, chosen by seed")
     probe_split: Literal["test", "train"] = "test"
     probe_train_batch: bool = Field(False, description="also measure the current training batch")
+    published_pair: bool = Field(
+        False, description="make the authors' two probe images (held-out #0 and the first later held-out image with "
+        "its label, READING.md §1.5) the first two fixed probes, so the as-published pairing can be evaluated")
     method: str = "auto"
     check: bool = Field(False, description="cross-check eᵀAe against autograd on every probe sample")
     per_layer: bool = Field(False, description="record each module's share tr A_x^(l) as layer_trace:<module> columns")
@@ -91,6 +94,10 @@ class TrainConfig(BaseModel):
             object.__setattr__(self, "skip", False)
         if self.model not in FAMILIES and self.skip is not None:
             raise ValueError(f"skip: paper model {self.model!r} fixes skip through the mapping; leave --skip unset or use a family name")
+        if self.published_pair and self.probe_split != "test":
+            raise ValueError("published_pair: the authors' probe images are held-out images; use probe_split='test'")
+        if self.published_pair and self.n_probe < 2:
+            raise ValueError(f"n_probe: published_pair needs at least 2 probe samples, got {self.n_probe}")
         if self.loss == "entmax" and self.alpha is None:
             raise ValueError("alpha: loss 'entmax' needs alpha > 1 (for example --alpha 1.5)")
         if self.loss != "entmax" and self.alpha is not None:

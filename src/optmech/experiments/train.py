@@ -44,7 +44,7 @@ class RunResult:
     summary: dict
 
 
-def _versions() -> dict:
+def environment_versions() -> dict:
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for pkg in ("optmech", "torch", "numpy", "pandas", "pyarrow", "pydantic"):
         try:
@@ -112,10 +112,24 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _probe_indices(seed: int, n_available: int, n_probe: int) -> torch.Tensor:
+def _probe_indices(seed: int, targets: torch.Tensor, n_probe: int, *, published_pair: bool = False) -> torch.Tensor:
+    """Fixed probe sample ids: ``n_probe`` chosen by seed, or with ``published_pair`` the authors' pair first.
+
+    The authors' pair (READING.md §1.5) is held-out image #0 ("val") and the first later image with
+    the same label ("test"; #17 in standard MNIST); the remaining ids are chosen by seed.
+    """
+    n_available = len(targets)
     if n_probe > n_available:
         raise ValueError(f"n_probe: expected at most {n_available} (the probe split's size), got {n_probe} instead.")
-    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed + 7919))[:n_probe].sort().values
+    order = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed + 7919))
+    if not published_pair:
+        return order[:n_probe].sort().values
+    same = (targets[1:] == targets[0]).nonzero().flatten()
+    if not len(same):
+        raise ValueError("published_pair: expected a later held-out image with the label of image #0, found none.")
+    pair = torch.tensor([0, int(same[0]) + 1])
+    rest = order[~torch.isin(order, pair)][: n_probe - 2].sort().values
+    return torch.cat([pair, rest])
 
 
 def _rows(measurement, *, step: int, epoch: int, record: int, probe_set: str, sample_ids: torch.Tensor, train_loss: float) -> pd.DataFrame:
@@ -182,7 +196,7 @@ def train(
     train_set = datasets.load(config.dataset, root=config.data_dir, split="train")
     heldout = datasets.load(config.dataset, root=config.data_dir, split="test")
     probe_source = heldout if config.probe_split == "test" else train_set
-    probe_ids = _probe_indices(config.seed, len(probe_source), config.n_probe)
+    probe_ids = _probe_indices(config.seed, probe_source.targets, config.n_probe, published_pair=config.published_pair)
     x_probe, y_probe = probe_source.inputs[probe_ids].to(dtype), probe_source.targets[probe_ids]
 
     torch.manual_seed(config.seed)
@@ -223,11 +237,11 @@ def train(
         "config": config.model_dump(mode="json"),
         "status": "running",
         "seed": config.seed,
-        "versions": _versions(),
+        "versions": environment_versions(),
         "model": {"family_skip": list(paper_spec(config.model, config.mapping)) if config.model not in FAMILIES
                   else [config.model, bool(config.skip)], "n_params": n_params(model)},
         "data": {"train": len(train_set), "heldout": len(heldout), "probe_split": config.probe_split,
-                 "probe_ids": probe_ids.tolist()},
+                 "probe_ids": probe_ids.tolist(), "published_pair": probe_ids[:2].tolist() if config.published_pair else None},
         "steps": {"total": total_steps, "per_epoch": steps_per_epoch},
         "started": (stored or {}).get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
         "resumed_at_steps": (stored or {}).get("resumed_at_steps", []) + ([step] if resume else []),

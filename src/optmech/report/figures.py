@@ -49,8 +49,16 @@ def plot_depth_sweep(frame: pd.DataFrame, axes=None, *, title: str | None = None
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     init = ", ".join(sorted(frame["init"].unique())) if "init" in frame else ""
-    fig.suptitle(title or f"Structural error at initialisation against depth (median, IQR over seeds × probes; init {init})")
+    _suptitle(fig, title or f"Structural error at initialisation against depth (median, IQR over seeds × probes; init {init})")
     return fig
+
+
+def _suptitle(fig, text: str) -> None:
+    """A figure title wrapped to the figure's width (about 11 characters per inch at 10 pt)."""
+    import textwrap
+
+    width = max(40, int(fig.get_figwidth() * 11))
+    fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=10)
 
 
 def save_figure(fig, path: str | Path) -> list[Path]:
@@ -98,7 +106,7 @@ def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
         ax.set_ylabel("bits")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Fitting error and its bounds during training (median over the fixed probe samples)")
+    _suptitle(fig, "Fitting error and its bounds during training (median over the fixed probe samples)")
     return fig
 
 
@@ -116,7 +124,7 @@ def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
         ax.set_ylabel("bits")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Gradient norm and structural error during training (median over the fixed probe samples)")
+    _suptitle(fig, "Gradient norm and structural error during training (median over the fixed probe samples)")
     return fig
 
 
@@ -129,7 +137,7 @@ def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None)
     from ..metrics import local_pearson
 
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 3.8), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(9.5, 3.8), constrained_layout=True)
     else:
         fig = ax.figure
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -143,6 +151,179 @@ def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None)
     ax.set_xlabel("batch index at the window's end")
     ax.set_ylabel(f"local Pearson r ({window} records)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Local correlation of the fitting error with its bounds")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Local correlation of the fitting error with its bounds (median series over the fixed probes)")
+    return fig
+
+
+def _depth_panels(n: int, rows: int, axes=None):
+    if axes is not None:
+        return axes.flat[0].figure, axes
+    fig, grid = plt.subplots(rows, n, figsize=(max(7.0, 3.0 * n), 2.9 * rows + 0.4), constrained_layout=True, squeeze=False)
+    return fig, grid
+
+
+def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None):
+    """Figs 6 and 7: model ``model`` trained at each depth k; per k a column with, on top, log₂ E_f
+    inside its Theorem 3 bracket and, below, U, L and G, against batch index.
+
+    Args:
+        runs: {k: per-sample records of the training run at depth k}.
+        model: the paper's letter, for titles.
+
+    Lines are medians over the fixed probe samples at each record.
+    """
+    ks = sorted(runs)
+    fig, grid = _depth_panels(len(ks), 2, axes)
+    for j, k in enumerate(ks):
+        med = _fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper", "U", "L", "G"])
+        top, bottom = grid[0][j], grid[1][j]
+        top.fill_between(med.index, med["lower"], med["upper"], color="tab:gray", alpha=0.3, label="Theorem 3 bracket")
+        top.plot(med.index, med["log_fitting_error"], color="black", lw=1.1, label="log₂ E_f")
+        top.set_title(f"model {model}, k = {k}")
+        for column, color in (("U", "tab:red"), ("L", "tab:green"), ("G", "tab:blue")):
+            bottom.plot(med.index, med[column], color=color, lw=1.1, label=column)
+        bottom.set_xlabel("batch index")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+    grid[0][0].set_ylabel("log₂ E_f and bounds (bits)")
+    grid[1][0].set_ylabel("U, L, G (bits)")
+    grid[0][0].legend(fontsize=7, loc="lower left")
+    grid[1][0].legend(fontsize=7)
+    _suptitle(fig, f"Model {model} with increasing blocks k: fitting error, its bounds and the structural error "
+                 "during training (median over the fixed probes)")
+    return fig
+
+
+def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 50, axes=None):
+    """Figs 8 and 9: local Pearson r of log₂ E_f with each bound, one panel per depth k.
+
+    r over ``window`` records, plotted at the window's last batch index; gaps where a window has
+    zero variance.
+    """
+    from ..metrics import local_pearson
+
+    ks = sorted(runs)
+    fig, grid = _depth_panels(len(ks), 1, axes)
+    for j, k in enumerate(ks):
+        ax = grid[0][j]
+        med = _fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper"])
+        for bound, color in (("upper", "tab:red"), ("lower", "tab:green")):
+            ax.plot(med.index, local_pearson(med["log_fitting_error"], med[bound], window=window), color=color, lw=1.1,
+                    label=f"r(log₂ E_f, {bound})")
+        ax.axhline(0.9, color="black", lw=0.6, ls=":")
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_title(f"model {model}, k = {k}")
+        ax.set_xlabel("batch index (window end)")
+        ax.grid(alpha=0.3)
+    grid[0][0].set_ylabel(f"local Pearson r ({window} records)")
+    grid[0][0].legend(fontsize=7, loc="lower left")
+    _suptitle(fig, f"Model {model}: local correlation of the fitting error with its bounds, by depth (dotted: r = 0.9)")
+    return fig
+
+
+def plot_lemma2(table: pd.DataFrame, ax=None):
+    """Lemma 2 by Monte Carlo: frequency of both events against m, one line per n, 95 % Wilson bars,
+    and the 1 − 2/n reference (dashed)."""
+    from ..theory import wilson_interval
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+    else:
+        fig = ax.figure
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (n, rows) in enumerate(table.groupby("n")):
+        stats = []
+        for m, g in rows.groupby("m"):
+            hits = int((g["norms"] & g["inner"]).sum())
+            lo, hi = wilson_interval(hits, len(g))
+            stats.append((m, hits / len(g), lo, hi))
+        m, f, lo, hi = map(np.array, zip(*stats))
+        color = colors[i % len(colors)]
+        yerr = [np.clip(f - lo, 0, None), np.clip(hi - f, 0, None)]  # Wilson bounds at f = 1 may round below f
+        ax.errorbar(m, f, yerr=yerr, color=color, marker="o", ms=4, capsize=3, label=f"n = {n}")
+        ax.axhline(1 - 2 / n, color=color, ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("dimension m")
+    ax.set_ylabel("frequency of both events")
+    ax.set_title("Lemma 2: both events hold (95 % intervals; dashed: 1 − 2/n)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_theorem4(table: pd.DataFrame, axes=None):
+    """Theorem 4 by Monte Carlo (K rows uniform in the unit ball of R^m): measured U and G (nats,
+    median and 5–95 % range over trials) against the printed bounds T4a and T4b, the corrected Z and
+    the Gershgorin bounds, as functions of m."""
+    fig, axes = _panels(2, axes)
+    by_m = table.groupby("m")
+    m = np.array(sorted(table["m"].unique()))
+    for ax, col, bounds in (
+        (axes[0], "U", (("t4a_bound", "T4a as printed", "tab:red"), ("gershgorin_U_bound", "Gershgorin (corrected)", "tab:green"))),
+        (axes[1], "G", (("t4b_printed_bound", "T4b, Z as printed", "tab:red"), ("t4b_corrected_bound", "T4b, Z corrected", "tab:orange"),
+                         ("gershgorin_G_bound", "Gershgorin (corrected)", "tab:green"))),
+    ):
+        q = by_m[col].quantile([0.05, 0.5, 0.95]).unstack()
+        ax.fill_between(m, q[0.05], q[0.95], color="black", alpha=0.15, label="measured, 5–95 %")
+        ax.plot(m, q[0.5], color="black", marker="o", ms=3, label=f"measured {col}, median")
+        for column, name, color in bounds:
+            ax.plot(m, by_m[column].first().reindex(m), color=color, ls="--", marker="x", ms=4, label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("|θ| = m")
+        ax.set_ylabel(f"{col} (nats)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    K = int(table["K"].iloc[0])
+    axes[0].set_title(f"U = −ln λmin against its bounds (K = {K})")
+    axes[1].set_title("G = ln(λmax/λmin) against its bounds")
+    _suptitle(fig, "Theorem 4 under an exact GIC (uniform rows in the unit ball); a bound holds where the black band lies below it")
+    return fig
+
+
+def plot_theorem2(table: pd.DataFrame, ax=None):
+    """Theorem 2: ρ(t) = (‖softmax f_{tθ}(x)‖² − 1/K)/(t²‖θ‖²) against t (log–log), one line per model."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.8), constrained_layout=True)
+    else:
+        fig = ax.figure
+    for letter, rows in table.groupby("model"):
+        color, style = MODEL_STYLE.get(letter, ("gray", "-"))
+        rows = rows.sort_values("t")
+        ax.plot(rows["t"], rows["rho"], style, color=color, marker="o", ms=3, label=f"model {letter}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("scale t (parameters tθ)")
+    ax.set_ylabel("ρ(t)")
+    ax.set_title("Theorem 2: ρ(t) stays bounded as t → 0")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_published_pairing(runs: dict[str, pd.DataFrame], pairs: dict[str, list[int]], axes=None):
+    """The authors' pairing (READING.md §1.5): log₂ E_f of held-out image #0 against the bounds of
+    the first later image with its label, as their code plots them, beside the same-sample bracket.
+
+    Args:
+        runs: {label: per-sample records}; pairs: {label: [id of image #0, id of its partner]}.
+    """
+    fig, axes = _panels(len(runs), axes)
+    for ax, (label, records) in zip(axes, runs.items()):
+        val_id, test_id = pairs[label]
+        fixed = records[records["probe_set"] != "train_batch"]
+        val = fixed[fixed["sample_id"] == val_id].set_index("step")
+        test = fixed[fixed["sample_id"] == test_id].set_index("step")
+        ax.fill_between(val.index, val["lower"], val["upper"], color="tab:gray", alpha=0.3, label="same-sample bracket (Theorem 3)")
+        ax.plot(test.index, test["upper"], color="tab:red", lw=0.9, label=f"upper, image {test_id} (as published)")
+        ax.plot(test.index, test["lower"], color="tab:green", lw=0.9, label=f"lower, image {test_id} (as published)")
+        ax.plot(val.index, val["log_fitting_error"], color="black", lw=1.1, label=f"log₂ E_f, image {val_id}")
+        outside = (val["log_fitting_error"] < test["lower"]) | (val["log_fitting_error"] > test["upper"])
+        ax.set_title(f"model {label}: {int(outside.sum())} of {len(outside)} records outside the published bounds", fontsize=9)
+        ax.set_xlabel("batch index")
+        ax.set_ylabel("bits")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    _suptitle(fig, "As published: fitting error of one image against the bounds of another (authors' main_convergence.py)")
     return fig

@@ -1,0 +1,192 @@
+"""`optmech reproduce` end to end on a miniature preset: jobs, resume after a kill, claims, report."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from optmech.cli import app
+from optmech.experiments.claims import evaluate_claims
+from optmech.experiments.reproduce import ReproduceError, job_done, plan_jobs, reproduce
+from optmech.experiments.reproduce_config import PresetError, available_presets, load_preset
+from optmech.records import read_reproduction
+from optmech.report.paper_figures import FIGURES
+
+TINY = Path(__file__).parent / "data" / "tiny_preset.toml"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+#: every claim id of READING.md §2 (C2.1 … C8/9.2, Sec. 5.3.2) and §5 (exact and probabilistic checks)
+READING_CLAIMS = {
+    "C2.1", "C2.2", "C2.3", "C3.1", "C3.2", "C4.1", "C4.2", "C5.1", "C5.2", "C5.3", "C6.1", "C6.2", "C6.3",
+    "C7.1", "C7.2", "C8/9.1", "C8/9.2", "S5.3.2-1", "S5.3.2-2", "S5.3.2-3",
+    "X.Lemma1", "X.Prop1", "X.gAe", "X.Thm3", "X.F1", "X.Lemma3", "P.Lemma2", "P.T4a", "P.T4b", "P.Z", "P.Thm2",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro") / "tiny"
+    result = CliRunner().invoke(app, ["reproduce", "--preset", str(TINY), "--out", str(out), "--jobs", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_presets_load_and_say_how_to_run_them():
+    assert set(available_presets()) >= {"quick", "paper", "fashion", "cifar10"}
+    from importlib import resources
+
+    for name in available_presets():
+        config = load_preset(name)
+        text = (resources.files("optmech.experiments") / "presets" / f"{name}.toml").read_text()
+        assert text.startswith(f"# optmech reproduce --preset {name}"), name
+        assert re.search(r"Expected time: about \d+ (minutes|hours?)", text), name
+        assert config.train_config("a", 1, 1).published_pair  # every preset measures the authors' pair too
+
+
+def test_overrides_and_errors():
+    config = load_preset("quick", overrides=["seeds=[1, 2]", "train.n_probe=4", "dataset=digits", "sweep.inits=['pytorch']"])
+    assert config.seeds == [1, 2] and config.train["n_probe"] == 4 and config.dataset == "digits"
+    assert len(config.train_runs()) == 2 * (4 + 2 * 6 - 2)
+    with pytest.raises(PresetError, match="unknown preset 'nope'"):
+        load_preset("nope")
+    with pytest.raises(PresetError, match="expected key=value"):
+        load_preset("quick", overrides=["seeds"])
+    with pytest.raises(ValueError, match=r"\[train\] does not take \['model'\]"):
+        load_preset("quick", overrides=["train.model='c'"])
+
+
+def test_reproduction_writes_every_claim_and_figure(tiny_run):
+    out, output = tiny_run
+    claims = json.loads((out / "claims.json").read_text())
+    ids = {c["id"] for c in claims["claims"]}
+    assert READING_CLAIMS <= ids
+    assert all(c["verdict"] in ("holds", "fails", "inconclusive") for c in claims["claims"])
+    by_id = {c["id"]: c for c in claims["claims"]}
+    # exact statements are exact here too: Theorem 3 on every row, eᵀAe = autograd on every checked row
+    assert by_id["X.Thm3"]["verdict"] == by_id["C2.1"]["verdict"] == by_id["X.gAe"]["verdict"] == "holds"
+    assert by_id["P.T4a"]["verdict"] == "fails"  # READING.md §1.9: the printed U bound fails
+    report = (out / "report.html").read_text()
+    assert report.count("<img ") == len(FIGURES) and "data:image/png;base64," in report
+    for spec in FIGURES:
+        assert (out / "figures" / f"{spec.id}.png").stat().st_size > 5000
+        assert (out / "figures" / f"{spec.id}.svg").is_file()
+    for needle in ("Claims", "Caveats", "Environment", "Timings", "reconstructed"):
+        assert needle in report
+    assert "report:" in output and "hold" in output  # the CLI prints the verdict table and the report's path
+
+
+def test_report_is_rebuilt_from_records_alone(tiny_run, tmp_path):
+    import shutil
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for ckpt in copy.rglob("checkpoint.pt"):
+        ckpt.unlink()  # no model state: figures and claims come from the Parquet records
+    shutil.rmtree(copy / "figures")
+    (copy / "report.html").unlink()
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report.html").read_text().count("<img ") == len(FIGURES)
+    before = json.loads((out / "claims.json").read_text())["claims"]
+    after = json.loads((copy / "claims.json").read_text())["claims"]
+    assert [(c["id"], c["verdict"]) for c in before] == [(c["id"], c["verdict"]) for c in after]
+
+
+def test_rerun_skips_finished_jobs(tiny_run):
+    out, _ = tiny_run
+    config = load_preset(TINY)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    result = reproduce(config, out, jobs=1)
+    assert result.ran == [] and len(result.skipped) == len(plan_jobs(config))
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_killed_reproduce_resumes_without_recomputing_finished_runs(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "optmech.cli", "reproduce", "--preset", str(TINY), "--out", str(out), "--jobs", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    config = load_preset(TINY)
+    jobs = plan_jobs(config)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not any(job_done(j, out, config) for j in jobs if j.kind == "train"):
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = [j for j in jobs if job_done(j, out, config)]
+    assert finished and len(finished) < len(jobs), "the kill should land between the first finished job and the last"
+    files = [p for j in finished for p in ((out / j.key).rglob("*") if (out / j.key).is_dir() else [out / f"{j.key}.parquet"])]
+    stamps = {p: p.stat().st_mtime_ns for p in files if p.is_file()}
+    assert stamps
+    result = reproduce(config, out, jobs=1)
+    assert {j.key for j in finished} <= set(result.skipped)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished runs untouched
+    assert all(job_done(j, out, config) for j in jobs)
+
+
+def test_cli_errors_are_clean(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["reproduce", "--preset", "nope", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown preset" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["reproduce", "--preset", "paper", "--out", str(tmp_path / "y")])
+    assert result.exit_code == 2 and "expected a data directory" in result.output and "quick" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "reproduce.json" in result.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["reproduce", "--preset", str(TINY), "--out", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "Choose another --out" in result.output
+
+
+def test_a_different_config_is_refused_without_overwrite(tiny_run):
+    out, _ = tiny_run
+    with pytest.raises(ValueError, match="differs in"):
+        reproduce(load_preset(TINY, overrides=["seeds=[2]"]), out, jobs=1)
+
+
+def test_a_failing_job_does_not_stop_the_others(tmp_path, monkeypatch):
+    from optmech.experiments import theory_runs
+
+    def broken(settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(theory_runs.THEORY_EXPERIMENTS, "z_grid", (broken, "broken on purpose"))
+    config = load_preset(TINY, overrides=["bounds_models=['c']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"])
+    with pytest.raises(ReproduceError, match="1 of .* jobs failed .*theory/z_grid: RuntimeError: boom"):
+        reproduce(config, tmp_path / "r", jobs=1)
+    done = [j.key for j in plan_jobs(config) if job_done(j, tmp_path / "r", config)]
+    assert "theory/z_grid" not in done and len(done) == len(plan_jobs(config)) - 1
+    assert json.loads((tmp_path / "r" / "reproduce.json").read_text())["status"] == "failed"
+    rep = read_reproduction(tmp_path / "r")
+    assert "P.Z" not in {c.id for c in evaluate_claims(rep)}  # a missing table leaves its claim out, not faked
+
+
+def test_readme_main_command_is_the_quick_preset():
+    text = README.read_text()
+    assert "optmech reproduce --preset quick" in text
+    makefile = (README.parent / "Makefile").read_text()
+    assert "reproduce --preset quick" in makefile
+
+
+def test_published_pair_is_image_0_and_its_first_same_label_successor():
+    import torch
+
+    from optmech.experiments.config import TrainConfig
+    from optmech.experiments.train import _probe_indices
+
+    targets = torch.tensor([7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4])  # standard MNIST test #0…#19
+    ids = _probe_indices(1, targets, 6, published_pair=True)
+    assert ids[:2].tolist() == [0, 17] and len(set(ids.tolist())) == 6  # READING.md §1.5: "val" #0, "test" #17
+    with pytest.raises(ValueError, match="found none"):
+        _probe_indices(1, torch.tensor([3, 1, 2]), 2, published_pair=True)
+    with pytest.raises(ValueError, match="probe_split='test'"):
+        TrainConfig(published_pair=True, probe_split="train")
