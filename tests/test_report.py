@@ -52,9 +52,9 @@ def test_published_pairing_counts_records_outside():
     run = _run()
     run.loc[run["sample_id"] == 1, ["lower", "upper"]] += 10.0  # the partner image's bounds sit far above
     fig = plot_published_pairing({"a": run}, {"a": [0, 1]})
-    assert fig.axes[0].get_title().startswith("model a: 80 of 80 records outside")
+    assert fig.axes[0].get_title() == "model a: 80/80 records outside"
     fig = plot_published_pairing({"a": _run()}, {"a": [0, 0]})
-    assert "0 of 80" in fig.axes[0].get_title()
+    assert fig.axes[0].get_title() == "model a: 0/80 records outside"
 
 
 def test_theory_figures(tmp_path):

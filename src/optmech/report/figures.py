@@ -296,7 +296,7 @@ def plot_theorem2(table: pd.DataFrame, ax=None):
     ax.set_yscale("log")
     ax.set_xlabel("scale t (parameters tθ)")
     ax.set_ylabel("ρ(t)")
-    ax.set_title("Theorem 2: ρ(t) stays bounded as t → 0")
+    ax.set_title("Theorem 2: ρ(t) as t → 0 (the claim: it stays bounded)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig
@@ -320,7 +320,7 @@ def plot_published_pairing(runs: dict[str, pd.DataFrame], pairs: dict[str, list[
         ax.plot(test.index, test["lower"], color="tab:green", lw=0.9, label=f"lower, image {test_id} (as published)")
         ax.plot(val.index, val["log_fitting_error"], color="black", lw=1.1, label=f"log₂ E_f, image {val_id}")
         outside = (val["log_fitting_error"] < test["lower"]) | (val["log_fitting_error"] > test["upper"])
-        ax.set_title(f"model {label}: {int(outside.sum())} of {len(outside)} records outside the published bounds", fontsize=9)
+        ax.set_title(f"model {label}: {int(outside.sum())}/{len(outside)} records outside", fontsize=9)
         ax.set_xlabel("batch index")
         ax.set_ylabel("bits")
         ax.grid(alpha=0.3)
