@@ -190,3 +190,50 @@ def test_published_pair_is_image_0_and_its_first_same_label_successor():
         _probe_indices(1, torch.tensor([3, 1, 2]), 2, published_pair=True)
     with pytest.raises(ValueError, match="probe_split='test'"):
         TrainConfig(published_pair=True, probe_split="train")
+
+
+_SHRINK = ["train.max_steps=2", "seeds=[1]", "bounds_models=['a', 'd']", "depth_models=[]", "sweep.depths=[0]", "sweep.seeds=[0]",
+           "sweep.n_probe=1", "sweep.models=['b']", "sweep.inits=['pytorch']", "theory.lemma2_trials=10", "theory.theorem4_trials=10",
+           "theory.gershgorin_trials=10", "claims.window=3", "claims.smooth=1"]
+
+
+def _write_mnist_idx(root):
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    test_labels = np.array([7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4], np.uint8)  # standard t10k #0…#19
+    for stem, labels in (("train", rng.integers(0, 10, 150).astype(np.uint8)), ("t10k", test_labels)):
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+            (root / f"{stem}-{kind}-ubyte").write_bytes(header + array.tobytes())
+
+
+def _write_cifar_batches(root):
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [3, 5, 3, 1, 0, 2] if name == "test_batch" else rng.integers(0, 10, 30).tolist()
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"labels": labels}, fh)
+
+
+@pytest.mark.parametrize("preset, write, pair", [("paper", _write_mnist_idx, [0, 17]), ("cifar10", _write_cifar_batches, [0, 2])])
+def test_presets_for_user_data_run_from_a_data_dir(tmp_path, preset, write, pair):
+    """The paper and cifar10 presets read the standard files from --data-dir (here small files in those formats)."""
+    write(tmp_path / "data")
+    out = tmp_path / preset
+    args = ["reproduce", "--preset", preset, "--data-dir", str(tmp_path / "data"), "--out", str(out), "--jobs", "1", "--quiet"]
+    result = CliRunner().invoke(app, args + [a for s in _SHRINK for a in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    rep = read_reproduction(out)
+    assert sorted(rep.train) == [("a", 1, 1), ("d", 1, 1)]
+    assert rep.train_meta[("a", 1, 1)]["data"]["published_pair"] == pair
+    assert rep.train[("a", 1, 1)]["bound_holds"].all() and (out / "report.html").is_file()

@@ -53,9 +53,9 @@ def units_summary(claim: dict) -> str:
     passes = [u["pass"] for u in claim["units"].values() if isinstance(u, dict) and "pass" in u]
     known = [p for p in passes if p is not None]
     if not passes:
-        simple = {k: next(iter(u.values())) for k, u in claim["units"].items() if isinstance(u, dict) and len(u) == 1}
-        if simple and len(simple) == len(claim["units"]):
-            return ", ".join(f"{k}: {v}" for k, v in simple.items())
+        scalars = {k: [v for v in u.values() if isinstance(v, (str, bool))] for k, u in claim["units"].items() if isinstance(u, dict)}
+        if scalars and all(scalars.values()):
+            return ", ".join(f"{k}: {' '.join(map(str, v))}" for k, v in scalars.items())
         return f"{len(claim['units'])} values reported, none tested"
     return f"{sum(bool(p) for p in known)} of {len(passes)} units pass" + (f", {len(passes) - len(known)} not measurable" if len(known) < len(passes) else "")
 
