@@ -237,3 +237,13 @@ def test_presets_for_user_data_run_from_a_data_dir(tmp_path, preset, write, pair
     assert sorted(rep.train) == [("a", 1, 1), ("d", 1, 1)]
     assert rep.train_meta[("a", 1, 1)]["data"]["published_pair"] == pair
     assert rep.train[("a", 1, 1)]["bound_holds"].all() and (out / "report.html").is_file()
+
+
+def test_a_stored_config_without_fields_added_later_still_resumes(tiny_run):
+    out, _ = tiny_run
+    meta_path = out / "reproduce.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["claims"]["growing_from"]  # as written before that setting existed
+    meta_path.write_text(json.dumps(meta))
+    result = reproduce(load_preset(TINY), out, jobs=1)
+    assert result.ran == []

@@ -233,7 +233,8 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover - interactive
-        err_console.print("interrupted: finished parts and the last checkpoint are kept; continue with --resume.")
+        err_console.print("interrupted: finished parts and checkpoints are kept; continue with `optmech train ... --resume`, "
+                          "or by re-running the same `optmech reproduce` command.")
         sys.exit(130)
 
 

@@ -54,7 +54,8 @@ def structural_convergence(series: pd.DataFrame, s: ClaimSettings) -> float:
 
 def _local_r(series: pd.DataFrame, s: ClaimSettings) -> pd.DataFrame:
     a = series["log_fitting_error"]
-    return pd.DataFrame({b: local_pearson(a, series[b], window=s.window) for b in ("upper", "lower")}, index=series.index)
+    return pd.DataFrame({b: local_pearson(a, series[b], window=s.window, growing_from=s.growing_from) for b in ("upper", "lower")},
+                        index=series.index)
 
 
 def first_sustained_high(series: pd.DataFrame, s: ClaimSettings) -> float | None:
@@ -108,7 +109,8 @@ def _fig2_claims(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
         units32[name] = {"mean_r_before": before.mean() if len(before) else None, "mean_r_after": r[r.index >= late].mean(),
                          "pass": bool(before.mean() < r[r.index >= late].mean()) if len(before) else None}
         moving = (ser["U"].rolling(s.window).std() + ser["L"].rolling(s.window).std())
-        r_g = pd.Series(local_pearson(ser["log_gradient_norm"], ser["log_fitting_error"], window=s.window), index=ser.index)
+        r_g = pd.Series(local_pearson(ser["log_gradient_norm"], ser["log_fitting_error"], window=s.window,
+                                      growing_from=s.growing_from), index=ser.index)
         frame = pd.DataFrame({"moving": moving, "r": r_g}).dropna()
         if len(frame) >= 4:
             cut = frame["moving"].median()

@@ -116,9 +116,13 @@ def _start_meta(run_dir: Path, config: ReproduceConfig, overwrite: bool) -> dict
     wanted = config.model_dump(mode="json")
     if meta_path.is_file():
         stored = read_json(meta_path)
-        if stored.get("config") != wanted:
+        try:  # through the model, so that fields added later with defaults do not count as differences
+            before = ReproduceConfig(**stored.get("config", {})).model_dump(mode="json")
+        except ValueError:
+            before = stored.get("config", {})
+        if before != wanted:
             if not overwrite:
-                diff = sorted(k for k in set(wanted) | set(stored.get("config", {})) if stored.get("config", {}).get(k) != wanted.get(k))
+                diff = sorted(k for k in set(wanted) | set(before) if before.get(k) != wanted.get(k))
                 raise RunDirError(f"{run_dir}: holds a reproduction with another config (differs in {diff}). Re-run with the "
                                   "same preset and overrides to continue it, use --overwrite to replace it, or choose another --out.")
             shutil.rmtree(run_dir)

@@ -75,6 +75,7 @@ class ClaimSettings(_Frozen):
     """Pre-registered thresholds of the claims checker (READING.md §2; each is printed in claims.json)."""
 
     window: int = Field(50, ge=3, description="local Pearson window, in records")
+    growing_from: Optional[int] = Field(None, ge=2, description="the authors' variant: windows grow from this record until full (they used 2)")
     smooth: int = Field(25, ge=1, description="moving-median window (records) before locating the onset")
     onset_drop_bits: float = Field(0.5, gt=0, description="onset: first record this far below the first 10 records' median")
     converge_tol_bits: float = Field(0.25, gt=0, description="structural convergence: |G − G_final| stays below this")

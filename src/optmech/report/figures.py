@@ -128,11 +128,12 @@ def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
     return fig
 
 
-def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None):
+def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None, *, growing_from: int | None = None):
     """Fig. 3: local Pearson r between log₂ E_f and each bound (window of ``window`` records).
 
     The series are the medians over the fixed probe samples; r is plotted at the window's last
-    step, NaN (a gap) where a window has zero variance.
+    step, NaN (a gap) where a window has zero variance. ``growing_from`` draws the authors' variant
+    (windows grow from that record until full; see :func:`optmech.metrics.local_pearson`).
     """
     from ..metrics import local_pearson
 
@@ -145,7 +146,7 @@ def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None)
         med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
         color = colors[i % len(colors)]
         for bound, style in (("upper", "-"), ("lower", ":")):
-            r = local_pearson(med["log_fitting_error"], med[bound], window=window)
+            r = local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from)
             ax.plot(med.index, r, style, color=color, lw=1.1, label=f"{label}: r(log₂ E_f, {bound})")
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("batch index at the window's end")
@@ -195,7 +196,7 @@ def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None):
     return fig
 
 
-def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 50, axes=None):
+def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 50, axes=None, *, growing_from: int | None = None):
     """Figs 8 and 9: local Pearson r of log₂ E_f with each bound, one panel per depth k.
 
     r over ``window`` records, plotted at the window's last batch index; gaps where a window has
@@ -209,7 +210,8 @@ def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 
         ax = grid[0][j]
         med = _fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper"])
         for bound, color in (("upper", "tab:red"), ("lower", "tab:green")):
-            ax.plot(med.index, local_pearson(med["log_fitting_error"], med[bound], window=window), color=color, lw=1.1,
+            ax.plot(med.index, local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from),
+                    color=color, lw=1.1,
                     label=f"r(log₂ E_f, {bound})")
         ax.axhline(0.9, color="black", lw=0.6, ls=":")
         ax.set_ylim(-1.05, 1.05)

@@ -54,8 +54,10 @@ def _published(rep: Reproduction):
     return F.plot_published_pairing(runs, pairs) if runs else None
 
 
-def _window(rep: Reproduction) -> int:
-    return int(_cfg(rep).get("claims", {}).get("window", 50))
+def _window(rep: Reproduction) -> dict:
+    """The local Pearson window settings of the claims checker: {"window": n, "growing_from": k or None}."""
+    claims = _cfg(rep).get("claims", {})
+    return {"window": int(claims.get("window", 50)), "growing_from": claims.get("growing_from")}
 
 
 FIGURES: list[FigureSpec] = [
@@ -64,7 +66,7 @@ FIGURES: list[FigureSpec] = [
                ("C2.1", "C2.2", "C2.3"), lambda rep: F.plot_bounds(_bounds_runs(rep)) if _bounds_runs(rep) else None),
     FigureSpec("fig3", "Fig. 3 — local Pearson correlation during training",
                "After batch ~500 the local correlations of the fitting error with both bounds approach 1.",
-               ("C3.1", "C3.2"), lambda rep: F.plot_local_pearson(_bounds_runs(rep), window=_window(rep)) if _bounds_runs(rep) else None),
+               ("C3.1", "C3.2"), lambda rep: F.plot_local_pearson(_bounds_runs(rep), **_window(rep)) if _bounds_runs(rep) else None),
     FigureSpec("fig4", "Fig. 4 — gradient norm and structural error during training",
                "The gradient norm controls the fitting error only while U, L, G stay constant; they change early, then settle.",
                ("C4.1", "C4.2"), lambda rep: F.plot_indicators(_bounds_runs(rep)) if _bounds_runs(rep) else None),
@@ -88,10 +90,10 @@ FIGURES: list[FigureSpec] = [
                ("C7.1", "C7.2"), lambda rep: F.plot_depth_training(_depth_runs(rep, "b"), "b") if _depth_runs(rep, "b") else None),
     FigureSpec("fig8", "Fig. 8 — local Pearson correlation, model a by depth",
                "For model a, high correlation arrives later as k grows.",
-               ("C8/9.2",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "a"), "a", window=_window(rep)) if _depth_runs(rep, "a") else None),
+               ("C8/9.2",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "a"), "a", **_window(rep)) if _depth_runs(rep, "a") else None),
     FigureSpec("fig9", "Fig. 9 — local Pearson correlation, model b by depth",
                "Model b reaches high correlation earlier than model a at the same k.",
-               ("C8/9.1",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "b"), "b", window=_window(rep)) if _depth_runs(rep, "b") else None),
+               ("C8/9.1",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "b"), "b", **_window(rep)) if _depth_runs(rep, "b") else None),
     FigureSpec("published", "As published — the authors' two-image pairing",
                "The paper's curves come from main_convergence.py, which takes E_f from one test image and the bounds from another.",
                ("A.pairing",), _published),
