@@ -247,3 +247,15 @@ def test_a_stored_config_without_fields_added_later_still_resumes(tiny_run):
     meta_path.write_text(json.dumps(meta))
     result = reproduce(load_preset(TINY), out, jobs=1)
     assert result.ran == []
+
+
+def test_a_script_without_main_guard_gets_a_clear_message(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from optmech.experiments import load_preset, reproduce\n"
+        f"config = load_preset({str(TINY)!r}, overrides=['bounds_models=[\"c\"]', 'depth_models=[]', 'sweep.inits=[\"pytorch\"]'])\n"
+        f"reproduce(config, {str(tmp_path / 'out')!r}, jobs=2)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "if __name__ == '__main__':" in result.stderr and "ReproduceError" in result.stderr

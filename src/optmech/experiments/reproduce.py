@@ -147,7 +147,9 @@ def reproduce(
 ) -> ReproduceResult:
     """Run every job of ``config`` that is not finished in ``out``, ``jobs`` processes at a time.
 
-    Re-running with the same config continues the reproduction; a different config is refused
+    With ``jobs > 1`` the workers are spawned processes, which re-import the calling script: call
+    ``reproduce`` under ``if __name__ == "__main__":`` there (the CLI does). Re-running with the same
+    config continues the reproduction; a different config is refused
     unless ``overwrite``. ``on_event`` receives {"event": "start"|"queued"|"done"|"skip"|"failed", "key",
     "done", "total"} ("start" when run in this process, "queued" when handed to a worker). A failed
     job does not stop the others; :class:`ReproduceError` lists the failures at the end.
@@ -216,6 +218,10 @@ def reproduce(
     write_json_atomic(run_dir / "reproduce.json", meta)
     if failures:
         listed = "; ".join(f"{k}: {v}" for k, v in failures.items())
-        raise ReproduceError(f"{len(failures)} of {len(todo)} jobs failed ({listed}). The other jobs finished and are kept; "
+        hint = ""
+        if any(v.startswith("BrokenProcessPool") for v in failures.values()):
+            hint = (" Worker processes died: killed, out of memory, or started from a script without an "
+                    "`if __name__ == '__main__':` guard (spawned workers re-import the main module). Add the guard, or use jobs=1.")
+        raise ReproduceError(f"{len(failures)} of {len(todo)} jobs failed ({listed}).{hint} The other jobs finished and are kept; "
                              "fix the cause and re-run the same command to complete the failed ones.")
     return ReproduceResult(run_dir=run_dir, ran=[j.key for j in todo], skipped=skipped, wall_s=wall)
