@@ -8,12 +8,17 @@ import torch
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) >= 3
+    from optmech.experiments import load_preset, reproduce
     from optmech.models import build
 
+    tiny = Path(__file__).parent / "data" / "tiny_preset.toml"
+    small = ["bounds_models=['c']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"]
+    reproduce(load_preset(tiny, overrides=small), tmp_path / "repro", jobs=1)
     namespace = {
+        "run_dir": tmp_path / "repro",
         "model": build("snet", depth=1, seed=0),
         "x": torch.randn(3, 1, 28, 28),
         "x_probe": torch.randn(4, 1, 28, 28),
@@ -26,3 +31,5 @@ def test_readme_python_blocks_run():
     assert sum(namespace["shares"].values()).shape == (3, 10, 10)
     assert namespace["m"].bound_holds.all() and len(namespace["m"]) == 3
     assert namespace["net"](torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert namespace["verdicts"]["X.Thm3"] == "holds" and namespace["config"].seeds == [1, 2]
+    assert namespace["records"]["bound_holds"].all()
