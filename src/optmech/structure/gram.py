@@ -203,8 +203,11 @@ class _LayerGram:
         assert self.count == self.n_classes, "every class must be added once"
         n, C, d, S = self.buffer.shape
         if self.strategy == "materialise":
-            F_ = (self.buffer.reshape(n, C * d, S) @ self.a.transpose(1, 2)).reshape(n, C, -1)  # G_c = Σ_s b_{c,s} a_sᵀ
-            out = F_ @ F_.transpose(1, 2)
+            # G_c = Σ_s b_{c,s} a_sᵀ; with a bias, a row of ones appended to a gives its gradient Σ_s b_{c,s}
+            # as one more column of the same GEMM (no separate pass over the buffer)
+            a = torch.cat([self.a, self.a.new_ones(n, 1, S)], dim=1) if self.bias else self.a
+            F_ = (self.buffer.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
+            return F_ @ F_.transpose(1, 2)
         elif S == 1:
             F_ = self.buffer[..., 0]
             out = ((self.a[..., 0] ** 2).sum(-1))[:, None, None] * (F_ @ F_.transpose(1, 2))
