@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -46,6 +47,13 @@ def test_records_layout_and_schedule(tmp_path):
     # the same fixed probe samples at every record
     held = rows[rows.probe_set == "heldout"]
     assert held.groupby("step")["sample_id"].apply(tuple).nunique() == 1
+    # per-step aggregates, recomputable from the rows
+    steps = pd.read_parquet(result.run_dir / "steps.parquet")
+    assert len(steps) == 8 and set(steps["probe_set"]) == {"heldout", "train_batch"}
+    first = steps[(steps.step == 2) & (steps.probe_set == "heldout")].iloc[0]
+    at2 = held[held.step == 2]
+    assert first["n_samples"] == 3 and first["violations"] == 0
+    assert np.isclose(first["G_median"], at2["G"].median()) and np.isclose(first["U_q75"], at2["U"].quantile(0.75))
 
 
 def _cli(*args, env=None):

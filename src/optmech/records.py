@@ -4,6 +4,7 @@ Layout of a run directory::
 
     run.json                     resolved config, versions, seed, status, timings, summary
     records/part-SSSSSSSS-EEEEEEEE.parquet   rows of records with steps S…E (inclusive)
+    steps.parquet                per-step aggregates over the probe samples (written when the run completes)
     checkpoint.pt                model, optimiser, RNG state and the step to continue from
 
 Every file is written to a temporary name in the same folder and renamed (atomic on POSIX), so a
@@ -28,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 
 __all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint",
-           "load_checkpoint", "write_parquet_atomic", "read_parquet_folder", "Reproduction", "read_reproduction"]
+           "load_checkpoint", "write_parquet_atomic", "read_parquet_folder", "Reproduction", "read_reproduction",
+           "step_aggregates", "AGGREGATED"]
 
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
@@ -112,6 +114,29 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame()
     return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
+
+
+#: columns summarised per step and probe set in ``steps.parquet``
+AGGREGATED = ("log_fitting_error", "lower", "upper", "log_gradient_norm", "U", "L", "G", "loss")
+
+
+def step_aggregates(records: pd.DataFrame) -> pd.DataFrame:
+    """Per-step aggregates of per-sample records: one row per (step, probe_set) with the number of
+    samples, Theorem 3 violations, rank-deficient samples, the training loss, and the median, 25 %
+    and 75 % quantiles of every column of :data:`AGGREGATED` (``<column>_median`` …).
+
+    Medians of the log quantities are taken per column; they do not bracket one another the way
+    each sample's values do (Theorem 3 is per sample, READING.md §1.5).
+    """
+    if not len(records):
+        return pd.DataFrame()
+    grouped = records.groupby(["step", "probe_set"], sort=True)
+    out = grouped.agg(n_samples=("bound_holds", "size"), violations=("bound_holds", lambda s: int((~s).sum())),
+                      rank_deficient=("rank_deficient", "sum"), train_loss=("train_loss", "first"))
+    for column in AGGREGATED:
+        q = grouped[column].quantile([0.25, 0.5, 0.75]).unstack()
+        out[f"{column}_q25"], out[f"{column}_median"], out[f"{column}_q75"] = q[0.25], q[0.5], q[0.75]
+    return out.reset_index()
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

@@ -27,7 +27,8 @@ from .. import data as datasets
 from ..losses import get_loss
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
-from ..records import RecordWriter, load_checkpoint, read_json, read_records, save_checkpoint, write_json_atomic
+from ..records import (RecordWriter, load_checkpoint, read_json, read_records, save_checkpoint, step_aggregates,
+                       write_json_atomic, write_parquet_atomic)
 from .config import TrainConfig
 
 __all__ = ["train", "RunResult", "RunDirError"]
@@ -304,6 +305,7 @@ def train(
 
     # --- summary ------------------------------------------------------------------------------
     records = read_records(run_dir)
+    write_parquet_atomic(step_aggregates(records), run_dir / "steps.parquet")
     summary = {
         "steps": total_steps,
         "records": n_records,
