@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint",
            "load_checkpoint", "write_parquet_atomic", "read_parquet_folder", "Reproduction", "read_reproduction",
-           "step_aggregates", "AGGREGATED"]
+           "step_aggregates", "AGGREGATED", "fixed_probe_medians", "published_pairing"]
 
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
@@ -114,6 +114,26 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame()
     return pd.concat([_read_parquet(p) for p in parts], ignore_index=True)
+
+
+def fixed_probe_medians(records: pd.DataFrame, columns) -> pd.DataFrame:
+    """Per step (the index), the median over the fixed probe samples of each column; training-batch rows
+    are left out. These are the curves the figures draw and the claims checker reads."""
+    fixed = records[records["probe_set"] != "train_batch"]
+    return fixed.groupby("step")[list(columns)].median()
+
+
+def published_pairing(records: pd.DataFrame, pair) -> pd.DataFrame:
+    """The authors' pairing (READING.md §1.5) per step: log₂ E_f and the same-sample bracket of image
+    ``pair[0]``, the bounds of image ``pair[1]`` (``published_lower``/``published_upper``, as their
+    main_convergence.py plots them), and whether those bracket the fitting error (``bracketed``)."""
+    fixed = records[records["probe_set"] != "train_batch"]
+    val = fixed[fixed["sample_id"] == pair[0]].set_index("step")
+    test = fixed[fixed["sample_id"] == pair[1]].set_index("step")
+    out = val[["log_fitting_error", "lower", "upper"]].copy()
+    out["published_lower"], out["published_upper"] = test["lower"], test["upper"]
+    out["bracketed"] = (out["published_lower"] <= out["log_fitting_error"]) & (out["log_fitting_error"] <= out["published_upper"])
+    return out
 
 
 #: columns summarised per step and probe set in ``steps.parquet``

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from ..probe import check_tolerance
-from ..records import Reproduction
+from ..records import Reproduction, fixed_probe_medians, published_pairing
 from ..theory import wilson_interval
 from .claims import Claim, make_claim
 from .reproduce_config import ReproduceConfig
@@ -165,10 +165,7 @@ def _published_pair_claim(rep: Reproduction, config: ReproduceConfig) -> list[Cl
         pair = rep.train_meta[(m, k, s)]["data"].get("published_pair")
         if not pair:
             continue
-        fixed = rec[rec["probe_set"] == "heldout"]
-        val = fixed[fixed["sample_id"] == pair[0]].set_index("step")
-        test = fixed[fixed["sample_id"] == pair[1]].set_index("step")
-        inside = (test["lower"] <= val["log_fitting_error"]) & (val["log_fitting_error"] <= test["upper"])
+        inside = published_pairing(rec, pair)["bracketed"]
         units[f"{m} k{k} s{s}"] = {"records": int(len(inside)), "bracketed": int(inside.sum()),
                                    "fraction_bracketed": float(inside.mean()), "pass": bool(inside.all())}
     if not units:
@@ -185,8 +182,7 @@ def _gic_claim(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
     for (m, k, s), rec in sorted(rep.train.items()):
         if k != config.bounds_depth:
             continue
-        fixed = rec[rec["probe_set"] != "train_batch"]
-        per_step = fixed.groupby("step")[["gic_max_cos", "gic_norm_ratio"]].median()
+        per_step = fixed_probe_medians(rec, ["gic_max_cos", "gic_norm_ratio"])
         n = len(per_step)
         units[f"{m} s{s}"] = {"max_cos_start": per_step["gic_max_cos"].iloc[0], "max_cos_early": per_step["gic_max_cos"].iloc[max(0, n // 10)],
                               "max_cos_end": per_step["gic_max_cos"].iloc[-1], "norm_ratio_start": per_step["gic_norm_ratio"].iloc[0],

@@ -12,22 +12,16 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import local_pearson
-from ..records import Reproduction
+from ..records import Reproduction, fixed_probe_medians
 from .claims import Claim, combine, make_claim, unit_passes
 from .reproduce_config import ClaimSettings, ReproduceConfig
 
-__all__ = ["training_claims", "probe_series", "onset", "structural_convergence", "first_sustained_high"]
+__all__ = ["training_claims", "onset", "structural_convergence", "first_sustained_high"]
 
 _DEGENERATE = ("Where A_x ≈ I (deep plain nets under PyTorch's default init, READING.md F3) the Theorem 3 bracket is nearly "
                "closed, so r ≈ 1 from the first full window: an early t(a, k) there reflects the vanishing signal.")
 
 _SERIES = ["log_fitting_error", "lower", "upper", "U", "L", "G", "log_gradient_norm"]
-
-
-def probe_series(records: pd.DataFrame) -> pd.DataFrame:
-    """Per step, the median over the fixed probe samples of the plotted quantities (index: step)."""
-    fixed = records[records["probe_set"] != "train_batch"]
-    return fixed.groupby("step")[_SERIES].median()
 
 
 def onset(series: pd.DataFrame, s: ClaimSettings) -> float | None:
@@ -91,17 +85,18 @@ def _fig2_claims(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
         rec, total = rep.train[key], _total(rep, key)
         units21[name] = {"rows": len(rec), "violations": int((~rec["bound_holds"]).sum()),
                          "rank_deficient": int(rec["rank_deficient"].sum()), "pass": bool(rec["bound_holds"].all())}
-        ser = probe_series(rec)
+        ser = fixed_probe_medians(rec, _SERIES)
         edge = max(1, min(s.edge_iters, total // 4))
         g_first, g_last = ser["G"][ser.index < edge].median(), ser["G"][ser.index >= total - edge].median()
         units22[name] = {"G_first": g_first, "G_last": g_last, "edge_iters": edge, "pass": bool(g_last < g_first)}
-        r = _local_r(ser, s).mean(axis=1)
+        local = _local_r(ser, s)
+        r = local.mean(axis=1)
         half = total / 2
         r_early, r_late = r[r.index < half].mean(), r[r.index >= half].mean()
         units23[name] = {"mean_r_first_half": r_early, "mean_r_second_half": r_late,
                          "pass": None if math.isnan(r_early) or math.isnan(r_late) else bool(r_late > r_early)}
         late = s.late_fraction * total
-        r_min = _local_r(ser, s).min(axis=1, skipna=False)
+        r_min = local.min(axis=1, skipna=False)
         after = r_min[r_min.index >= late].dropna()
         units31[name] = {"after_batch": late, "windows": len(after), "min_r": after.min() if len(after) else None,
                          "pass": bool(after.min() >= s.r_high) if len(after) else None}
@@ -227,7 +222,7 @@ def _depth_claims(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
     info = {}
     for (m, k, seed), rec in rep.train.items():
         if m in ("a", "b") and k in depths and seed in config.seeds:
-            ser = probe_series(rec)
+            ser = fixed_probe_medians(rec, _SERIES)
             total = _total(rep, (m, k, seed))
             info[(m, k, seed)] = {"onset": onset(ser, s), "converge": structural_convergence(ser, s),
                                   "t_high": first_sustained_high(ser, s), "total": total, "series": ser}

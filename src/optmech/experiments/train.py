@@ -27,8 +27,8 @@ from .. import data as datasets
 from ..losses import get_loss
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
-from ..records import (RecordWriter, load_checkpoint, read_json, read_records, save_checkpoint, step_aggregates,
-                       write_json_atomic, write_parquet_atomic)
+from ..records import (RecordWriter, fixed_probe_medians, load_checkpoint, read_json, read_records, save_checkpoint,
+                       step_aggregates, write_json_atomic, write_parquet_atomic)
 from .config import TrainConfig
 
 __all__ = ["train", "RunResult", "RunDirError"]
@@ -149,10 +149,8 @@ def _first_last_medians(records: pd.DataFrame) -> dict:
     """Median over the fixed probe samples of a few columns at the first and the last record."""
     if not len(records):
         return {}
-    fixed = records[records["probe_set"] != "train_batch"]
-    first, last = fixed[fixed["step"] == fixed["step"].min()], fixed[fixed["step"] == fixed["step"].max()]
-    cols = ("log_fitting_error", "lower", "upper", "U", "L", "G")
-    return {c: [float(first[c].median()), float(last[c].median())] for c in cols}
+    med = fixed_probe_medians(records, ("log_fitting_error", "lower", "upper", "U", "L", "G"))
+    return {c: [float(med[c].iloc[0]), float(med[c].iloc[-1])] for c in med.columns}
 
 
 @torch.no_grad()

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..records import fixed_probe_medians, published_pairing  # noqa: E402
+
 MODEL_STYLE = {"a": ("tab:blue", "-"), "b": ("tab:blue", "--"), "c": ("tab:orange", "-"), "d": ("tab:orange", "--")}
 
 
@@ -43,10 +45,8 @@ def plot_depth_sweep(frame: pd.DataFrame, axes=None, *, title: str | None = None
             ax.plot(stats.index, stats[0.5], style, color=color, marker="o", ms=3, label=label)
             ax.fill_between(stats.index, stats[0.25], stats[0.75], color=color, alpha=0.15)
         ax.axhline(0.0, color="black", lw=0.6)
-        ax.set_xlabel("depth k (repeated blocks)")
-        ax.set_ylabel(f"{column} (bits)")
-        ax.set_title({"U": "U = −log₂ λmin", "L": "L = −log₂ λmax", "G": "G = U − L = log₂(λmax/λmin)"}[column])
-        ax.grid(alpha=0.3)
+        _label(ax, {"U": "U = −log₂ λmin", "L": "L = −log₂ λmax", "G": "G = U − L = log₂(λmax/λmin)"}[column],
+               "depth k (repeated blocks)", f"{column} (bits)")
     axes[0].legend(fontsize=8)
     init = ", ".join(sorted(frame["init"].unique())) if "init" in frame else ""
     _suptitle(fig, title or f"Structural error at initialisation against depth (median, IQR over seeds × probes; init {init})")
@@ -72,10 +72,18 @@ def save_figure(fig, path: str | Path) -> list[Path]:
     return out
 
 
-def _fixed_probe_medians(records: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Per step, the median over the fixed probe samples (train-batch rows excluded) of each column."""
-    fixed = records[records["probe_set"] != "train_batch"]
-    return fixed.groupby("step")[columns].median()
+def _label(ax, title: str, xlabel: str, ylabel: str | None = "bits", **title_kw) -> None:
+    """Title, axis labels and the light grid every panel uses."""
+    ax.set_title(title, **title_kw)
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _bracket(ax, steps, lower, upper, label: str = "Theorem 3 bracket", alpha: float = 0.25) -> None:
+    """The Theorem 3 bracket [lower, upper] as a grey band."""
+    ax.fill_between(steps, lower, upper, color="tab:gray", alpha=alpha, label=label)
 
 
 def _panels(n: int, axes=None):
@@ -96,15 +104,12 @@ def plot_bounds(runs: dict[str, pd.DataFrame], axes=None):
     """
     fig, axes = _panels(len(runs), axes)
     for ax, (label, records) in zip(axes, runs.items()):
-        med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
-        ax.fill_between(med.index, med["lower"], med["upper"], color="tab:gray", alpha=0.25, label="Theorem 3 bracket")
+        med = fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
+        _bracket(ax, med.index, med["lower"], med["upper"])
         ax.plot(med.index, med["upper"], color="tab:red", lw=1, label="upper = log₂‖g‖² + U")
         ax.plot(med.index, med["lower"], color="tab:green", lw=1, label="lower = log₂‖g‖² + L")
         ax.plot(med.index, med["log_fitting_error"], color="black", lw=1.2, label="log₂ E_f (fitting error)")
-        ax.set_title(f"model {label}")
-        ax.set_xlabel("batch index (training step)")
-        ax.set_ylabel("bits")
-        ax.grid(alpha=0.3)
+        _label(ax, f"model {label}", "batch index (training step)")
     axes[0].legend(fontsize=7, loc="lower left")
     _suptitle(fig, "Fitting error and its bounds during training (median over the fixed probe samples)")
     return fig
@@ -116,13 +121,10 @@ def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
     styles = {"log_gradient_norm": ("black", "log₂‖g‖² (gradient norm)"), "U": ("tab:red", "U"),
               "L": ("tab:green", "L"), "G": ("tab:blue", "G = U − L")}
     for ax, (label, records) in zip(axes, runs.items()):
-        med = _fixed_probe_medians(records, list(styles))
+        med = fixed_probe_medians(records, list(styles))
         for column, (color, name) in styles.items():
             ax.plot(med.index, med[column], color=color, lw=1.1, label=name)
-        ax.set_title(f"model {label}")
-        ax.set_xlabel("batch index (training step)")
-        ax.set_ylabel("bits")
-        ax.grid(alpha=0.3)
+        _label(ax, f"model {label}", "batch index (training step)")
     axes[0].legend(fontsize=7)
     _suptitle(fig, "Gradient norm and structural error during training (median over the fixed probe samples)")
     return fig
@@ -143,7 +145,7 @@ def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None,
         fig = ax.figure
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, records) in enumerate(runs.items()):
-        med = _fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
+        med = fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
         color = colors[i % len(colors)]
         for bound, style in (("upper", "-"), ("lower", ":")):
             r = local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from)
@@ -177,9 +179,9 @@ def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None):
     ks = sorted(runs)
     fig, grid = _depth_panels(len(ks), 2, axes)
     for j, k in enumerate(ks):
-        med = _fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper", "U", "L", "G"])
+        med = fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper", "U", "L", "G"])
         top, bottom = grid[0][j], grid[1][j]
-        top.fill_between(med.index, med["lower"], med["upper"], color="tab:gray", alpha=0.3, label="Theorem 3 bracket")
+        _bracket(top, med.index, med["lower"], med["upper"], alpha=0.3)
         top.plot(med.index, med["log_fitting_error"], color="black", lw=1.1, label="log₂ E_f")
         top.set_title(f"model {model}, k = {k}")
         for column, color in (("U", "tab:red"), ("L", "tab:green"), ("G", "tab:blue")):
@@ -208,16 +210,14 @@ def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 
     fig, grid = _depth_panels(len(ks), 1, axes)
     for j, k in enumerate(ks):
         ax = grid[0][j]
-        med = _fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper"])
+        med = fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper"])
         for bound, color in (("upper", "tab:red"), ("lower", "tab:green")):
             ax.plot(med.index, local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from),
                     color=color, lw=1.1,
                     label=f"r(log₂ E_f, {bound})")
         ax.axhline(0.9, color="black", lw=0.6, ls=":")
         ax.set_ylim(-1.05, 1.05)
-        ax.set_title(f"model {model}, k = {k}")
-        ax.set_xlabel("batch index (window end)")
-        ax.grid(alpha=0.3)
+        _label(ax, f"model {model}, k = {k}", "batch index (window end)", ylabel=None)
     grid[0][0].set_ylabel(f"local Pearson r ({window} records)")
     grid[0][0].legend(fontsize=7, loc="lower left")
     _suptitle(fig, f"Model {model}: local correlation of the fitting error with its bounds, by depth (dotted: r = 0.9)")
@@ -314,18 +314,13 @@ def plot_published_pairing(runs: dict[str, pd.DataFrame], pairs: dict[str, list[
     fig, axes = _panels(len(runs), axes)
     for ax, (label, records) in zip(axes, runs.items()):
         val_id, test_id = pairs[label]
-        fixed = records[records["probe_set"] != "train_batch"]
-        val = fixed[fixed["sample_id"] == val_id].set_index("step")
-        test = fixed[fixed["sample_id"] == test_id].set_index("step")
-        ax.fill_between(val.index, val["lower"], val["upper"], color="tab:gray", alpha=0.3, label="same-sample bracket (Theorem 3)")
-        ax.plot(test.index, test["upper"], color="tab:red", lw=0.9, label=f"upper, image {test_id} (as published)")
-        ax.plot(test.index, test["lower"], color="tab:green", lw=0.9, label=f"lower, image {test_id} (as published)")
-        ax.plot(val.index, val["log_fitting_error"], color="black", lw=1.1, label=f"log₂ E_f, image {val_id}")
-        outside = (val["log_fitting_error"] < test["lower"]) | (val["log_fitting_error"] > test["upper"])
-        ax.set_title(f"model {label}: {int(outside.sum())}/{len(outside)} records outside", fontsize=9)
-        ax.set_xlabel("batch index")
-        ax.set_ylabel("bits")
-        ax.grid(alpha=0.3)
+        pairing = published_pairing(records, (val_id, test_id))
+        _bracket(ax, pairing.index, pairing["lower"], pairing["upper"], label="same-sample bracket (Theorem 3)", alpha=0.3)
+        ax.plot(pairing.index, pairing["published_upper"], color="tab:red", lw=0.9, label=f"upper, image {test_id} (as published)")
+        ax.plot(pairing.index, pairing["published_lower"], color="tab:green", lw=0.9, label=f"lower, image {test_id} (as published)")
+        ax.plot(pairing.index, pairing["log_fitting_error"], color="black", lw=1.1, label=f"log₂ E_f, image {val_id}")
+        outside = int((~pairing["bracketed"]).sum())
+        _label(ax, f"model {label}: {outside}/{len(pairing)} records outside", "batch index", fontsize=9)
     axes[0].legend(fontsize=7, loc="lower left")
     _suptitle(fig, "As published: fitting error of one image against the bounds of another (authors' main_convergence.py)")
     return fig

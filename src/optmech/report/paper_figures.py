@@ -54,6 +54,11 @@ def _published(rep: Reproduction):
     return F.plot_published_pairing(runs, pairs) if runs else None
 
 
+def _when(data, draw, *args, **kwargs):
+    """``draw(data, ...)``, or None when the records it needs are missing (None or empty)."""
+    return None if data is None or len(data) == 0 else draw(data, *args, **kwargs)
+
+
 def _window(rep: Reproduction) -> dict:
     """The local Pearson window settings of the claims checker: {"window": n, "growing_from": k or None}."""
     claims = _cfg(rep).get("claims", {})
@@ -63,46 +68,44 @@ def _window(rep: Reproduction) -> dict:
 FIGURES: list[FigureSpec] = [
     FigureSpec("fig2", "Fig. 2 — bounds during training (models a–d, k = 1)",
                "log₂ E_f stays between log₂‖g‖² + L and log₂‖g‖² + U, and the gap narrows during training.",
-               ("C2.1", "C2.2", "C2.3"), lambda rep: F.plot_bounds(_bounds_runs(rep)) if _bounds_runs(rep) else None),
+               ("C2.1", "C2.2", "C2.3"), lambda rep: _when(_bounds_runs(rep), F.plot_bounds)),
     FigureSpec("fig3", "Fig. 3 — local Pearson correlation during training",
                "After batch ~500 the local correlations of the fitting error with both bounds approach 1.",
-               ("C3.1", "C3.2"), lambda rep: F.plot_local_pearson(_bounds_runs(rep), **_window(rep)) if _bounds_runs(rep) else None),
+               ("C3.1", "C3.2"), lambda rep: _when(_bounds_runs(rep), F.plot_local_pearson, **_window(rep))),
     FigureSpec("fig4", "Fig. 4 — gradient norm and structural error during training",
                "The gradient norm controls the fitting error only while U, L, G stay constant; they change early, then settle.",
-               ("C4.1", "C4.2"), lambda rep: F.plot_indicators(_bounds_runs(rep)) if _bounds_runs(rep) else None),
+               ("C4.1", "C4.2"), lambda rep: _when(_bounds_runs(rep), F.plot_indicators)),
     FigureSpec("fig5", "Fig. 5 — structural error against depth at initialisation (PyTorch default init)",
                "Without skip connections (a, c) U, L, G approach 0 as depth grows; with them (b, d) U, L decrease, G grows, U ≫ L.",
                ("C5.1", "C5.2", "C5.3"),
-               lambda rep: None if _sweep(rep, "pytorch") is None else F.plot_depth_sweep(
-                   _sweep(rep, "pytorch"), title="Fig. 5: structural error at initialisation against depth — PyTorch default init "
+               lambda rep: _when(_sweep(rep, "pytorch"), F.plot_depth_sweep, title="Fig. 5: structural error at initialisation against depth — PyTorch default init "
                    "(median, IQR over seeds × probes)")),
     FigureSpec("fig5-he", "Fig. 5, sensitivity arm — the same sweep under He-normal initialisation",
                "The paper says 'default initialisation (He)'; the authors' code uses PyTorch's default. READING.md §2 expects the "
                "plain-model claim to depend on which.",
                ("C5.init",),
-               lambda rep: None if _sweep(rep, "he_normal") is None else F.plot_depth_sweep(
-                   _sweep(rep, "he_normal"), title="Fig. 5 sensitivity: the same sweep under He-normal initialisation")),
+               lambda rep: _when(_sweep(rep, "he_normal"), F.plot_depth_sweep, title="Fig. 5 sensitivity: the same sweep under He-normal initialisation")),
     FigureSpec("fig6", "Fig. 6 — model a with increasing blocks k, trained",
                "The fitting error starts to fall later as k grows, when the structural error converges; U, L, G approach 0.",
-               ("C6.1", "C6.2", "C6.3"), lambda rep: F.plot_depth_training(_depth_runs(rep, "a"), "a") if _depth_runs(rep, "a") else None),
+               ("C6.1", "C6.2", "C6.3"), lambda rep: _when(_depth_runs(rep, "a"), F.plot_depth_training, "a")),
     FigureSpec("fig7", "Fig. 7 — model b with increasing blocks k, trained",
                "With skip connections U, L, G do not fall with k at the start, and convergence is faster.",
-               ("C7.1", "C7.2"), lambda rep: F.plot_depth_training(_depth_runs(rep, "b"), "b") if _depth_runs(rep, "b") else None),
+               ("C7.1", "C7.2"), lambda rep: _when(_depth_runs(rep, "b"), F.plot_depth_training, "b")),
     FigureSpec("fig8", "Fig. 8 — local Pearson correlation, model a by depth",
                "For model a, high correlation arrives later as k grows.",
-               ("C8/9.2",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "a"), "a", **_window(rep)) if _depth_runs(rep, "a") else None),
+               ("C8/9.2",), lambda rep: _when(_depth_runs(rep, "a"), F.plot_depth_pearson, "a", **_window(rep))),
     FigureSpec("fig9", "Fig. 9 — local Pearson correlation, model b by depth",
                "Model b reaches high correlation earlier than model a at the same k.",
-               ("C8/9.1",), lambda rep: F.plot_depth_pearson(_depth_runs(rep, "b"), "b", **_window(rep)) if _depth_runs(rep, "b") else None),
+               ("C8/9.1",), lambda rep: _when(_depth_runs(rep, "b"), F.plot_depth_pearson, "b", **_window(rep))),
     FigureSpec("published", "As published — the authors' two-image pairing",
                "The paper's curves come from main_convergence.py, which takes E_f from one test image and the bounds from another.",
                ("A.pairing",), _published),
     FigureSpec("lemma2", "Lemma 2 by Monte Carlo", "Both events hold with probability 1 − O(1/n).", ("P.Lemma2",),
-               lambda rep: F.plot_lemma2(rep.theory["lemma2"]) if "lemma2" in rep.theory else None),
+               lambda rep: _when(rep.theory.get("lemma2"), F.plot_lemma2)),
     FigureSpec("theorem4", "Theorem 4 by Monte Carlo, with the corrections",
                "Under the GIC, U ≤ −log(1 − 2 ln K/m)² − log ε² and G ≤ log(Z + 1) with probability ≥ 1 − O(1/K).",
                ("P.T4a", "P.T4b", "P.T4b-corrected", "P.T4-gershgorin"),
-               lambda rep: F.plot_theorem4(rep.theory["theorem4"]) if "theorem4" in rep.theory else None),
+               lambda rep: _when(rep.theory.get("theorem4"), F.plot_theorem4)),
     FigureSpec("theorem2", "Theorem 2 — the ratio ρ(t) near θ = 0", "‖p_θ(x)‖² ≤ k‖θ‖² + 1/K near θ = 0.", ("P.Thm2",),
-               lambda rep: F.plot_theorem2(rep.theory["theorem2"]) if "theorem2" in rep.theory else None),
+               lambda rep: _when(rep.theory.get("theorem2"), F.plot_theorem2)),
 ]
