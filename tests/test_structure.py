@@ -145,8 +145,20 @@ def test_bad_inputs_and_models():
         structural_matrix(nn.Linear(3, 2), torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         structural_matrix(lambda x: x, torch.randn(2, 3))
-    with pytest.raises(ValueError, match=r"model output: expected logits of shape \(1, classes\), got shape \(1, 2, 3, 3\)"):
-        structural_matrix(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5))
+    for method in ("gram", "jacobian", "loop"):
+        with pytest.raises(ValueError, match=r"model output: expected logits of shape \(\d, classes\), got shape \(\d, 2, 3, 3\)"):
+            structural_matrix(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5), method=method)
+
+    class Ragged(nn.Module):  # C depends on the input: caught when gram's chunks disagree
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.fc(x)[:, : 2 + int(x[0, 0] > 0)]
+
+    with pytest.raises(ValueError, match="expected 3 logits per sample in every chunk, got 2 for samples 1…1"):
+        structural_matrix(Ragged(), torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]), method="gram", chunk_size=1)
     frozen = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=True"):
         structural_matrix(frozen, torch.randn(2, 3))

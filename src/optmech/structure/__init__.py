@@ -104,11 +104,15 @@ def structural_matrix(
         raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r} instead.")
     x = prepare_inputs(model, inputs)
     with probing(model):
-        with torch.no_grad():
-            n_classes = check_outputs(model(x[:1]), 1).shape[1]
-        groups: dict[str, torch.Tensor] | None = {} if per_layer else None
+        ran = chosen
         if chosen is EngineMethod.AUTO:
             ran = EngineMethod.GRAM if plan_layers(model, named)[0] else EngineMethod.JACOBIAN
+        n_classes = None  # gram reads C from its own forward; the others need it first
+        if ran is not EngineMethod.GRAM:
+            with torch.no_grad():
+                n_classes = check_outputs(model(x[:1]), 1).shape[1]
+        groups: dict[str, torch.Tensor] | None = {} if per_layer else None
+        if chosen is EngineMethod.AUTO:
             try:
                 A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
@@ -123,8 +127,7 @@ def structural_matrix(
                 ran = EngineMethod.LOOP
         else:
             A = _METHODS[chosen](model, x, named, n_classes, chunk_size, groups)
-            ran = chosen
-    log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], n_classes)
+    log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], A.shape[1])
     out = (A,) + ((groups,) if per_layer else ()) + ((ran.value,) if return_method else ())
     return out if len(out) > 1 else A
 

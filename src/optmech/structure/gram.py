@@ -95,26 +95,44 @@ def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
     return plans, rest
 
 
-def _conv_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """Input patches (batch, K = c_in·kernel, S positions) for Conv1d/Conv2d.
-
-    Built as a strided view of the zero-padded input and copied once: the same values as
-    ``F.unfold``, about 3× faster on CPU.
-    """
+def _conv_geometry(module: nn.Module, a: torch.Tensor):
+    """(input as (n, c, h, w), kernel, dilation, padding, stride, output (ho, wo)) of a Conv1d/Conv2d."""
     if isinstance(module, nn.Conv1d):
         a = a.unsqueeze(-2)
         k, d, p, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
     else:
         k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    n, c, h, w = a.shape
-    padded = F.pad(a, (p[1], p[1], p[0], p[0])) if (p[0] or p[1]) else a
+    h, w = a.shape[-2:]
     ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
     wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return a, k, d, p, s, (ho, wo)
+
+
+def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+    """Input patches (batch, K = c_in·kernel [+ 1], S positions) for Conv1d/Conv2d.
+
+    Built as a strided view of the zero-padded input and copied once: the same values as
+    ``F.unfold``, about 3× faster on CPU. ``ones_row`` appends a row of ones (the bias's "input").
+    """
+    a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
+    n, c = a.shape[:2]
+    padded = F.pad(a, (p[1], p[1], p[0], p[0])) if (p[0] or p[1]) else a
     sn, sc, sh, sw = padded.stride()
     view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
-    out = _workspace(module, "patches", (n, c * k[0] * k[1], ho * wo), a.dtype, a.device)
-    out.view(n, c, k[0], k[1], ho, wo).copy_(view)
+    K = c * k[0] * k[1]
+    out = _workspace(module, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
+    out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
+    if ones_row:
+        out[:, K].fill_(1.0)
     return out
+
+
+def _layer_dims(module: nn.Module, a: torch.Tensor) -> tuple[int, int]:
+    """(K input features per position, S positions) of a fast layer for its input a, without building patches."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, a[0].numel() // module.in_features
+    a, k, _, _, _, (ho, wo) = _conv_geometry(module, a)
+    return a.shape[1] * k[0] * k[1], ho * wo
 
 
 def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
@@ -132,12 +150,16 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
 
 
-def _layer_patches(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The layer's per-sample inputs as (n, K features, S positions): Linear over all middle dims, Conv patches."""
+def _layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+    """The layer's per-sample inputs as (n, K features [+ 1], S positions): Linear over all middle dims, Conv patches.
+
+    ``ones_row`` appends a row of ones, so that a bias gradient Σ_s b_s is one more column of the weight GEMM.
+    """
     n = a.shape[0]
     if isinstance(module, nn.Linear):
-        return a.reshape(n, -1, module.in_features).transpose(1, 2)
-    return _conv_patches(module, a)
+        a = a.reshape(n, -1, module.in_features).transpose(1, 2)
+        return torch.cat([a, a.new_ones(n, 1, a.shape[2])], dim=1) if ones_row else a
+    return _conv_patches(module, a, ones_row)
 
 
 def _out_features(module: nn.Module) -> int:
@@ -170,45 +192,70 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
+#: materialised layers whose patches have at most this many rows per output channel contract each class at once
+_IMMEDIATE_RATIO = 2
+
+
 class _LayerGram:
     """Accumulates one layer's contribution class by class: ``add(b_c)`` for c = 0…C−1, then ``result()``.
 
-    b_c = ∂f_c/∂z has the layer output's shape (n, *z.shape[1:]). With positions (S > 1) the b_c
-    are copied into one (n, C·d_out, S) buffer so that the contraction is a single batched GEMM
-    (about 4× faster on CPU than C thin ones); a vector Linear (S = 1) keeps b_c itself.
-    A_layer[c, c'] = ⟨F_c, F_c'⟩ with F_c = G_c (materialised) or b_c (ghost, S = 1, times ‖a‖²),
-    or ⟨b_c, b_c' Γ⟩ with Γ = a aᵀ (ghost, S > 1); plus the bias term ⟨Σ_s b_c, Σ_s b_c'⟩.
+    b_c = ∂f_c/∂z has the layer output's shape (n, *z.shape[1:]), seen as (n, d_out, S).
+
+    - ``materialise``: each b_c is contracted as it arrives, G_cᵀ = â b_cᵀ of shape (n, K[+1], d_out)
+      with â the patches (n, K, S) plus a row of ones when there is a bias (its gradient Σ_s b_{c,s}
+      is then one more row of the same GEMM); then A = ⟨G_c, G_c'⟩. b_c is never copied, and the
+      â·bᵀ orientation is 1–2× faster on CPU than b·âᵀ for the thin shapes of early layers.
+    - ``ghost``: the b_c are copied into one (n, C·d_out, S) buffer so that the contraction is one
+      batched GEMM (about 4× faster on CPU than C thin ones): A = ⟨b_c, b_c' Γ⟩, Γ = aᵀa (S×S), or
+      (‖a‖²)·b_c·b_c' for a vector Linear (S = 1); plus the bias term ⟨Σ_s b_c, Σ_s b_c'⟩.
     """
 
     def __init__(self, plan: LayerPlan, a: torch.Tensor, n_classes: int, strategy: str | None = None) -> None:
         self.module = plan.module
-        self.a = _layer_patches(self.module, a)  # (n, K, S)
-        n, K, S = self.a.shape
-        self.n_classes, self.d_out = n_classes, _out_features(self.module)
+        n = a.shape[0]
+        K, S = _layer_dims(self.module, a)
+        self.n_classes, self.d_out, self.S = n_classes, _out_features(self.module), S
         self.bias = self.module.bias is not None
         costs = contraction_costs(n, n_classes, S, K, self.d_out, self.bias)
         plan.strategy = self.strategy = strategy or min(costs, key=costs.get)
-        self.buffer = _workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
+        materialise = self.strategy == "materialise"
+        self.a = _layer_patches(self.module, a, ones_row=materialise and self.bias)  # (n, K[+1], S)
+        # materialise: contract each b_c as it arrives when the patches are thin (re-reading them C times
+        # costs less than copying the b_c), else buffer the b_c and contract them in one GEMM
+        self.immediate = materialise and self.a.shape[1] <= _IMMEDIATE_RATIO * self.d_out
+        if self.immediate:
+            shape = (n_classes, n, self.a.shape[1], self.d_out)  # G_cᵀ per class, contiguous per class
+            self.buffer = _workspace(self.module, "weight-grads", shape, a.dtype, a.device)
+        else:
+            self.buffer = _workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
         self.count = 0
 
-    def add(self, b: torch.Tensor) -> None:
+    def _per_position(self, b: torch.Tensor) -> torch.Tensor:
+        """b_c as (n, S, d_out) (a view)."""
         n = b.shape[0]
         if isinstance(self.module, nn.Linear):
-            self.buffer[:, self.count] = b.reshape(n, -1, self.d_out).transpose(1, 2)  # (n, d_out, T)
+            return b.reshape(n, -1, self.d_out)
+        return b.reshape(n, self.d_out, -1).transpose(1, 2)
+
+    def add(self, b: torch.Tensor) -> None:
+        if self.immediate:
+            torch.bmm(self.a, self._per_position(b), out=self.buffer[self.count])
         else:
-            self.buffer[:, self.count] = b.reshape(n, self.d_out, -1)  # (n, d_out, S)
+            self.buffer[:, self.count] = self._per_position(b).transpose(1, 2)  # (n, d_out, S)
         self.count += 1
 
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        n, C, d, S = self.buffer.shape
-        if self.strategy == "materialise":
-            # G_c = Σ_s b_{c,s} a_sᵀ; with a bias, a row of ones appended to a gives its gradient Σ_s b_{c,s}
-            # as one more column of the same GEMM (no separate pass over the buffer)
-            a = torch.cat([self.a, self.a.new_ones(n, 1, S)], dim=1) if self.bias else self.a
-            F_ = (self.buffer.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
+        if self.immediate:
+            C, n = self.buffer.shape[:2]
+            F_ = self.buffer.permute(1, 0, 2, 3).reshape(n, C, -1)  # (n, C, (K+1)·d_out)
             return F_ @ F_.transpose(1, 2)
-        elif S == 1:
+        if self.strategy == "materialise":
+            n, C, d, S = self.buffer.shape
+            F_ = (self.buffer.reshape(n, C * d, S) @ self.a.transpose(1, 2)).reshape(n, C, -1)
+            return F_ @ F_.transpose(1, 2)
+        n, C, d, S = self.buffer.shape
+        if S == 1:
             F_ = self.buffer[..., 0]
             out = ((self.a[..., 0] ** 2).sum(-1))[:, None, None] * (F_ @ F_.transpose(1, 2))
         else:
@@ -255,8 +302,11 @@ def _stream_logit_jacobians(
                 for c in range(n_classes):
                     sink.add(torch.zeros_like(z) if g is None else g[c])
             return
+    onehot = torch.zeros(n_classes, n, n_classes, dtype=out.dtype, device=out.device)
+    onehot[torch.arange(n_classes), :, torch.arange(n_classes)] = 1.0  # onehot[c] = cotangent picking f_c of every sample
     for c in range(n_classes):
-        grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=keep_graph or c < n_classes - 1, allow_unused=True)
+        last = not keep_graph and c == n_classes - 1
+        grads = torch.autograd.grad(out, zs, grad_outputs=onehot[c], retain_graph=not last, allow_unused=True)
         for sink, g, z in zip(sinks, grads, zs):
             sink.add(torch.zeros_like(z) if g is None else g)
 
@@ -342,7 +392,7 @@ def structural_matrix_gram(
     inputs: torch.Tensor,
     named_params: list[tuple[str, torch.Tensor]],
     *,
-    n_classes: int,
+    n_classes: int | None = None,
     chunk_size: int | None = None,
     groups: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -352,18 +402,26 @@ def structural_matrix_gram(
         model: maps (batch, ...) to (batch, C); called in the current (eval) mode.
         inputs: (batch, ...).
         named_params: θ as (name, tensor) pairs.
-        n_classes: C.
+        n_classes: C, or None to read it from the logits.
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
     """
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
-    total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+    total = None
     capture = ForwardCapture(model, named_params)
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
         with capture, torch.enable_grad():
             out = check_outputs(model(x), x.shape[0])
+        if total is None:  # C from the first chunk's logits: no separate forward to find it
+            n_classes = out.shape[1] if n_classes is None else n_classes
+            total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+        elif out.shape[1] != n_classes:
+            raise ValueError(
+                f"model output: expected {n_classes} logits per sample in every chunk, got {out.shape[1]} for samples "
+                f"{start}…{start + x.shape[0] - 1}. The number of classes must not depend on the input."
+            )
         capture.structural_matrix(out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
         del out
     return total
