@@ -181,7 +181,7 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
         out = model(x)
     for h in hooks:
         h.remove()
-    for plan in plans[:2]:
+    for plan in plans:
         a, z = captured[plan.module]
         Bm = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(out.shape[1])], 1)
         ghost = _layer_contribution(plan, a, Bm, strategy="ghost")
@@ -192,6 +192,29 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
     plans, rest = plan_layers(model, trainable_parameters(model))
     assert [p.name for p in plans] == ["twice", "out"]  # grouped conv and the half-frozen fc go generic
     assert set(rest) == {"conv.weight", "conv.bias", "fc.weight"}
+
+
+@pytest.mark.parametrize("immediate_ratio", [0, 10**9])
+def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, immediate_ratio):
+    """Ghost, materialised-buffered and materialised-per-class forms, with and without bias, Conv1d/Conv2d/Linear."""
+    from optmech.structure import gram
+
+    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), nn.Tanh(),
+        nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 2 * 7, 5),
+    ).double()
+    x = torch.randn(3, 2, 9, 6, generator=g, dtype=torch.float64)
+    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    for strategy in ("ghost", "materialise"):
+        original = gram.contraction_costs
+        monkeypatch.setattr(gram, "contraction_costs", lambda *a, s=strategy, **k: {s: original(*a, **k)[s]})
+        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        monkeypatch.setattr(gram, "contraction_costs", original)
+        assert rel_err(A, reference) < 1e-12, strategy
+        for name, part in groups.items():
+            assert rel_err(part, ref_groups[name]) < 1e-12, (strategy, name)
 
 
 @pytest.mark.parametrize("case", ["resnet-skip", "snet-plain", "layernorm_gelu", "tied_weights", "grouped_partly_frozen", "sequence_conv1d"])

@@ -98,7 +98,8 @@ def probing(model: nn.Module) -> Iterator[None]:
             yield
         finally:
             for m, mode in modes:
-                m.training = mode
+                if m.training != mode:
+                    m.training = mode
             with torch.no_grad():
                 for b, saved in buffers:
                     if not torch.equal(b, saved):

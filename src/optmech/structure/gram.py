@@ -226,8 +226,9 @@ class _LayerGram:
         if self.immediate:
             shape = (n_classes, n, self.a.shape[1], self.d_out)  # G_cᵀ per class, contiguous per class
             self.buffer = _workspace(self.module, "weight-grads", shape, a.dtype, a.device)
-        else:
+        elif not (self.strategy == "ghost" and S == 1):
             self.buffer = _workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
+        self.vectors: list[torch.Tensor] = []  # ghost with S = 1: the b_c themselves, stacked once in result()
         self.count = 0
 
     def _per_position(self, b: torch.Tensor) -> torch.Tensor:
@@ -240,6 +241,8 @@ class _LayerGram:
     def add(self, b: torch.Tensor) -> None:
         if self.immediate:
             torch.bmm(self.a, self._per_position(b), out=self.buffer[self.count])
+        elif self.strategy == "ghost" and self.S == 1:
+            self.vectors.append(b.reshape(b.shape[0], self.d_out))
         else:
             self.buffer[:, self.count] = self._per_position(b).transpose(1, 2)  # (n, d_out, S)
         self.count += 1
@@ -254,14 +257,14 @@ class _LayerGram:
             n, C, d, S = self.buffer.shape
             F_ = (self.buffer.reshape(n, C * d, S) @ self.a.transpose(1, 2)).reshape(n, C, -1)
             return F_ @ F_.transpose(1, 2)
+        if self.vectors:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
+            F_ = torch.stack(self.vectors, 1)  # (n, C, d_out)
+            scale = (self.a[..., 0] ** 2).sum(-1) + float(self.bias)
+            return scale[:, None, None] * (F_ @ F_.transpose(1, 2))
         n, C, d, S = self.buffer.shape
-        if S == 1:
-            F_ = self.buffer[..., 0]
-            out = ((self.a[..., 0] ** 2).sum(-1))[:, None, None] * (F_ @ F_.transpose(1, 2))
-        else:
-            gram_a = self.a.transpose(1, 2) @ self.a  # Γ = (a_s·a_t), (n, S, S)
-            mixed = (self.buffer.reshape(n, C * d, S) @ gram_a).reshape(n, C, d * S)
-            out = self.buffer.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+        gram_a = self.a.transpose(1, 2) @ self.a  # Γ = (a_s·a_t), (n, S, S)
+        mixed = (self.buffer.reshape(n, C * d, S) @ gram_a).reshape(n, C, d * S)
+        out = self.buffer.reshape(n, C, d * S) @ mixed.transpose(1, 2)
         if self.bias:
             bs = self.buffer.sum(3)  # (n, C, d_out)
             out = out + bs @ bs.transpose(1, 2)
