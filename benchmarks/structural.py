@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/structural.py                 # all models, about 10 minutes on 2 cores
     .venv/bin/python benchmarks/structural.py --models a1 mlp1024 --rounds 3 --no-loop
+    .venv-nt/bin/python benchmarks/structural.py          # with the neural-tangents column (own environment)
 
 For each model (the paper's a–d at k = 1 and k = 5 under the default mapping, and an MLP of
 width 256 and 1024), batch 64, C = 10, float32, it measures in one process, interleaved round by
@@ -15,8 +16,15 @@ round so that machine noise hits every method alike:
 
 It prints medians, each method's ratio to the training step and to the bound, the peak memory of
 each method (resident-set growth measured in a fresh subprocess) and the largest relative error
-against the float64 ``loop`` oracle on 4 samples. neural-tangents is not compared (it needs a JAX
-port of each model; see benchmarks/README.md).
+against the float64 ``loop`` oracle on 4 samples.
+
+When JAX and neural-tangents import (the environment of benchmarks/neural_tangents_env.md), it adds
+**nt**: neural-tangents' STRUCTURED_DERIVATIVES per-sample NTK blocks on the same weights (the model
+replayed in JAX by benchmarks/jax_port.py, jitted, vmapped over single samples; compile time
+reported apart; its peak memory is that of a warm call). ``--no-nt`` leaves it out.
+
+Also a **probe** row: ``Probe(model).measure(x, y)``, everything the per-step probe does (the
+structural matrix, its eigenvalues and the paper's quantities) on the same batch.
 """
 
 from __future__ import annotations
@@ -28,15 +36,19 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `benchmarks.*` from any working directory
 
-from optmech import structural_matrix
-from optmech.models import build_paper, n_params
-from optmech.models.families import MLP
-from optmech.structure._context import probing, trainable_parameters
-from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from optmech import Probe, structural_matrix  # noqa: E402
+from optmech.models import build_paper, n_params  # noqa: E402
+from optmech.models.families import MLP  # noqa: E402
+from optmech.structure._context import probing, trainable_parameters  # noqa: E402
+from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
@@ -86,12 +98,43 @@ def bound_parts(model, x) -> tuple[callable, callable, float]:
     return forward, one_backward, macs
 
 
+def neural_tangents_available() -> bool:
+    try:
+        import jax  # noqa: F401
+        import neural_tangents  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def nt_runner(model: torch.nn.Module, x: torch.Tensor, dtype=None):
+    """(call, compile seconds): neural-tangents' per-sample blocks for ``model`` on ``x``, jitted and warm."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.jax_port import to_jax
+    from benchmarks.vs_neural_tangents import nt_blocks
+
+    apply, params = to_jax(model, dtype or np.float32)
+    blocks, xj = nt_blocks(apply), jnp.asarray(x.numpy())
+    t = time.perf_counter()
+    blocks(params, xj).block_until_ready()
+    return (lambda: blocks(params, xj).block_until_ready()), time.perf_counter() - t
+
+
 def rel_errors(name: str, methods: list[str]) -> dict[str, float]:
     """Max |A − A_oracle| / max |A_oracle| in float64 on 4 samples, oracle = loop."""
     model = make_model(name).double()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = structural_matrix(model, x, method="loop")
-    return {m: float((structural_matrix(model, x, method=m) - ref).abs().max() / ref.abs().max()) for m in methods}
+    scale = ref.abs().max()
+    out = {m: float((structural_matrix(model, x, method=m) - ref).abs().max() / scale) for m in methods if m != "nt"}
+    if "nt" in methods:
+        import numpy as np
+
+        call, _ = nt_runner(model, x, np.float64)
+        out["nt"] = float((torch.from_numpy(np.asarray(call())) - ref).abs().max() / scale)
+    return out
 
 
 def _hwm_kib() -> int:
@@ -100,19 +143,34 @@ def _hwm_kib() -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
 
 
+def _reset_hwm() -> None:
+    """Reset the peak resident set to the current one (Linux ≥ 4.0: "5" to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
 def peak_memory_mib(name: str, method: str) -> float:
-    """Resident-set growth of one call, measured in a fresh process (Linux /proc)."""
+    """Resident-set growth of one call, measured in a fresh process (Linux /proc).
+
+    The first call for the torch methods (their workspaces included); for nt a warm call after
+    compilation (the compiler's memory is not a per-call cost).
+    """
+    calls = {
+        "step": "torch.nn.functional.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long)).backward()",
+        "probe": "Probe(m).measure(x, torch.zeros(x.shape[0], dtype=torch.long))",
+        "nt": "call()",
+    }
     code = (
         "import torch;"
-        "from benchmarks.structural import make_model, _hwm_kib;"
-        "from optmech import structural_matrix;"
+        "from benchmarks.structural import make_model, nt_runner, _hwm_kib, _reset_hwm;"
+        "from optmech import Probe, structural_matrix;"
         f"m = make_model({name!r}); x = torch.randn({BATCH}, 1, 28, 28); m(x);"
-        "base = _hwm_kib();"
-        f"structural_matrix(m, x, method={method!r}) if {method!r} != 'step' else "
-        "torch.nn.functional.cross_entropy(m(x), torch.zeros(x.shape[0], dtype=torch.long)).backward();"
+        + ("call, _ = nt_runner(m, x); _reset_hwm();" if method == "nt" else "")
+        + "base = _hwm_kib();"
+        + calls.get(method, f"structural_matrix(m, x, method={method!r})") + ";"
         "print((_hwm_kib() - base) / 1024)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -128,12 +186,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (medians are reported)")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow loop oracle timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    parser.add_argument("--no-nt", action="store_true", help="leave out neural-tangents even where it imports")
     args = parser.parse_args()
+    with_nt = not args.no_nt and neural_tangents_available()
+    if with_nt:
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # for the float64 error column; timings use float32 arrays
 
     torch.manual_seed(0)
     rate = gemm_rate()
+    if with_nt:
+        from importlib.metadata import version
+
+        versions = f"; jax {version('jax')}, neural-tangents {version('neural-tangents')}"
+    else:
+        versions = "; neural-tangents not installed (nt row left out)" if not args.no_nt else ""
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, C = {N_CLASSES}, float32; "
-          f"GEMM throughput {rate / 1e9:.1f} GFLOP/s (2048² matmul)")
+          f"GEMM throughput {rate / 1e9:.1f} GFLOP/s (2048² matmul){versions}")
     header = f"{'model':8s} {'|θ|':>9s} {'method':9s} {'median ms':>10s} {'× step':>8s} {'× bound':>8s} {'peak MiB':>9s} {'rel err f64':>12s}"
     print(header)
     print("-" * len(header))
@@ -153,8 +223,13 @@ def main() -> None:
         twin = copy.deepcopy(model)  # the bound's graph must not see the optimiser's in-place steps
         with probing(twin):
             forward, one_backward, macs = bound_parts(twin, x)
+        probe = Probe(model)
         methods = {"gram": lambda: structural_matrix(model, x, method="gram"),
+                   "probe": lambda: probe.measure(x, y),
                    "jacobian": lambda: structural_matrix(model, x, method="jacobian")}
+        compile_s = None
+        if with_nt:
+            methods["nt"], compile_s = nt_runner(model, x)
         times = {k: [] for k in ["step", "forward", "one_backward", *methods]}
         step()  # warm-up
         with probing(twin):
@@ -176,9 +251,9 @@ def main() -> None:
             times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop"))]
         med = {k: statistics.median(v) for k, v in times.items()}
         bound = med["forward"] + N_CLASSES * med["one_backward"] + 2 * macs / rate
-        errors = rel_errors(name, [m for m in ("gram", "jacobian") if m in med])
+        errors = rel_errors(name, [m for m in ("gram", "jacobian", "nt") if m in med])
         label = f"{name:8s} {n_params(model):9d}"
-        rows = [("step", med["step"]), ("bound", bound)] + [(m, med[m]) for m in ("gram", "jacobian", "loop") if m in med]
+        rows = [("step", med["step"]), ("bound", bound)] + [(m, med[m]) for m in ("gram", "probe", "jacobian", "nt", "loop") if m in med]
         for method, t in rows:
             mem = "" if args.no_memory or method == "bound" else f"{peak_memory_mib(name, method):9.0f}"
             err = f"{errors[method]:12.1e}" if method in errors else ""
@@ -186,6 +261,8 @@ def main() -> None:
             label = " " * len(label)
         print(f"{'':19s} bound = forward {1e3 * med['forward']:.1f} ms + {N_CLASSES} × activation backward "
               f"{1e3 * med['one_backward']:.1f} ms + contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms)")
+        if compile_s is not None:
+            print(f"{'':19s} nt: jit compilation {compile_s:.1f} s before the first call, not counted")
         sys.stdout.flush()
 
 

@@ -128,13 +128,18 @@ def test_consistency_check_catches_a_wrong_structural_matrix():
     probe = Probe(model, check=True)
     import optmech.probe as probe_module
 
-    original = probe_module.structural_matrix
-    probe_module.structural_matrix = lambda *a, **k: (2 * original(*a, **k)[0], "jacobian")
+    original = probe_module.compute_structural_matrix
+
+    def doubled(*a, **k):
+        A, groups, ran, logits = original(*a, **k)
+        return 2 * A, groups, ran, logits
+
+    probe_module.compute_structural_matrix = doubled
     try:
         with pytest.raises(ConsistencyError, match="autograd gives"):
             probe.measure(x, torch.tensor([0, 1]))
     finally:
-        probe_module.structural_matrix = original
+        probe_module.compute_structural_matrix = original
 
 
 def test_frame_has_every_documented_column_and_float32_models_work():
@@ -279,3 +284,24 @@ def test_check_tolerance_covers_float32_rounding_of_e_but_stays_tight_in_float64
     # an engine error of 1 % on an ordinary sample is still caught in float32
     g2, lam_max, e_f = torch.tensor([80.0]), torch.tensor([2000.0]), torch.tensor([0.5])
     assert float(check_tolerance(g2, lam_max, e_f, 10, torch.float32)) < 0.01 * 80.0
+
+
+@pytest.mark.parametrize("method", ["gram", "jacobian", "loop"])
+def test_measure_takes_the_logits_from_the_engine_forward_when_it_has_one(method):
+    """gram: one forward per measure (its own, eval semantics); the others: their forwards plus one for the logits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(3 * 6 * 6, 10)).double().train()
+    x, y = _batch(5)
+    calls = []
+    model.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    m = Probe(model, method=method).measure(x, y)
+    seen = list(calls)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    model.train()
+    ce = torch.nn.functional.cross_entropy(expected, y, reduction="none")
+    assert torch.allclose(m.loss, ce, rtol=1e-13, atol=0)  # logits under eval semantics: dropout off
+    if method == "gram":
+        assert seen == [5] and m.method == "gram"
+    else:
+        assert seen[-1] == 5 and len(seen) > 1

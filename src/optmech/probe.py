@@ -18,7 +18,7 @@ from torch import nn
 
 from .losses import FenchelYoungLoss, get_loss
 from .metrics import Measurement, measure_from
-from .structure import EngineMethod, structural_matrix
+from .structure import EngineMethod, compute_structural_matrix
 from .structure._context import check_outputs, prepare_inputs, probing, trainable_parameters
 from .structure.gram import ForwardCapture
 
@@ -146,31 +146,36 @@ class Probe:
             ConsistencyError: with check, when eᵀAe and autograd disagree beyond tolerance.
         """
         x = prepare_inputs(self.model, inputs)
-        with probing(self.model), torch.no_grad():
-            logits = check_outputs(self.model(x), x.shape[0])
+        self._check_targets(x, targets)
 
         def engine():
-            result = structural_matrix(
-                self.model, x, method=self.method, chunk_size=self.chunk_size, return_method=True, per_layer=self.per_layer
+            A, groups, ran, logits = compute_structural_matrix(
+                self.model, x, method=self.method, chunk_size=self.chunk_size, per_layer=self.per_layer
             )
-            return result if self.per_layer else (result[0], None, result[1])
+            if logits is None:  # the method that ran had no eval forward over the batch: one more
+                with probing(self.model), torch.no_grad():
+                    logits = check_outputs(self.model(x), x.shape[0])
+            return logits, A, groups, ran
 
-        return self._assemble(x, targets, logits, engine, self.check if check is None else check, eval_semantics=True)
+        return self._assemble(x, targets, engine, self.check if check is None else check, eval_semantics=True)
 
-    def _assemble(self, x, targets, logits, engine, check: bool, *, eval_semantics: bool) -> Measurement:
-        """Validate targets, compute p, q and the loss from ``logits``, A from ``engine()``, and the Measurement."""
+    @staticmethod
+    def _check_targets(x: torch.Tensor, targets: torch.Tensor) -> None:
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__} instead.")
         if targets.shape[:1] != x.shape[:1]:
             raise ValueError(
                 f"targets: expected {x.shape[0]} targets to match the inputs' batch, got shape {tuple(targets.shape)} instead."
             )
+
+    def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool) -> Measurement:
+        """(logits, A, groups, method) from ``engine()``; p, q and the loss from the logits; the Measurement."""
+        logits, A, groups, ran = engine()
         targets = targets.to(x.device)
         logits64 = logits.detach().to(torch.float64)
         q = self.loss.targets(targets, logits.shape[1], torch.float64)  # validates targets
         p = self.loss.predict(logits64)
         loss = self.loss(logits64, q, reduction="none")
-        A, groups, ran = engine()
         auto = None
         if check:
             with probing(self.model) if eval_semantics else contextlib.nullcontext():
@@ -243,9 +248,11 @@ class StepCapture:
             raise ValueError("logits: expected the output of the captured forward with its graph, got a tensor without grad_fn. "
                              "Run the forward inside `with probe.capture()` and without torch.no_grad().")
 
+        probe._check_targets(x, targets)
+
         def engine():
             groups = {} if probe.per_layer else None
             A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
-            return A, groups, "gram"
+            return logits, A, groups, "gram"
 
-        return probe._assemble(x, targets, logits, engine, probe.check, eval_semantics=False)
+        return probe._assemble(x, targets, engine, probe.check, eval_semantics=False)

@@ -20,7 +20,7 @@ from .gram import plan_layers, structural_matrix_gram
 from .jacobian import structural_matrix_jacobian
 from .loop import jacobian_rows_loop, structural_matrix_loop
 
-__all__ = ["EngineMethod", "structural_matrix", "available_methods", "jacobian_rows_loop"]
+__all__ = ["EngineMethod", "structural_matrix", "compute_structural_matrix", "available_methods", "jacobian_rows_loop"]
 
 log = logging.getLogger("optmech.structure")
 
@@ -98,11 +98,31 @@ def structural_matrix(
     Example:
         >>> A = structural_matrix(nn.Linear(4, 3), torch.randn(8, 4))   # (8, 3, 3)
     """
+    A, groups, ran, _ = compute_structural_matrix(model, inputs, method=method, chunk_size=chunk_size, per_layer=per_layer)
+    out = (A,) + ((groups,) if per_layer else ()) + ((ran,) if return_method else ())
+    return out if len(out) > 1 else A
+
+
+def compute_structural_matrix(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    method: str | EngineMethod = "auto",
+    chunk_size: int | None = None,
+    per_layer: bool = False,
+) -> tuple[torch.Tensor, dict | None, str, torch.Tensor | None]:
+    """:func:`structural_matrix` for callers that also want the logits: ``(A, groups, method, logits)``.
+
+    ``logits`` (batch, C), detached, come from the engine's own forward when the method that ran
+    has one over the whole batch under eval semantics (``gram``); otherwise None. ``groups`` is None
+    unless ``per_layer``.
+    """
     chosen = _resolve(method)
     named = trainable_parameters(model)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r} instead.")
     x = prepare_inputs(model, inputs)
+    logits: list[torch.Tensor] | None = []
     with probing(model):
         ran = chosen
         if chosen is EngineMethod.AUTO:
@@ -114,30 +134,29 @@ def structural_matrix(
         groups: dict[str, torch.Tensor] | None = {} if per_layer else None
         if chosen is EngineMethod.AUTO:
             try:
-                A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups)
+                A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups, logits)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
                 warnings.warn(
-                    f"structural_matrix: the 'jacobian' method failed on this model ({str(exc).splitlines()[0]}); "
+                    f"structural_matrix: the '{ran.value}' method failed on this model ({str(exc).splitlines()[0]}); "
                     "falling back to the exact but slower 'loop' method.",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 groups = {} if per_layer else None
                 A = structural_matrix_loop(model, x, named, groups)
                 ran = EngineMethod.LOOP
         else:
-            A = _METHODS[chosen](model, x, named, n_classes, chunk_size, groups)
+            A = _METHODS[chosen](model, x, named, n_classes, chunk_size, groups, logits)
     log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], A.shape[1])
-    out = (A,) + ((groups,) if per_layer else ()) + ((ran.value,) if return_method else ())
-    return out if len(out) > 1 else A
+    return A, groups, ran.value, (torch.cat(logits) if ran is EngineMethod.GRAM else None)
 
 
 _METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {
-    EngineMethod.LOOP: lambda model, x, named, n_classes, chunk, groups: structural_matrix_loop(model, x, named, groups),
-    EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk, groups: structural_matrix_jacobian(
+    EngineMethod.LOOP: lambda model, x, named, n_classes, chunk, groups, logits: structural_matrix_loop(model, x, named, groups),
+    EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk, groups, logits: structural_matrix_jacobian(
         model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups
     ),
-    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk, groups: structural_matrix_gram(
-        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups
+    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk, groups, logits: structural_matrix_gram(
+        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups, logits=logits
     ),
 }

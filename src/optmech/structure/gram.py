@@ -398,6 +398,7 @@ def structural_matrix_gram(
     n_classes: int | None = None,
     chunk_size: int | None = None,
     groups: dict[str, torch.Tensor] | None = None,
+    logits: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A (batch, C, C) by per-layer Gram contractions, the rest through torch.func.
 
@@ -408,6 +409,7 @@ def structural_matrix_gram(
         n_classes: C, or None to read it from the logits.
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
+        logits: if a list, receives the detached logits of each chunk's forward.
     """
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
@@ -426,5 +428,7 @@ def structural_matrix_gram(
                 f"{start}…{start + x.shape[0] - 1}. The number of classes must not depend on the input."
             )
         capture.structural_matrix(out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
+        if logits is not None:
+            logits.append(out.detach())
         del out
     return total
