@@ -133,7 +133,7 @@ def rel_errors(name: str, methods: list[str]) -> dict[str, float]:
         import numpy as np
 
         call, _ = nt_runner(model, x, np.float64)
-        out["nt"] = float((torch.from_numpy(np.asarray(call())) - ref).abs().max() / scale)
+        out["nt"] = float((torch.from_numpy(np.array(call())) - ref).abs().max() / scale)
     return out
 
 
