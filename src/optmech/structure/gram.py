@@ -108,11 +108,12 @@ def _conv_geometry(module: nn.Module, a: torch.Tensor):
     return a, k, d, p, s, (ho, wo)
 
 
-def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
     """Input patches (batch, K = c_in·kernel [+ 1], S positions) for Conv1d/Conv2d.
 
     Built as a strided view of the zero-padded input and copied once: the same values as
     ``F.unfold``, about 3× faster on CPU. ``ones_row`` appends a row of ones (the bias's "input").
+    The result lives in the workspace of ``owner`` (default: the module itself).
     """
     a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
     n, c = a.shape[:2]
@@ -120,7 +121,7 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) ->
     sn, sc, sh, sw = padded.stride()
     view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
     K = c * k[0] * k[1]
-    out = _workspace(module, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
+    out = _workspace(owner or module, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
     out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
     if ones_row:
         out[:, K].fill_(1.0)
@@ -150,7 +151,7 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
 
 
-def _layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) -> torch.Tensor:
+def _layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
     """The layer's per-sample inputs as (n, K features [+ 1], S positions): Linear over all middle dims, Conv patches.
 
     ``ones_row`` appends a row of ones, so that a bias gradient Σ_s b_s is one more column of the weight GEMM.
@@ -159,7 +160,7 @@ def _layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False) -
     if isinstance(module, nn.Linear):
         a = a.reshape(n, -1, module.in_features).transpose(1, 2)
         return torch.cat([a, a.new_ones(n, 1, a.shape[2])], dim=1) if ones_row else a
-    return _conv_patches(module, a, ones_row)
+    return _conv_patches(module, a, ones_row, owner)
 
 
 def _out_features(module: nn.Module) -> int:
@@ -173,6 +174,7 @@ _WORKSPACE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = 
 
 
 _SLOTS_PER_MODULE = 4  # e.g. the probe set and the training batch, each with two roles
+_SLOTS_SHARED = 16  # patch shapes of a whole network, for two batch sizes
 
 
 def _workspace(module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -182,9 +184,15 @@ def _workspace(module: nn.Module, role: str, shape: tuple[int, ...], dtype: torc
     if buf is None:
         buf = torch.empty(shape, dtype=dtype, device=device)
     slots[key] = buf  # most recently used last
-    while len(slots) > _SLOTS_PER_MODULE:
+    while len(slots) > (_SLOTS_SHARED if module is _SHARED else _SLOTS_PER_MODULE):
         slots.pop(next(iter(slots)))
     return buf
+
+
+#: owner of the patches built at contraction time: layers contract one after another, so layers with
+#: patches of the same shape share one buffer (a deep net keeps one, not one per layer, and it is
+#: still in cache when the contraction reads it)
+_SHARED = nn.Module()
 
 
 def release_workspace() -> None:
@@ -219,12 +227,15 @@ class _LayerGram:
         costs = contraction_costs(n, n_classes, S, K, self.d_out, self.bias)
         plan.strategy = self.strategy = strategy or min(costs, key=costs.get)
         materialise = self.strategy == "materialise"
-        self.a = _layer_patches(self.module, a, ones_row=materialise and self.bias)  # (n, K[+1], S)
+        self.input, self.ones_row = a, materialise and self.bias
+        rows = K + int(self.ones_row)
         # materialise: contract each b_c as it arrives when the patches are thin (re-reading them C times
         # costs less than copying the b_c), else buffer the b_c and contract them in one GEMM
-        self.immediate = materialise and self.a.shape[1] <= _IMMEDIATE_RATIO * self.d_out
+        self.immediate = materialise and rows <= _IMMEDIATE_RATIO * self.d_out
+        # (n, K[+1], S): now if every class needs them, else when result() contracts (shared buffer)
+        self.a = _layer_patches(self.module, a, self.ones_row) if self.immediate or S == 1 else None
         if self.immediate:
-            shape = (n_classes, n, self.a.shape[1], self.d_out)  # G_cᵀ per class, contiguous per class
+            shape = (n_classes, n, rows, self.d_out)  # G_cᵀ per class, contiguous per class
             self.buffer = _workspace(self.module, "weight-grads", shape, a.dtype, a.device)
         elif not (self.strategy == "ghost" and S == 1):
             self.buffer = _workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
@@ -253,16 +264,17 @@ class _LayerGram:
             C, n = self.buffer.shape[:2]
             F_ = self.buffer.permute(1, 0, 2, 3).reshape(n, C, -1)  # (n, C, (K+1)·d_out)
             return F_ @ F_.transpose(1, 2)
+        a = self.a if self.a is not None else _layer_patches(self.module, self.input, self.ones_row, owner=_SHARED)
         if self.strategy == "materialise":
             n, C, d, S = self.buffer.shape
-            F_ = (self.buffer.reshape(n, C * d, S) @ self.a.transpose(1, 2)).reshape(n, C, -1)
+            F_ = (self.buffer.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
             return F_ @ F_.transpose(1, 2)
         if self.vectors:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = torch.stack(self.vectors, 1)  # (n, C, d_out)
-            scale = (self.a[..., 0] ** 2).sum(-1) + float(self.bias)
+            scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
             return scale[:, None, None] * (F_ @ F_.transpose(1, 2))
         n, C, d, S = self.buffer.shape
-        gram_a = self.a.transpose(1, 2) @ self.a  # Γ = (a_s·a_t), (n, S, S)
+        gram_a = a.transpose(1, 2) @ a  # Γ = (a_s·a_t), (n, S, S)
         mixed = (self.buffer.reshape(n, C * d, S) @ gram_a).reshape(n, C, d * S)
         out = self.buffer.reshape(n, C, d * S) @ mixed.transpose(1, 2)
         if self.bias:
