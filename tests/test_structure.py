@@ -229,3 +229,44 @@ def test_per_layer_shares_sum_to_A_and_agree_across_methods(case):
             assert rel_err(part, groups_loop[name]) < RTOL[torch.float64], (method, name)
     A, groups, ran = structural_matrix(model, x, per_layer=True, return_method=True)
     assert ran in ("gram", "jacobian") and rel_err(A, A_loop) < RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("slow", ["gram", "jacobian"])
+def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_fast_layers(monkeypatch, caplog, slow):
+    """LayerNorm's parameters make gram = fast layers + jacobian on the rest: auto measures both, keeps the faster."""
+    import time as time_module
+
+    from optmech import structure
+
+    model, x = unusual_models()["layernorm_gelu"]
+    calls = []
+    for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
+        original = structure._METHODS[method]
+
+        def timed(*args, _method=method, _original=original):
+            calls.append(_method.value)
+            if _method.value == slow:
+                time_module.sleep(0.2)  # the slower one by a margin no machine noise covers
+            return _original(*args)
+
+        monkeypatch.setitem(structure._METHODS, method, timed)
+    reference = structural_matrix(model, x, method="loop")
+    with caplog.at_level("INFO", logger="optmech.structure"):
+        A, ran = structural_matrix(model, x, return_method=True)
+    fast = "jacobian" if slow == "gram" else "gram"
+    assert calls == ["gram", "jacobian"] and ran == fast and rel_err(A, reference) < RTOL[torch.float64]
+    assert f"using {fast} for this model and shape" in caplog.text
+    calls.clear()
+    A, ran = structural_matrix(model, x, return_method=True)  # remembered: no second trial
+    assert calls == [fast] and ran == fast and rel_err(A, reference) < RTOL[torch.float64]
+    structural_matrix(model, x[:2])  # another shape: measured again
+    assert calls == [fast, "gram", "jacobian"]
+
+
+def test_auto_does_not_measure_when_every_parameter_is_in_a_fast_layer(monkeypatch):
+    from optmech import structure
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a: pytest.fail("jacobian ran"))
+    A, ran = structural_matrix(model, torch.randn(3, 1, 6, 6, dtype=torch.float64), return_method=True)
+    assert ran == "gram"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -37,8 +39,10 @@ class EngineMethod(str, enum.Enum):
       Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight gradient.
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them. Memory O(B·C·activations), independent of |θ| for the fast layers.
-    - ``AUTO``: ``GRAM`` when the model has at least one Linear/Conv layer, else ``JACOBIAN``;
-      falls back to ``LOOP`` (with a warning) when the forward cannot be vmapped.
+    - ``AUTO``: ``GRAM`` when every parameter sits in a Linear/Conv layer, ``JACOBIAN`` when none
+      does; otherwise the faster of the two, timed on the first call for a model and input shape
+      and remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
+      cannot be vmapped.
 
     Every method registered in ``_METHODS`` is checked against ``LOOP`` by the tests.
     """
@@ -113,8 +117,8 @@ def compute_structural_matrix(
 ) -> tuple[torch.Tensor, dict | None, str, torch.Tensor | None]:
     """:func:`structural_matrix` for callers that also want the logits: ``(A, groups, method, logits)``.
 
-    ``logits`` (batch, C), detached, come from the engine's own forward when the method that ran
-    has one over the whole batch under eval semantics (``gram``); otherwise None. ``groups`` is None
+    ``logits`` (batch, C), detached, come from ``gram``'s own forward under eval semantics when
+    ``gram`` ran (alone or in ``auto``'s trial); otherwise None. ``groups`` is None
     unless ``per_layer``.
     """
     chosen = _resolve(method)
@@ -124,9 +128,9 @@ def compute_structural_matrix(
     x = prepare_inputs(model, inputs)
     logits: list[torch.Tensor] | None = []
     with probing(model):
-        ran = chosen
+        ran, key = chosen, None
         if chosen is EngineMethod.AUTO:
-            ran = EngineMethod.GRAM if plan_layers(model, named)[0] else EngineMethod.JACOBIAN
+            ran, key = _auto_choice(model, x, named, chunk_size, per_layer)
         n_classes = None  # gram reads C from its own forward; the others need it first
         if ran is not EngineMethod.GRAM:
             with torch.no_grad():
@@ -134,7 +138,10 @@ def compute_structural_matrix(
         groups: dict[str, torch.Tensor] | None = {} if per_layer else None
         if chosen is EngineMethod.AUTO:
             try:
-                A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups, logits)
+                if key is not None:  # first call of this kind: time both exact methods, keep the faster
+                    A, groups, ran = _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key)
+                else:
+                    A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups, logits)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
                 warnings.warn(
                     f"structural_matrix: the '{ran.value}' method failed on this model ({str(exc).splitlines()[0]}); "
@@ -143,12 +150,54 @@ def compute_structural_matrix(
                     stacklevel=3,
                 )
                 groups = {} if per_layer else None
+                logits.clear()  # a gram that failed part-way may have left some chunks' logits
                 A = structural_matrix_loop(model, x, named, groups)
                 ran = EngineMethod.LOOP
         else:
             A = _METHODS[chosen](model, x, named, n_classes, chunk_size, groups, logits)
     log.debug("structural_matrix: method=%s batch=%d classes=%d", ran.value, x.shape[0], A.shape[1])
-    return A, groups, ran.value, (torch.cat(logits) if ran is EngineMethod.GRAM else None)
+    return A, groups, ran.value, (torch.cat(logits) if logits else None)
+
+
+#: ``auto``'s measured choice per model and call signature (see :func:`_auto_choice`).
+_AUTO_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, EngineMethod]]" = weakref.WeakKeyDictionary()
+
+
+def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per_layer: bool) -> tuple[EngineMethod, tuple | None]:
+    """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
+
+    No Linear/Conv layer: ``jacobian``. Every parameter in a Linear/Conv layer: ``gram`` (its work
+    is a subset of ``jacobian``'s). Otherwise ``gram`` = those layers + ``jacobian`` restricted to the
+    other parameters, which can cost more than ``jacobian`` alone (that backward still runs through
+    the whole network): the first call with a given model, input shape and dtype times both and
+    keeps the faster for later calls.
+    """
+    plans, rest = plan_layers(model, named)
+    if not plans:
+        return EngineMethod.JACOBIAN, None
+    if not rest:
+        return EngineMethod.GRAM, None
+    key = (tuple(x.shape), x.dtype, x.device, tuple(n for n, _ in named), chunk_size, per_layer)
+    known = _AUTO_CHOICE.get(model, {}).get(key)
+    return (known, None) if known is not None else (EngineMethod.GRAM, key)
+
+
+def _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key) -> tuple[torch.Tensor, dict | None, EngineMethod]:
+    """Run ``gram`` and ``jacobian`` once each, timed; remember the faster; return its result."""
+    results, seconds = {}, {}
+    for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
+        groups = {} if per_layer else None
+        start = time.perf_counter()
+        A = _METHODS[method](model, x, named, n_classes, chunk_size, groups, logits if method is EngineMethod.GRAM else None)
+        seconds[method] = time.perf_counter() - start
+        results[method], n_classes = (A, groups), A.shape[1]  # gram runs first and tells jacobian C
+    best = min(seconds, key=seconds.get)
+    _AUTO_CHOICE.setdefault(model, {})[key] = best
+    log.info(
+        "structural_matrix(method='auto'): measured gram %.1f ms, jacobian %.1f ms on batch %s; using %s for this model and shape",
+        1e3 * seconds[EngineMethod.GRAM], 1e3 * seconds[EngineMethod.JACOBIAN], tuple(x.shape), best.value,
+    )
+    return (*results[best], best)
 
 
 _METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {

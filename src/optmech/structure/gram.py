@@ -9,7 +9,10 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 
 Each position-summed term is computed either in "ghost" form (the S×S Gram of the patches) or
 by materialising the per-sample, per-class weight gradient G_c = Σ_s b_{c,s} a_sᵀ and taking
-⟨G_c, G_c'⟩, whichever the cost model says is cheaper for that layer.
+⟨G_c, G_c'⟩, whichever the cost model (:func:`contraction_costs`) says is cheaper for that layer.
+A materialised layer with thin patches (K ≤ 2·d_out) contracts each b_c as its backward pass
+delivers it; the others copy the b_c into one buffer and contract all classes in one batched GEMM,
+building their patches only then, in a buffer shared by the layers of the same shape.
 
 All B_c come from one forward with hooks and C backward passes of Σ_b f_c(x_b) (samples are
 independent under eval semantics, so the summed backward gives every per-sample row). Parameters
