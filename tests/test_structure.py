@@ -94,6 +94,18 @@ def test_eval_semantics_dropout_is_off():
     assert torch.equal(A1, A2) and model.training
 
 
+class Scaled(nn.Module):
+    """A free parameter outside any Linear/Conv/norm layer, optionally after a Linear."""
+
+    def __init__(self, with_linear: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(3, 3) if with_linear else nn.Identity()
+        self.scale = nn.Parameter(torch.tensor([1.5, 0.5, -1.0]))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * self.scale
+
+
 def test_auto_reports_the_method_and_falls_back_exactly():
     class NotVmappable(nn.Module):
         def __init__(self):
@@ -115,7 +127,9 @@ def test_auto_reports_the_method_and_falls_back_exactly():
     _, ran = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), return_method=True)
     assert ran == "gram"
     _, ran = structural_matrix(nn.Sequential(nn.LayerNorm(3), nn.Tanh()), torch.randn(2, 3), return_method=True)
-    assert ran == "jacobian"
+    assert ran == "gram"  # a norm's affine parameters are a fast layer too
+    _, ran = structural_matrix(Scaled(), torch.randn(2, 3), return_method=True)
+    assert ran == "jacobian"  # no Linear/Conv/norm layer at all
 
 
 def test_linear_model_closed_form():
@@ -233,12 +247,12 @@ def test_per_layer_shares_sum_to_A_and_agree_across_methods(case):
 
 @pytest.mark.parametrize("slow", ["gram", "jacobian"])
 def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_fast_layers(monkeypatch, caplog, slow):
-    """LayerNorm's parameters make gram = fast layers + jacobian on the rest: auto measures both, keeps the faster."""
+    """A free parameter makes gram = fast layers + jacobian on the rest: auto measures both, keeps the faster."""
     import time as time_module
 
     from optmech import structure
 
-    model, x = unusual_models()["layernorm_gelu"]
+    model, x = Scaled(with_linear=True).double(), torch.randn(5, 3, dtype=torch.float64)
     calls = []
     for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
         original = structure._METHODS[method]
@@ -270,3 +284,73 @@ def test_auto_does_not_measure_when_every_parameter_is_in_a_fast_layer(monkeypat
     monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a: pytest.fail("jacobian ran"))
     A, ran = structural_matrix(model, torch.randn(3, 1, 6, 6, dtype=torch.float64), return_method=True)
     assert ran == "gram"
+
+
+def test_norm_layers_are_contracted_exactly_without_the_generic_path(monkeypatch):
+    """BatchNorm (running statistics), LayerNorm over sequences, GroupNorm, with and without affine parts."""
+    from optmech import structure
+    from optmech.structure._context import trainable_parameters
+    from optmech.structure.gram import plan_layers
+
+    g = torch.Generator().manual_seed(3)
+
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3)
+            self.bn2 = nn.BatchNorm2d(4)
+            self.gn = nn.GroupNorm(2, 4)
+            self.ln = nn.LayerNorm(4, bias=False)
+            self.fc = nn.Linear(4, 6)
+            self.bn1 = nn.BatchNorm1d(6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.gn(self.bn2(self.conv(x))))  # (n, 4, 3, 3)
+            h = self.ln(h.flatten(2).transpose(1, 2))  # (n, 9 positions, 4)
+            h = self.bn1(self.fc(h).mean(1))
+            return self.head(torch.tanh(h))
+
+    model = Norms().double()
+    model.train()
+    for _ in range(3):  # running statistics that are not the defaults
+        model(torch.randn(8, 2, 5, 5, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)
+    plans, rest = plan_layers(model, trainable_parameters(model))
+    assert [p.name for p in plans] == ["conv", "bn2", "gn", "ln", "fc", "bn1", "head"] and rest == []
+    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    assert rel_err(A, reference) < 1e-12 and set(groups) == set(ref_groups)
+    for name, part in groups.items():
+        assert rel_err(part, ref_groups[name]) < 1e-12, name
+    # batch statistics even in eval (no running statistics): not per-sample, left to the generic path
+    no_stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    assert plan_layers(no_stats, trainable_parameters(no_stats))[1] == ["1.weight", "1.bias"]
+
+
+def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle(monkeypatch):
+    from optmech import structure
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 3, padding_idx=0)
+            self.pos = nn.Embedding(6, 3)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, t):  # t: (n, 2, 3) token grid
+            h = self.emb(t).flatten(1, 2) + self.pos(torch.arange(6).expand(t.shape[0], 6))
+            return self.head(torch.tanh(h).sum(1))
+
+    model = Tokens().double()
+    tokens = torch.tensor([[[1, 1, 0], [3, 0, 1]], [[0, 0, 0], [2, 2, 2]], [[6, 5, 4], [3, 2, 1]]])
+    reference, ref_groups = structural_matrix(model, tokens, method="loop", per_layer=True)
+    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    A, groups = structural_matrix(model, tokens, method="gram", per_layer=True)
+    assert rel_err(A, reference) < 1e-12
+    for name in ("emb", "pos", "head"):
+        assert rel_err(groups[name], ref_groups[name]) < 1e-12, name

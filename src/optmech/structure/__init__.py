@@ -35,13 +35,15 @@ class EngineMethod(str, enum.Enum):
     - ``JACOBIAN``: ``torch.func`` vmap∘jacrev over parameters, then Σ_t J_t J_tᵀ. Vectorised
       C backward passes per sample; memory chunk·C·|θ| (chunked to a fixed budget).
     - ``GRAM``: layer-wise (DESIGN §3). One forward with hooks, C batched backward passes for
-      B_c = ∂f_c/∂z at every Linear/Conv1d/Conv2d output, then per layer the cheaper of the ghost
-      Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight gradient.
+      B_c = ∂f_c/∂z at every fast layer's output, then per Linear/Conv1d/Conv2d the cheaper of the
+      ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
+      gradient; Embedding as a ghost Gram over token equality; the affine parameters of BatchNorm
+      (running statistics), LayerNorm and GroupNorm as Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them. Memory O(B·C·activations), independent of |θ| for the fast layers.
-    - ``AUTO``: ``GRAM`` when every parameter sits in a Linear/Conv layer, ``JACOBIAN`` when none
-      does; otherwise the faster of the two, timed on the first call for a model and input shape
-      and remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
+    - ``AUTO``: ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when none does;
+      otherwise the faster of the two, timed on the first call for a model and input shape and
+      remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
       cannot be vmapped.
 
     Every method registered in ``_METHODS`` is checked against ``LOOP`` by the tests.
@@ -166,8 +168,8 @@ _AUTO_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, EngineMethod]]" 
 def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per_layer: bool) -> tuple[EngineMethod, tuple | None]:
     """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
 
-    No Linear/Conv layer: ``jacobian``. Every parameter in a Linear/Conv layer: ``gram`` (its work
-    is a subset of ``jacobian``'s). Otherwise ``gram`` = those layers + ``jacobian`` restricted to the
+    No fast layer (Linear, Conv, Embedding, norm): ``jacobian``. Every parameter in one: ``gram``
+    (its work is a subset of ``jacobian``'s). Otherwise ``gram`` = those layers + ``jacobian`` on the
     other parameters, which can cost more than ``jacobian`` alone (that backward still runs through
     the whole network): the first call with a given model, input shape and dtype times both and
     keeps the faster for later calls.

@@ -6,6 +6,9 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - Linear, a of shape (d_in,):      A[c, c'] += (‖a‖² + 1)·(B_c · B_c')                 (bias: the +1)
 - Linear over positions t (a_t):   A[c, c'] += Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'}) + (Σ_t b_{c,t})·(Σ_t b_{c',t})
 - Conv (unfolded patches a_s):     A[c, c'] += Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'}) + bias term
+- Embedding (token ids):           A[c, c'] += Σ_{t,t'} [tok_t = tok_t'](b_{c,t}·b_{c',t'})
+- BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
+                                   A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
 
 Each position-summed term is computed either in "ghost" form (the S×S Gram of the patches) or
 by materialising the per-sample, per-class weight gradient G_c = Σ_s b_{c,s} a_sᵀ and taking
@@ -36,6 +39,7 @@ from .jacobian import structural_matrix_jacobian
 __all__ = ["structural_matrix_gram", "plan_layers", "LayerPlan", "ForwardCapture", "release_workspace"]
 
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclasses.dataclass
@@ -49,6 +53,12 @@ class LayerPlan:
 
 
 def _is_fast_layer(module: nn.Module) -> bool:
+    if type(module) is nn.Embedding:  # max_norm renormalises in place, scale_grad_by_freq couples samples
+        return module.max_norm is None and not module.scale_grad_by_freq
+    if type(module) in _NORM_TYPES:  # elementwise affine z = x̂·γ + β; BatchNorm only on running statistics
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return module.running_mean is not None and module.running_var is not None
+        return True
     if type(module) not in _FAST_TYPES:  # exact types only: subclasses may change forward
         return False
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
@@ -86,7 +96,7 @@ def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
     for mod_name, module in model.named_modules():
         if not _is_fast_layer(module):
             continue
-        own = [p for p in (module.weight, module.bias) if p is not None]
+        own = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
         if not own or not all(id(p) in wanted for p in own):
             continue  # frozen weight or bias: let the generic path deal with the partial layer
         names = [wanted[id(p)] for p in own]
@@ -286,6 +296,93 @@ class _LayerGram:
         return out
 
 
+class _NormGram:
+    """One normalisation layer's contribution (BatchNorm on running statistics, LayerNorm, GroupNorm).
+
+    z = x̂ ⊙ γ + β elementwise, with x̂ the normalised input (a function of the input alone, per
+    sample: running statistics, or statistics over the sample's own features). So
+    ∂f_c/∂γ = Σ_positions b_c ⊙ x̂ and ∂f_c/∂β = Σ_positions b_c, each class contracted as it arrives
+    into G (C, n, |γ| + |β|), and A[c, c'] = ⟨G_c, G_c'⟩. BatchNorm/GroupNorm: γ per channel (dim 1),
+    positions = the spatial dims; LayerNorm: γ over the normalised trailing dims, positions = the rest.
+    """
+
+    strategy = "elementwise"
+
+    def __init__(self, plan: LayerPlan, a: torch.Tensor, n_classes: int) -> None:
+        plan.strategy = self.strategy
+        m = self.module = plan.module
+        if isinstance(m, nn.LayerNorm):
+            self.xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+            self.reduce = tuple(range(1, a.dim() - len(m.normalized_shape)))  # leading positions
+        else:
+            if isinstance(m, nn.GroupNorm):
+                self.xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
+            else:
+                self.xhat = F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
+            self.reduce = tuple(range(2, a.dim()))  # spatial positions
+        self.has = (m.weight is not None, m.bias is not None)
+        size = m.weight.numel() if m.weight is not None else m.bias.numel()
+        self.buffer = torch.empty(n_classes, a.shape[0], size * sum(self.has), dtype=a.dtype, device=a.device)
+        self.count = 0
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.sum(self.reduce) if self.reduce else t).reshape(t.shape[0], -1)
+
+    def add(self, b: torch.Tensor) -> None:
+        parts = ([self._sum(b * self.xhat)] if self.has[0] else []) + ([self._sum(b)] if self.has[1] else [])
+        torch.cat(parts, 1, out=self.buffer[self.count])
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        assert self.count == self.buffer.shape[0], "every class must be added once"
+        F_ = self.buffer.transpose(0, 1)  # (n, C, |γ| + |β|)
+        return F_ @ F_.transpose(1, 2)
+
+
+class _EmbeddingGram:
+    """An Embedding's contribution: a Linear over token positions whose inputs are one-hot vectors.
+
+    ∂f_c/∂E = Σ_t e_{tok_t} b_{c,t}ᵀ, so A[c, c'] = Σ_{t,t'} [tok_t = tok_t'] (b_{c,t}·b_{c',t'}): the
+    ghost form with Γ the token-equality matrix (positions holding ``padding_idx`` get no gradient
+    and are left out). The (vocabulary × dim) gradient is never formed.
+    """
+
+    strategy = "ghost"
+
+    def __init__(self, plan: LayerPlan, tokens: torch.Tensor, n_classes: int) -> None:
+        plan.strategy = self.strategy
+        m = self.module = plan.module
+        n = tokens.shape[0]
+        tok = tokens.reshape(n, -1)
+        same = tok[:, :, None] == tok[:, None, :]
+        if m.padding_idx is not None:
+            keep = tok != m.padding_idx
+            same &= keep[:, :, None] & keep[:, None, :]
+        self.gamma = same.to(m.weight.dtype)  # (n, L, L)
+        self.buffer = _workspace(m, "dfdz", (n, n_classes, m.embedding_dim, tok.shape[1]), m.weight.dtype, m.weight.device)
+        self.count = 0
+
+    def add(self, b: torch.Tensor) -> None:
+        n = b.shape[0]
+        self.buffer[:, self.count] = b.reshape(n, -1, self.buffer.shape[2]).transpose(1, 2)  # (n, dim, L)
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        n, C, d, L = self.buffer.shape
+        assert self.count == C, "every class must be added once"
+        mixed = (self.buffer.reshape(n, C * d, L) @ self.gamma).reshape(n, C, d * L)
+        return self.buffer.reshape(n, C, d * L) @ mixed.transpose(1, 2)
+
+
+def _sink(plan: LayerPlan, a: torch.Tensor, n_classes: int):
+    """The accumulator for one fast layer's contribution."""
+    if isinstance(plan.module, nn.Embedding):
+        return _EmbeddingGram(plan, a, n_classes)
+    if isinstance(plan.module, _NORM_TYPES):
+        return _NormGram(plan, a, n_classes)
+    return _LayerGram(plan, a, n_classes)
+
+
 def _layer_contribution(plan: LayerPlan, a: torch.Tensor, Bm: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
     """A contribution (batch, C, C) of one layer from its input a and Bm = ∂f/∂z of shape (batch, C, *z.shape[1:]).
 
@@ -384,8 +481,8 @@ class ForwardCapture:
                 slow_names.extend(plan.params)
         if fast:
             zs = [self.captured[id(p.module)][0][1] for p in fast]
-            sinks = [_LayerGram(p, self.captured[id(p.module)][0][0], n_classes) for p in fast]
-            batched = all(isinstance(p.module, nn.Linear) for p in fast)  # see _stream_logit_jacobians
+            sinks = [_sink(p, self.captured[id(p.module)][0][0], n_classes) for p in fast]
+            batched = not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)  # see _stream_logit_jacobians
             _stream_logit_jacobians(out, zs, n_classes, sinks, batched, keep_graph)
             for plan, sink in zip(fast, sinks):
                 part = sink.result()
