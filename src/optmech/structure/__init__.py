@@ -146,7 +146,8 @@ def compute_structural_matrix(
                     A = _METHODS[ran](model, x, named, n_classes, chunk_size, groups, logits)
             except RuntimeError as exc:  # a forward torch.func cannot transform: exact fallback
                 warnings.warn(
-                    f"structural_matrix: the '{ran.value}' method failed on this model ({str(exc).splitlines()[0]}); "
+                    f"structural_matrix: the '{'gram/jacobian' if key is not None else ran.value}' method failed on this "
+                    f"model ({str(exc).splitlines()[0]}); "
                     "falling back to the exact but slower 'loop' method.",
                     RuntimeWarning,
                     stacklevel=3,

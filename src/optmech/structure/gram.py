@@ -222,10 +222,12 @@ class _LayerGram:
 
     b_c = ∂f_c/∂z has the layer output's shape (n, *z.shape[1:]), seen as (n, d_out, S).
 
-    - ``materialise``: each b_c is contracted as it arrives, G_cᵀ = â b_cᵀ of shape (n, K[+1], d_out)
-      with â the patches (n, K, S) plus a row of ones when there is a bias (its gradient Σ_s b_{c,s}
-      is then one more row of the same GEMM); then A = ⟨G_c, G_c'⟩. b_c is never copied, and the
-      â·bᵀ orientation is 1–2× faster on CPU than b·âᵀ for the thin shapes of early layers.
+    - ``materialise``: G_c = Σ_s b_{c,s} âᵀ_s with â the patches (n, K, S) plus a row of ones when
+      there is a bias (its gradient Σ_s b_{c,s} is then one more row of the same GEMM); then
+      A = ⟨G_c, G_c'⟩. With thin patches (K + 1 ≤ 2·d_out) each b_c is contracted as it arrives,
+      G_cᵀ = â b_cᵀ (n, K+1, d_out), never copied (the â·bᵀ orientation is 1–2× faster on CPU than
+      b·âᵀ for these shapes); otherwise the b_c are buffered like ``ghost`` and contracted in one
+      batched GEMM, with the patches built only then.
     - ``ghost``: the b_c are copied into one (n, C·d_out, S) buffer so that the contraction is one
       batched GEMM (about 4× faster on CPU than C thin ones): A = ⟨b_c, b_c' Γ⟩, Γ = aᵀa (S×S), or
       (‖a‖²)·b_c·b_c' for a vector Linear (S = 1); plus the bias term ⟨Σ_s b_c, Σ_s b_c'⟩.
