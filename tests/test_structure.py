@@ -354,3 +354,21 @@ def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle(monkeypatc
     assert rel_err(A, reference) < 1e-12
     for name in ("emb", "pos", "head"):
         assert rel_err(groups[name], ref_groups[name]) < 1e-12, name
+
+
+def test_outputs_overwritten_in_place_take_the_fast_path_from_the_second_call(monkeypatch):
+    """ReLU(inplace=True) after Conv/Linear (torchvision style): exact on the first call (generic path for
+    those layers), then the capture keeps z intact and no layer needs the generic path."""
+    from optmech import structure
+
+    model, x = unusual_models()["inplace_relu"]
+    reference = structural_matrix(model, x, method="loop")
+    assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
+    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    for _ in range(2):
+        assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
+    from optmech.structure import compute_structural_matrix
+
+    logits = compute_structural_matrix(model, x, method="gram")[3]  # the forward that ran on the copies
+    with torch.no_grad():
+        assert torch.allclose(logits, model.eval()(x), rtol=0, atol=1e-14)

@@ -427,6 +427,13 @@ def _stream_logit_jacobians(
             sink.add(torch.zeros_like(z) if g is None else g)
 
 
+#: fast layers whose output a later in-place op overwrote (BatchNorm or Conv → ReLU(inplace=True), a
+#: residual ``out += identity``): from then on the capture hook hands the model a copy of the output,
+#: so the layer's own z stays intact for the backward passes. Learned on the first call, which is
+#: still exact (that layer goes through the generic path once).
+_COPY_OUTPUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 class ForwardCapture:
     """Hooks on the fast layers that record (input, output) of one forward; use as a context manager.
 
@@ -447,6 +454,8 @@ class ForwardCapture:
         def hook(module, args, output):
             # the version counter tells later whether an in-place op (ReLU(inplace=True)) overwrote z
             self.captured[id(module)].append((args[0].detach(), output, output._version))
+            if module in _COPY_OUTPUT:
+                return output.clone()  # the model continues on a copy; z keeps its value and its graph
 
         self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
         return self
@@ -475,7 +484,11 @@ class ForwardCapture:
         for plan in self.plans:
             calls = self.captured[id(plan.module)]
             uses = [counts.get(id(by_name[name]), 0) for name in plan.params]
-            intact = len(calls) == 1 and calls[0][1].requires_grad and calls[0][1]._version == calls[0][2]
+            single = len(calls) == 1 and calls[0][1].requires_grad
+            overwritten = single and calls[0][1]._version != calls[0][2]
+            if overwritten:  # exact through the generic path this time; from the next call on, z is kept
+                _COPY_OUTPUT.add(plan.module)
+            intact = single and not overwritten
             if intact and all(u == 1 for u in uses):
                 fast.append(plan)
             else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
