@@ -40,7 +40,8 @@ class EngineMethod(str, enum.Enum):
       gradient; Embedding as a ghost Gram over token equality; the affine parameters of BatchNorm
       (running statistics), LayerNorm and GroupNorm as Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
-      them. Memory O(B·C·activations), independent of |θ| for the fast layers.
+      them; so, on the first call only, do layers whose output a later in-place op overwrites.
+      Memory O(B·C·activations), independent of |θ| for the fast layers.
     - ``AUTO``: ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when none does;
       otherwise the faster of the two, timed on the first call for a model and input shape and
       remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
