@@ -134,7 +134,7 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     sn, sc, sh, sw = padded.stride()
     view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
     K = c * k[0] * k[1]
-    out = _workspace(owner or module, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
+    out = _workspace(module if owner is None else owner, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
     out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
     if ones_row:
         out[:, K].fill_(1.0)
