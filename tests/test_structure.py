@@ -372,3 +372,34 @@ def test_outputs_overwritten_in_place_take_the_fast_path_from_the_second_call(mo
     logits = compute_structural_matrix(model, x, method="gram")[3]  # the forward that ran on the copies
     with torch.no_grad():
         assert torch.allclose(logits, model.eval()(x), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("immediate_ratio", [0, 10**9])
+def test_padded_input_buffers_of_equal_shape_but_other_padding_are_kept_apart(monkeypatch, immediate_ratio):
+    """Padded inputs live in buffers kept between calls, zero border written once: a 28×28 input padded
+    by 1 and a 26×26 one padded by 2 are both 30×30, and must not share a buffer (each border would
+    hold the other's interior). Exact on repeated calls with new inputs, per class and buffered."""
+    from optmech import structure
+
+    monkeypatch.setattr(structure.gram, "_IMMEDIATE_RATIO", immediate_ratio)
+    g = torch.Generator().manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Tanh(),
+        nn.Conv2d(2, 2, 5, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3),
+    ).double()
+    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    for _ in range(2):
+        x = torch.randn(2, 2, 28, 28, generator=g, dtype=torch.float64)
+        assert rel_err(structural_matrix(model, x, method="gram"), structural_oracle(model, x)[0]) < 1e-12
+
+
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    """The finiteness check sums first; an overflowing sum of finite values must not be taken for inf."""
+    from optmech.structure._context import prepare_inputs
+
+    model = nn.Linear(2, 2)
+    x = torch.full((2, 2), 3e38)
+    assert torch.isinf(x.sum())
+    assert torch.equal(prepare_inputs(model, x), x)
+    with pytest.raises(ValueError, match=r"got NaN or inf in samples \[0\]"):
+        prepare_inputs(model, torch.tensor([[float("inf"), 0.0], [1.0, 2.0]]))

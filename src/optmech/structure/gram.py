@@ -130,7 +130,7 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     """
     a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
     n, c = a.shape[:2]
-    padded = F.pad(a, (p[1], p[1], p[0], p[0])) if (p[0] or p[1]) else a
+    padded = _zero_padded(a, p) if (p[0] or p[1]) else a
     sn, sc, sh, sw = padded.stride()
     view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
     K = c * k[0] * k[1]
@@ -138,6 +138,18 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
     if ones_row:
         out[:, K].fill_(1.0)
+    return out
+
+
+def _zero_padded(a: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
+    """``F.pad(a, (p1, p1, p0, p0))`` in a buffer kept between calls whose zero border is written once.
+
+    Shared by every layer with the same padded shape and padding (the interior, always fully
+    overwritten, is then the same region). Saves ``F.pad``'s fresh allocation and fill each call.
+    """
+    n, c, h, w = a.shape
+    out = _workspace(_SHARED, f"padded{p}", (n, c, h + 2 * p[0], w + 2 * p[1]), a.dtype, a.device, zeroed=True)
+    out[:, :, p[0] : p[0] + h, p[1] : p[1] + w].copy_(a)
     return out
 
 
@@ -187,15 +199,18 @@ _WORKSPACE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = 
 
 
 _SLOTS_PER_MODULE = 4  # e.g. the probe set and the training batch, each with two roles
-_SLOTS_SHARED = 16  # patch shapes of a whole network, for two batch sizes
+_SLOTS_SHARED = 24  # patch and padded-input shapes of a whole network, for two batch sizes
 
 
-def _workspace(module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _workspace(
+    module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> torch.Tensor:
+    """A buffer of ``shape`` kept for (module, role); ``zeroed``: filled with zeros when first made."""
     slots = _WORKSPACE.setdefault(module, {})
     key = (role, tuple(shape), dtype, device)
     buf = slots.pop(key, None)
     if buf is None:
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        buf = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
     slots[key] = buf  # most recently used last
     while len(slots) > (_SLOTS_SHARED if module is _SHARED else _SLOTS_PER_MODULE):
         slots.pop(next(iter(slots)))
