@@ -232,6 +232,13 @@ def release_workspace() -> None:
 _IMMEDIATE_RATIO = 2
 
 
+def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs."""
+    n, C, d, S = b.shape
+    mixed = (b.reshape(n, C * d, S) @ gamma).reshape(n, C, d * S)
+    return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+
+
 class _LayerGram:
     """Accumulates one layer's contribution class by class: ``add(b_c)`` for c = 0…C−1, then ``result()``.
 
@@ -303,10 +310,7 @@ class _LayerGram:
             F_ = torch.stack(self.vectors, 1)  # (n, C, d_out)
             scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
             return scale[:, None, None] * (F_ @ F_.transpose(1, 2))
-        n, C, d, S = self.buffer.shape
-        gram_a = a.transpose(1, 2) @ a  # Γ = (a_s·a_t), (n, S, S)
-        mixed = (self.buffer.reshape(n, C * d, S) @ gram_a).reshape(n, C, d * S)
-        out = self.buffer.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+        out = _ghost_contract(self.buffer, a.transpose(1, 2) @ a)  # Γ = (a_s·a_t), (n, S, S)
         if self.bias:
             bs = self.buffer.sum(3)  # (n, C, d_out)
             out = out + bs @ bs.transpose(1, 2)
@@ -385,10 +389,8 @@ class _EmbeddingGram:
         self.count += 1
 
     def result(self) -> torch.Tensor:
-        n, C, d, L = self.buffer.shape
-        assert self.count == C, "every class must be added once"
-        mixed = (self.buffer.reshape(n, C * d, L) @ self.gamma).reshape(n, C, d * L)
-        return self.buffer.reshape(n, C, d * L) @ mixed.transpose(1, 2)
+        assert self.count == self.buffer.shape[1], "every class must be added once"
+        return _ghost_contract(self.buffer, self.gamma)
 
 
 def _sink(plan: LayerPlan, a: torch.Tensor, n_classes: int):
