@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/structural.py                 # all models, about 10 minutes on 2 cores
     .venv/bin/python benchmarks/structural.py --models a1 mlp1024 --rounds 3 --no-loop
     .venv-nt/bin/python benchmarks/structural.py          # with the neural-tangents column (own environment)
+    python benchmarks/structural.py --device cuda --batch 64 256   # on a GPU (peak memory from the CUDA allocator)
 
 For each model (the paper's a–d at k = 1 and k = 5 under the default mapping, and an MLP of
 width 256 and 1024), batch 64, C = 10, float32, it measures in one process, interleaved round by
@@ -17,8 +18,10 @@ round so that machine noise hits every method alike:
   timed alone are printed too; C × that single warm backward is what earlier versions used.
 
 It prints medians, each method's ratio to the training step and to the bound, the peak memory of
-each method (resident-set growth measured in a fresh subprocess) and the largest relative error
-against the float64 ``loop`` oracle on 4 samples.
+each method (resident-set growth measured in a fresh subprocess; on CUDA the allocator's peak
+above what was allocated before the call, workspaces released first) and the largest relative
+error against the float64 ``loop`` oracle on 4 samples (the oracle on the CPU, the method on the
+device). On CUDA every timing synchronises the device before and after the call.
 
 When JAX and neural-tangents import (the environment of benchmarks/neural_tangents_env.md), it adds
 **nt**: neural-tangents' STRUCTURED_DERIVATIVES per-sample NTK blocks on the same weights (the model
@@ -51,7 +54,7 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers  # noqa: E402
+from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
@@ -71,9 +74,14 @@ def _gemm_operand() -> torch.Tensor:
     return torch.randn(GEMM_SIZE, GEMM_SIZE, generator=torch.Generator().manual_seed(0))
 
 
-def gemm() -> None:
+@functools.cache
+def _gemm_operand_on(device: str) -> torch.Tensor:
+    return _gemm_operand().to(device)
+
+
+def gemm(device: str = "cpu") -> None:
     """One 2048×2048 float32 matrix product (2·2048³ FLOP): the throughput that prices the contraction."""
-    a = _gemm_operand()
+    a = _gemm_operand_on(device)
     a @ a
 
 
@@ -141,13 +149,14 @@ def nt_runner(model: torch.nn.Module, x: torch.Tensor, dtype=None):
     return (lambda: blocks(params, xj).block_until_ready()), time.perf_counter() - t
 
 
-def rel_errors(name: str, methods: list[str]) -> dict[str, float]:
-    """Max |A − A_oracle| / max |A_oracle| in float64 on 4 samples, oracle = loop."""
+def rel_errors(name: str, methods: list[str], device: str = "cpu") -> dict[str, float]:
+    """Max |A − A_oracle| / max |A_oracle| in float64 on 4 samples, oracle = loop on the CPU, methods on ``device``."""
     model = make_model(name).double()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = structural_matrix(model, x, method="loop")
     scale = ref.abs().max()
-    out = {m: float((structural_matrix(model, x, method=m) - ref).abs().max() / scale) for m in methods if m != "nt"}
+    model, xd = model.to(device), x.to(device)
+    out = {m: float((structural_matrix(model, xd, method=m).cpu() - ref).abs().max() / scale) for m in methods if m != "nt"}
     if "nt" in methods:
         import numpy as np
 
@@ -168,7 +177,7 @@ def _reset_hwm() -> None:
         fh.write("5")
 
 
-def peak_memory_mib(name: str, method: str) -> float:
+def peak_memory_mib(name: str, method: str, batch: int = BATCH) -> float:
     """Resident-set growth of one call, measured in a fresh process (Linux /proc).
 
     The first call for the torch methods (their workspaces included); for nt a warm call after
@@ -183,7 +192,7 @@ def peak_memory_mib(name: str, method: str) -> float:
         "import torch;"
         "from benchmarks.structural import make_model, nt_runner, _hwm_kib, _reset_hwm;"
         "from optmech import Probe, structural_matrix;"
-        f"m = make_model({name!r}); x = torch.randn({BATCH}, 1, 28, 28); m(x);"
+        f"m = make_model({name!r}); x = torch.randn({batch}, 1, 28, 28); m(x);"
         + ("call, _ = nt_runner(m, x); _reset_hwm();" if method == "nt" else "")
         + "base = _hwm_kib();"
         + calls.get(method, f"structural_matrix(m, x, method={method!r})") + ";"
@@ -193,9 +202,25 @@ def peak_memory_mib(name: str, method: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def timed(fn) -> float:
+def cuda_peak_memory_mib(fn) -> float:
+    """Peak CUDA allocation of one call above what was allocated before it (the engine's workspaces released first)."""
+    release_workspace()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def timed(fn, sync=None) -> float:
+    """Seconds of one call of ``fn``; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after."""
+    if sync:
+        sync()
     t = time.perf_counter()
     fn()
+    if sync:
+        sync()
     return time.perf_counter() - t
 
 
@@ -206,8 +231,15 @@ def main() -> None:
     parser.add_argument("--no-loop", action="store_true", help="skip the slow loop oracle timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
     parser.add_argument("--no-nt", action="store_true", help="leave out neural-tangents even where it imports")
+    parser.add_argument("--device", default="cpu", help="torch device of the models and batches (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[BATCH], help="batch sizes (each model is timed at each)")
     args = parser.parse_args()
-    with_nt = not args.no_nt and neural_tangents_available()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch build ({torch.__version__})")
+    sync = torch.cuda.synchronize if cuda else None
+    with_nt = not cuda and not args.no_nt and neural_tangents_available()
     if with_nt:
         import jax
 
@@ -220,14 +252,18 @@ def main() -> None:
         versions = f"; jax {version('jax')}, neural-tangents {version('neural-tangents')}"
     else:
         versions = "; neural-tangents not installed (nt row left out)" if not args.no_nt else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, C = {N_CLASSES}, float32{versions}")
-    header = f"{'model':8s} {'|θ|':>9s} {'method':9s} {'median ms':>10s} {'× step':>8s} {'× bound':>8s} {'peak MiB':>9s} {'rel err f64':>12s}"
+    where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
+    batches = ", ".join(map(str, args.batch))
+    print(f"torch {torch.__version__}, {where}, batch {batches}, C = {N_CLASSES}, float32{versions}")
+    per_batch = args.batch != [BATCH]  # the model column then says "model/batch"
+    width = 12 if per_batch else 8
+    header = f"{'model/batch' if per_batch else 'model':{width}s} {'|θ|':>9s} {'method':9s} {'median ms':>10s} {'× step':>8s} {'× bound':>8s} {'peak MiB':>9s} {'rel err f64':>12s}"
     print(header)
     print("-" * len(header))
-    for name in args.models:
-        model = make_model(name).eval()
-        x = torch.randn(BATCH, 1, 28, 28)
-        y = torch.randint(0, N_CLASSES, (BATCH,))
+    for name, batch in [(m, b) for m in args.models for b in args.batch]:
+        model = make_model(name).eval().to(device)
+        x = torch.randn(batch, 1, 28, 28).to(device)
+        y = torch.randint(0, N_CLASSES, (batch,)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
 
         def step():
@@ -249,45 +285,51 @@ def main() -> None:
             methods["nt"], compile_s = nt_runner(model, x)
         times = {k: [] for k in ["step", "forward", "one_backward", "forward_and_backwards", "gemm", *methods]}
         step()  # warm-up
-        gemm()
+        gemm(args.device)
         with probing(twin):
             forward(), one_backward(), forward_and_backwards()
         for fn in methods.values():
             fn()
         # short methods get more rounds (up to 30) so that a burst of load cannot cover all of them
-        rounds = min(30, max(args.rounds, math.ceil(1.0 / max(timed(step), 1e-3))))
+        rounds = min(30, max(args.rounds, math.ceil(1.0 / max(timed(step, sync), 1e-3))))
         for _ in range(rounds):
-            times["step"].append(timed(step))
+            times["step"].append(timed(step, sync))
             with probing(twin):
-                times["forward"].append(timed(forward))
-                times["one_backward"].append(timed(one_backward))
-                times["forward_and_backwards"].append(timed(forward_and_backwards))
-            times["gemm"].append(timed(gemm))
+                times["forward"].append(timed(forward, sync))
+                times["one_backward"].append(timed(one_backward, sync))
+                times["forward_and_backwards"].append(timed(forward_and_backwards, sync))
+            times["gemm"].append(timed(lambda: gemm(args.device), sync))
             for key, fn in methods.items():
                 if len(times[key]) >= 3 and sum(times[key]) > 15.0:
                     continue  # a slow method has had its 3 rounds and 15 s: enough for a median
-                times[key].append(timed(fn))
+                times[key].append(timed(fn, sync))
                 if key == "nt":
                     time.sleep(0.2)  # let XLA's worker threads go idle before the next torch timing
         if not args.no_loop:
-            times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop"))]
+            times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop"), sync)]
         med = {k: statistics.median(v) for k, v in times.items()}
         rate = 2 * GEMM_SIZE**3 / med["gemm"]
         bound = med["forward_and_backwards"] + 2 * macs / rate
-        errors = rel_errors(name, [m for m in ("gram", "jacobian", "nt") if m in med])
-        label = f"{name:8s} {n_params(model):9d}"
+        errors = rel_errors(name, [m for m in ("gram", "jacobian", "nt") if m in med], args.device)
+        label = f"{f'{name}/{batch}' if per_batch else name:{width}s} {n_params(model):9d}"
         rows = [("step", med["step"]), ("bound", bound)] + [(m, med[m]) for m in ("gram", "probe", "jacobian", "nt", "loop") if m in med]
+        cuda_calls = {"step": step, "loop": lambda: structural_matrix(model, x, method="loop"), **methods}
         for method, t in rows:
-            mem = "" if args.no_memory or method == "bound" else f"{peak_memory_mib(name, method):9.0f}"
+            if args.no_memory or method == "bound":
+                mem = ""
+            elif cuda:
+                mem = f"{cuda_peak_memory_mib(cuda_calls[method]):9.0f}"
+            else:
+                mem = f"{peak_memory_mib(name, method, batch):9.0f}"
             err = f"{errors[method]:12.1e}" if method in errors else ""
             print(f"{label} {method:9s} {1e3 * t:10.1f} {t / med['step']:8.2f} {t / bound:8.2f} {mem:>9s} {err:>12s}")
             label = " " * len(label)
-        print(f"{'':19s} bound = forward + {N_CLASSES} activation backward passes {1e3 * med['forward_and_backwards']:.1f} ms "
+        print(f"{'':{width + 11}s} bound = forward + {N_CLASSES} activation backward passes {1e3 * med['forward_and_backwards']:.1f} ms "
               f"+ contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s)")
-        print(f"{'':19s}   timed alone: forward {1e3 * med['forward']:.1f} ms, one backward {1e3 * med['one_backward']:.1f} ms "
+        print(f"{'':{width + 11}s}   timed alone: forward {1e3 * med['forward']:.1f} ms, one backward {1e3 * med['one_backward']:.1f} ms "
               f"(forward + {N_CLASSES} × backward = {1e3 * (med['forward'] + N_CLASSES * med['one_backward']):.1f} ms)")
         if compile_s is not None:
-            print(f"{'':19s} nt: jit compilation {compile_s:.1f} s before the first call, not counted")
+            print(f"{'':{width + 11}s} nt: jit compilation {compile_s:.1f} s before the first call, not counted")
         sys.stdout.flush()
 
 

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from optmech.models import FAMILIES, build
+
 #: relative tolerances by dtype (neural-tangents' convention); the issue asks 1e-10 in float64.
 RTOL = {torch.float64: 1e-10, torch.float32: 5e-3}
 
@@ -139,3 +141,19 @@ def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "inplace_relu": (InplaceReLU().double(), torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
         "grouped_partly_frozen": (GroupedAndPartlyFrozen().double(), torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)),
     }
+
+
+def family_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Every model family with and without skips, depth 2, on 8×8 inputs: name -> (float64 model, inputs)."""
+    cases = {}
+    for family in FAMILIES:
+        for skip in (False, True):
+            model = build(family, depth=2, skip=skip, input_shape=(1, 8, 8), seed=3, dtype=torch.float64)
+            x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+            cases[f"{family}-{'skip' if skip else 'plain'}"] = (model, x)
+    return cases
+
+
+def engine_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """The models every engine method must get right: the families and the unusual models."""
+    return {**family_cases(), **unusual_models()}

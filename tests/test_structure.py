@@ -4,26 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, rel_err, unusual_models
+from helpers import RTOL, engine_cases, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
-from optmech.models import FAMILIES, build
+from optmech.models import build
 from optmech.structure import EngineMethod
 
 METHODS = [m.value for m in EngineMethod]
-
-
-def _family_cases():
-    cases = {}
-    for family in FAMILIES:
-        for skip in (False, True):
-            model = build(family, depth=2, skip=skip, input_shape=(1, 8, 8), seed=3, dtype=torch.float64)
-            x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-            cases[f"{family}-{'skip' if skip else 'plain'}"] = (model, x)
-    return cases
-
-
-CASES = {**_family_cases(), **unusual_models()}
+CASES = engine_cases()
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +166,18 @@ def test_bad_inputs_and_models():
         structural_matrix(frozen, torch.randn(2, 3))
     with pytest.raises(ValueError, match="non-empty batch"):
         structural_matrix(nn.Linear(3, 2), torch.randn(0, 3))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "-" in c])  # the families
+def test_gram_never_takes_the_generic_path_on_the_model_families(case, monkeypatch, oracle_results):
+    """Every parameter of the families is in a fast layer used once: a fallback would be exact but
+    silently slow (torch 2.11 reused the ids of freed graph nodes, and the use count missed layers)."""
+    from optmech import structure
+
+    model, x = CASES[case]
+    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    A, ran = structural_matrix(model, x, method="auto", return_method=True)
+    assert ran == "gram" and rel_err(A, oracle_results[case][0]) < RTOL[torch.float64]
 
 
 def test_gram_strategies_agree_and_fallbacks_are_used():

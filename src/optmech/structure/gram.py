@@ -68,15 +68,20 @@ def _is_fast_layer(module: nn.Module) -> bool:
 
 
 def _use_counts(output: torch.Tensor) -> dict[int, int]:
-    """How many graph edges consume each leaf tensor (id -> count), walking the autograd graph once."""
+    """How many graph edges consume each leaf tensor (id -> count), walking the autograd graph once.
+
+    The visited nodes' Python wrappers are kept alive for the walk: torch (2.11 at least) makes a
+    wrapper per access and frees it after, so the id of a freed node could come back as another
+    node's, which would then be skipped as seen and its parameters' uses never counted.
+    """
     counts: dict[int, int] = {}
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # id -> the node itself, so that no id is reused during the walk
     stack = [output.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
-        seen.add(id(fn))
+        seen[id(fn)] = fn
         for nxt, _ in fn.next_functions:
             if nxt is None:
                 continue
