@@ -94,3 +94,15 @@ def test_probing_on_cuda_leaves_rng_modes_and_buffers_alone():
     assert torch.equal(torch.cuda.get_rng_state(), state)
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(A1, A2)  # eval semantics: dropout off, same answer twice
+
+
+def test_auto_on_cuda_times_both_methods_once_even_when_every_layer_is_fast(caplog):
+    model = build("snet", depth=1, input_shape=(1, 8, 8), seed=0, dtype=torch.float64).to(CUDA)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64, device=CUDA)
+    with caplog.at_level("INFO", logger="optmech.structure"):
+        A, ran = structural_matrix(model, x, return_method=True)
+        again, ran_again = structural_matrix(model, x, return_method=True)
+    assert sum("measured gram" in r.message for r in caplog.records) == 1  # remembered after the first call
+    assert ran in ("gram", "jacobian") and ran_again == ran
+    ref = structural_matrix(model, x, method="loop")
+    assert rel_err(A, ref) < RTOL[torch.float64] and rel_err(again, ref) < RTOL[torch.float64]

@@ -15,6 +15,7 @@ Logarithms are base 2 (paper Sec. 5; DESIGN §5). Eigenvalues are always compute
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pandas as pd
@@ -81,17 +82,22 @@ def gradient_norm(A: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def spectrum(A: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of each A_x in float64, ascending. (batch, C, C) -> (batch, C)."""
+    """Eigenvalues of each A_x in float64, ascending. (batch, C, C) -> (batch, C).
+
+    On A's own device: on an H100, torch's batched eigensolver took 0.22 ms for 64 matrices of
+    size 10 and 0.31 ms for 1024, against 0.49 and 5.8 ms through the CPU (benchmarks/README.md).
+    """
     A = A.to(torch.float64)
     return torch.linalg.eigvalsh(0.5 * (A + A.transpose(-1, -2)))
 
 
+@functools.lru_cache(maxsize=16)
 def _perp_basis(n: int, device: torch.device) -> torch.Tensor:
-    """An orthonormal basis V (n, n−1) of the subspace orthogonal to the all-ones vector."""
-    M = torch.eye(n, dtype=torch.float64, device=device)
+    """An orthonormal basis V (n, n−1) of the subspace orthogonal to the all-ones vector (cached; read only)."""
+    M = torch.eye(n, dtype=torch.float64)
     M[:, 0] = 1.0
     Q, _ = torch.linalg.qr(M)
-    return Q[:, 1:]
+    return Q[:, 1:].contiguous().to(device)
 
 
 def perp_spectrum(A: torch.Tensor) -> torch.Tensor:

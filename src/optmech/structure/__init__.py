@@ -42,9 +42,10 @@ class EngineMethod(str, enum.Enum):
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them; so, on the first call only, do layers whose output a later in-place op overwrites.
       Memory O(B·C·activations), independent of |θ| for the fast layers.
-    - ``AUTO``: ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when none does;
-      otherwise the faster of the two, timed on the first call for a model and input shape and
-      remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
+    - ``AUTO``: on the CPU, ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when
+      none does; otherwise — and on a GPU whenever some layer is fast, since there kernel launches
+      rather than arithmetic decide small models — the faster of the two, timed on the first call
+      for a model and input shape and remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
       cannot be vmapped.
 
     Every method registered in ``_METHODS`` is checked against ``LOOP`` by the tests.
@@ -170,16 +171,19 @@ _AUTO_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, EngineMethod]]" 
 def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per_layer: bool) -> tuple[EngineMethod, tuple | None]:
     """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
 
-    No fast layer (Linear, Conv, Embedding, norm): ``jacobian``. Every parameter in one: ``gram``
-    (its work is a subset of ``jacobian``'s). Otherwise ``gram`` = those layers + ``jacobian`` on the
-    other parameters, which can cost more than ``jacobian`` alone (that backward still runs through
-    the whole network): the first call with a given model, input shape and dtype times both and
-    keeps the faster for later calls.
+    No fast layer (Linear, Conv, Embedding, norm): ``jacobian``. Every parameter in one, on the
+    CPU: ``gram`` (its arithmetic is a subset of ``jacobian``'s, and on the CPU arithmetic decides).
+    Otherwise ``gram`` = those layers + ``jacobian`` on the other parameters, which can cost more
+    than ``jacobian`` alone (that backward still runs through the whole network), and on a GPU
+    small models are bound by kernel launches, where ``jacobian``'s few vmapped kernels can beat
+    ``gram``'s many small ones (on an H100, jacobian was 1.3–1.6× faster on the SNet models at
+    batch 64 and 1.1–1.3× slower at batch 256; benchmarks/README.md):
+    the first call with a given model, input shape and dtype times both and keeps the faster.
     """
     plans, rest = plan_layers(model, named)
     if not plans:
         return EngineMethod.JACOBIAN, None
-    if not rest:
+    if not rest and x.device.type == "cpu":
         return EngineMethod.GRAM, None
     key = (tuple(x.shape), x.dtype, x.device, tuple(n for n, _ in named), chunk_size, per_layer)
     known = _AUTO_CHOICE.get(model, {}).get(key)
@@ -187,13 +191,30 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
 
 
 def _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key) -> tuple[torch.Tensor, dict | None, EngineMethod]:
-    """Run ``gram`` and ``jacobian`` once each, timed; remember the faster; return its result."""
+    """Run ``gram`` and ``jacobian``, timed; remember the faster; return its result.
+
+    On a GPU, where a call takes milliseconds, each runs three times with the device synchronised
+    around each run, and the faster of the last two counts: the first also pays for kernel
+    selection and allocations, and one run alone can meet a pause (a garbage collection, another
+    process) as long as the difference between the methods.
+    """
     results, seconds = {}, {}
+    cuda = x.device.type == "cuda"
     for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
-        groups = {} if per_layer else None
-        start = time.perf_counter()
-        A = _METHODS[method](model, x, named, n_classes, chunk_size, groups, logits if method is EngineMethod.GRAM else None)
-        seconds[method] = time.perf_counter() - start
+        runs = []
+        for _ in range(3 if cuda else 1):
+            groups = {} if per_layer else None
+            run_logits: list[torch.Tensor] | None = [] if method is EngineMethod.GRAM else None
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
+            A = _METHODS[method](model, x, named, n_classes, chunk_size, groups, run_logits)
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            runs.append(time.perf_counter() - start)
+        seconds[method] = min(runs[1:]) if cuda else runs[0]
+        if run_logits is not None and logits is not None:
+            logits.extend(run_logits)
         results[method], n_classes = (A, groups), A.shape[1]  # gram runs first and tells jacobian C
     best = min(seconds, key=seconds.get)
     _AUTO_CHOICE.setdefault(model, {})[key] = best
