@@ -54,7 +54,8 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.gram import _layer_patches, _out_features, contraction_costs, plan_layers, release_workspace  # noqa: E402
+from optmech.structure.gram import contraction_costs, plan_layers  # noqa: E402
+from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
@@ -105,8 +106,8 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, float]:
     zs = [captured[p.module][1] for p in plans]
     macs = 0.0
     for p in plans:
-        a = _layer_patches(p.module, captured[p.module][0])
-        costs = contraction_costs(x.shape[0], N_CLASSES, a.shape[2], a.shape[1], _out_features(p.module), p.module.bias is not None)
+        a = layer_patches(p.module, captured[p.module][0])
+        costs = contraction_costs(x.shape[0], N_CLASSES, a.shape[2], a.shape[1], out_features(p.module), p.module.bias is not None)
         macs += min(costs.values())
 
     def forward():

@@ -35,6 +35,7 @@ from torch import nn
 
 from ._context import add_group, check_outputs
 from .jacobian import structural_matrix_jacobian
+from .patches import SHARED, layer_dims, layer_patches, out_features, release_workspace, workspace
 
 __all__ = ["structural_matrix_gram", "plan_layers", "LayerPlan", "ForwardCapture", "release_workspace"]
 
@@ -113,59 +114,6 @@ def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
     return plans, rest
 
 
-def _conv_geometry(module: nn.Module, a: torch.Tensor):
-    """(input as (n, c, h, w), kernel, dilation, padding, stride, output (ho, wo)) of a Conv1d/Conv2d."""
-    if isinstance(module, nn.Conv1d):
-        a = a.unsqueeze(-2)
-        k, d, p, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
-    else:
-        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    h, w = a.shape[-2:]
-    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    return a, k, d, p, s, (ho, wo)
-
-
-def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
-    """Input patches (batch, K = c_in·kernel [+ 1], S positions) for Conv1d/Conv2d.
-
-    Built as a strided view of the zero-padded input and copied once: the same values as
-    ``F.unfold``, about 3× faster on CPU. ``ones_row`` appends a row of ones (the bias's "input").
-    The result lives in the workspace of ``owner`` (default: the module itself).
-    """
-    a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
-    n, c = a.shape[:2]
-    padded = _zero_padded(a, p) if (p[0] or p[1]) else a
-    sn, sc, sh, sw = padded.stride()
-    view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
-    K = c * k[0] * k[1]
-    out = _workspace(module if owner is None else owner, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
-    out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
-    if ones_row:
-        out[:, K].fill_(1.0)
-    return out
-
-
-def _zero_padded(a: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
-    """``F.pad(a, (p1, p1, p0, p0))`` in a buffer kept between calls whose zero border is written once.
-
-    Shared by every layer with the same padded shape and padding (the interior, always fully
-    overwritten, is then the same region). Saves ``F.pad``'s fresh allocation and fill each call.
-    """
-    n, c, h, w = a.shape
-    out = _workspace(_SHARED, f"padded{p}", (n, c, h + 2 * p[0], w + 2 * p[1]), a.dtype, a.device, zeroed=True)
-    out[:, :, p[0] : p[0] + h, p[1] : p[1] + w].copy_(a)
-    return out
-
-
-def _layer_dims(module: nn.Module, a: torch.Tensor) -> tuple[int, int]:
-    """(K input features per position, S positions) of a fast layer for its input a, without building patches."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, a[0].numel() // module.in_features
-    a, k, _, _, _, (ho, wo) = _conv_geometry(module, a)
-    return a.shape[1] * k[0] * k[1], ho * wo
-
-
 def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
     """Multiply-adds of each way to contract one layer with S positions, K inputs, d_out outputs.
 
@@ -179,58 +127,6 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     ghost = n * S * S * K + n * S * S * C * d_out + n * C * C * S * d_out
     materialise = n * C * d_out * S * K + n * C * C * d_out * K
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
-
-
-def _layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
-    """The layer's per-sample inputs as (n, K features [+ 1], S positions): Linear over all middle dims, Conv patches.
-
-    ``ones_row`` appends a row of ones, so that a bias gradient Σ_s b_s is one more column of the weight GEMM.
-    """
-    n = a.shape[0]
-    if isinstance(module, nn.Linear):
-        a = a.reshape(n, -1, module.in_features).transpose(1, 2)
-        return torch.cat([a, a.new_ones(n, 1, a.shape[2])], dim=1) if ones_row else a
-    return _conv_patches(module, a, ones_row, owner)
-
-
-def _out_features(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
-
-
-#: per-layer buffers kept between calls (module -> {role: tensor}). Buffers of tens of MB are served by
-#: fresh mmaps whose page faults cost about 3× the copy itself (measured: 12.5 vs 3.5 ms for 32 MB), and
-#: the probe calls the engine every step with the same shapes. ``release_workspace()`` frees them.
-_WORKSPACE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-_SLOTS_PER_MODULE = 4  # e.g. the probe set and the training batch, each with two roles
-_SLOTS_SHARED = 24  # patch and padded-input shapes of a whole network, for two batch sizes
-
-
-def _workspace(
-    module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
-) -> torch.Tensor:
-    """A buffer of ``shape`` kept for (module, role); ``zeroed``: filled with zeros when first made."""
-    slots = _WORKSPACE.setdefault(module, {})
-    key = (role, tuple(shape), dtype, device)
-    buf = slots.pop(key, None)
-    if buf is None:
-        buf = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
-    slots[key] = buf  # most recently used last
-    while len(slots) > (_SLOTS_SHARED if module is _SHARED else _SLOTS_PER_MODULE):
-        slots.pop(next(iter(slots)))
-    return buf
-
-
-#: owner of the patches built at contraction time: layers contract one after another, so layers with
-#: patches of the same shape share one buffer (a deep net keeps one, not one per layer, and it is
-#: still in cache when the contraction reads it)
-_SHARED = nn.Module()
-
-
-def release_workspace() -> None:
-    """Free the buffers the ``gram`` method keeps between calls."""
-    _WORKSPACE.clear()
 
 
 #: materialised layers whose patches have at most this many rows per output channel contract each class at once
@@ -263,8 +159,8 @@ class _LayerGram:
     def __init__(self, plan: LayerPlan, a: torch.Tensor, n_classes: int, strategy: str | None = None) -> None:
         self.module = plan.module
         n = a.shape[0]
-        K, S = _layer_dims(self.module, a)
-        self.n_classes, self.d_out, self.S = n_classes, _out_features(self.module), S
+        K, S = layer_dims(self.module, a)
+        self.n_classes, self.d_out, self.S = n_classes, out_features(self.module), S
         self.bias = self.module.bias is not None
         costs = contraction_costs(n, n_classes, S, K, self.d_out, self.bias)
         plan.strategy = self.strategy = strategy or min(costs, key=costs.get)
@@ -275,12 +171,12 @@ class _LayerGram:
         # costs less than copying the b_c), else buffer the b_c and contract them in one GEMM
         self.immediate = materialise and rows <= _IMMEDIATE_RATIO * self.d_out
         # (n, K[+1], S): now if every class needs them, else when result() contracts (shared buffer)
-        self.a = _layer_patches(self.module, a, self.ones_row) if self.immediate or S == 1 else None
+        self.a = layer_patches(self.module, a, self.ones_row) if self.immediate or S == 1 else None
         if self.immediate:
             shape = (n_classes, n, rows, self.d_out)  # G_cᵀ per class, contiguous per class
-            self.buffer = _workspace(self.module, "weight-grads", shape, a.dtype, a.device)
+            self.buffer = workspace(self.module, "weight-grads", shape, a.dtype, a.device)
         elif not (self.strategy == "ghost" and S == 1):
-            self.buffer = _workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
+            self.buffer = workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
         self.vectors: list[torch.Tensor] = []  # ghost with S = 1: the b_c themselves, stacked once in result()
         self.count = 0
 
@@ -306,7 +202,7 @@ class _LayerGram:
             C, n = self.buffer.shape[:2]
             F_ = self.buffer.permute(1, 0, 2, 3).reshape(n, C, -1)  # (n, C, (K+1)·d_out)
             return F_ @ F_.transpose(1, 2)
-        a = self.a if self.a is not None else _layer_patches(self.module, self.input, self.ones_row, owner=_SHARED)
+        a = self.a if self.a is not None else layer_patches(self.module, self.input, self.ones_row, owner=SHARED)
         if self.strategy == "materialise":
             n, C, d, S = self.buffer.shape
             F_ = (self.buffer.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
@@ -385,7 +281,7 @@ class _EmbeddingGram:
             keep = tok != m.padding_idx
             same &= keep[:, :, None] & keep[:, None, :]
         self.gamma = same.to(m.weight.dtype)  # (n, L, L)
-        self.buffer = _workspace(m, "dfdz", (n, n_classes, m.embedding_dim, tok.shape[1]), m.weight.dtype, m.weight.device)
+        self.buffer = workspace(m, "dfdz", (n, n_classes, m.embedding_dim, tok.shape[1]), m.weight.dtype, m.weight.device)
         self.count = 0
 
     def add(self, b: torch.Tensor) -> None:

@@ -1,0 +1,123 @@
+"""Layer inputs as per-position feature matrices (patches), in buffers kept between calls.
+
+A Linear layer's input over positions t is (n, K = in_features, S = positions); a Conv1d/Conv2d
+layer's is its unfolded patches (n, K = c_in·kernel, S = output positions), built as a strided
+view of the zero-padded input and copied once (the values of ``F.unfold``, about 3× faster on
+CPU). Buffers of tens of MB are kept per (module, role) between calls: the probe calls the engine
+every step with the same shapes, and fresh buffers of that size cost page faults worth about 3× the
+copy into them. ``release_workspace()`` frees them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+__all__ = ["layer_patches", "layer_dims", "out_features", "workspace", "SHARED", "release_workspace"]
+
+
+#: per-layer buffers kept between calls (module -> {role: tensor}). Buffers of tens of MB are served by
+#: fresh mmaps whose page faults cost about 3× the copy itself (measured: 12.5 vs 3.5 ms for 32 MB), and
+#: the probe calls the engine every step with the same shapes. ``release_workspace()`` frees them.
+_WORKSPACE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+_SLOTS_PER_MODULE = 4  # e.g. the probe set and the training batch, each with two roles
+_SLOTS_SHARED = 24  # patch and padded-input shapes of a whole network, for two batch sizes
+
+
+def workspace(
+    module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
+) -> torch.Tensor:
+    """A buffer of ``shape`` kept for (module, role); ``zeroed``: filled with zeros when first made."""
+    slots = _WORKSPACE.setdefault(module, {})
+    key = (role, tuple(shape), dtype, device)
+    buf = slots.pop(key, None)
+    if buf is None:
+        buf = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
+    slots[key] = buf  # most recently used last
+    while len(slots) > (_SLOTS_SHARED if module is SHARED else _SLOTS_PER_MODULE):
+        slots.pop(next(iter(slots)))
+    return buf
+
+
+#: owner of the patches built at contraction time: layers contract one after another, so layers with
+#: patches of the same shape share one buffer (a deep net keeps one, not one per layer, and it is
+#: still in cache when the contraction reads it)
+SHARED = nn.Module()
+
+
+def release_workspace() -> None:
+    """Free the buffers the ``gram`` method keeps between calls."""
+    _WORKSPACE.clear()
+
+
+def _conv_geometry(module: nn.Module, a: torch.Tensor):
+    """(input as (n, c, h, w), kernel, dilation, padding, stride, output (ho, wo)) of a Conv1d/Conv2d."""
+    if isinstance(module, nn.Conv1d):
+        a = a.unsqueeze(-2)
+        k, d, p, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
+    else:
+        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+    h, w = a.shape[-2:]
+    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return a, k, d, p, s, (ho, wo)
+
+
+def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
+    """Input patches (batch, K = c_in·kernel [+ 1], S positions) for Conv1d/Conv2d.
+
+    Built as a strided view of the zero-padded input and copied once: the same values as
+    ``F.unfold``, about 3× faster on CPU. ``ones_row`` appends a row of ones (the bias's "input").
+    The result lives in the workspace of ``owner`` (default: the module itself).
+    """
+    a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
+    n, c = a.shape[:2]
+    padded = _zero_padded(a, p) if (p[0] or p[1]) else a
+    sn, sc, sh, sw = padded.stride()
+    view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
+    K = c * k[0] * k[1]
+    out = workspace(module if owner is None else owner, "patches", (n, K + int(ones_row), ho * wo), a.dtype, a.device)
+    out[:, :K].view(n, c, k[0], k[1], ho, wo).copy_(view)
+    if ones_row:
+        out[:, K].fill_(1.0)
+    return out
+
+
+def _zero_padded(a: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
+    """``F.pad(a, (p1, p1, p0, p0))`` in a buffer kept between calls whose zero border is written once.
+
+    Shared by every layer with the same padded shape and padding (the interior, always fully
+    overwritten, is then the same region). Saves ``F.pad``'s fresh allocation and fill each call.
+    """
+    n, c, h, w = a.shape
+    out = workspace(SHARED, f"padded{p}", (n, c, h + 2 * p[0], w + 2 * p[1]), a.dtype, a.device, zeroed=True)
+    out[:, :, p[0] : p[0] + h, p[1] : p[1] + w].copy_(a)
+    return out
+
+
+def layer_dims(module: nn.Module, a: torch.Tensor) -> tuple[int, int]:
+    """(K input features per position, S positions) of a fast layer for its input a, without building patches."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, a[0].numel() // module.in_features
+    a, k, _, _, _, (ho, wo) = _conv_geometry(module, a)
+    return a.shape[1] * k[0] * k[1], ho * wo
+
+
+def layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
+    """The layer's per-sample inputs as (n, K features [+ 1], S positions): Linear over all middle dims, Conv patches.
+
+    ``ones_row`` appends a row of ones, so that a bias gradient Σ_s b_s is one more column of the weight GEMM.
+    """
+    n = a.shape[0]
+    if isinstance(module, nn.Linear):
+        a = a.reshape(n, -1, module.in_features).transpose(1, 2)
+        return torch.cat([a, a.new_ones(n, 1, a.shape[2])], dim=1) if ones_row else a
+    return _conv_patches(module, a, ones_row, owner)
+
+
+def out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
