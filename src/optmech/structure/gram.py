@@ -36,6 +36,7 @@ from torch import nn
 from ._context import add_group, check_outputs
 from .jacobian import structural_matrix_jacobian
 from .patches import SHARED, layer_dims, layer_patches, out_features, release_workspace, workspace
+from .pooled import PooledConvGram, pooled_cost, pooled_output
 
 __all__ = ["structural_matrix_gram", "plan_layers", "LayerPlan", "ForwardCapture", "release_workspace"]
 
@@ -68,19 +69,29 @@ def _is_fast_layer(module: nn.Module) -> bool:
     return True
 
 
-def _use_counts(output: torch.Tensor) -> dict[int, int]:
-    """How many graph edges consume each leaf tensor (id -> count), walking the autograd graph once.
+@dataclasses.dataclass
+class GraphUses:
+    """How many edges of the logits' autograd graph consume each leaf tensor and each node (by id).
 
-    The visited nodes' Python wrappers are kept alive for the walk: torch (2.11 at least) makes a
-    wrapper per access and frees it after, so the id of a freed node could come back as another
-    node's, which would then be skipped as seen and its parameters' uses never counted.
+    ``nodes`` keeps every visited node alive while this object lives: torch (2.11 at least) makes a
+    Python wrapper per access and frees it after, so the id of a freed node could come back as
+    another node's (the walk would skip it as seen, and its parameters' uses would go uncounted).
     """
-    counts: dict[int, int] = {}
+
+    leaves: dict[int, int]
+    consumers: dict[int, int]
+    nodes: dict[int, object]
+
+
+def _use_counts(output: torch.Tensor) -> GraphUses:
+    """Walk the autograd graph of ``output`` once, counting the consumers of each leaf and node."""
+    leaves: dict[int, int] = {}
+    consumers: dict[int, int] = {}
     seen: dict[int, object] = {}  # id -> the node itself, so that no id is reused during the walk
-    stack = [output.grad_fn]
+    stack = [output.grad_fn] if output.grad_fn is not None else []
     while stack:
         fn = stack.pop()
-        if fn is None or id(fn) in seen:
+        if id(fn) in seen:
             continue
         seen[id(fn)] = fn
         for nxt, _ in fn.next_functions:
@@ -88,10 +99,11 @@ def _use_counts(output: torch.Tensor) -> dict[int, int]:
                 continue
             var = getattr(nxt, "variable", None)  # AccumulateGrad nodes hold their leaf
             if var is not None:
-                counts[id(var)] = counts.get(id(var), 0) + 1
+                leaves[id(var)] = leaves.get(id(var), 0) + 1
             else:
+                consumers[id(nxt)] = consumers.get(id(nxt), 0) + 1  # nxt stays alive on the stack, then in seen
                 stack.append(nxt)
-    return counts
+    return GraphUses(leaves, consumers, seen)
 
 
 def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) -> tuple[list[LayerPlan], list[str]]:
@@ -364,10 +376,14 @@ class ForwardCapture:
         self.model, self.named_params = model, named_params
         self.plans, self.rest = plan_layers(model, named_params)
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.pools: list[tuple[torch.Tensor, int]] = []  # (output, version) of every MaxPool2d call
+        convs = any(type(p.module) is nn.Conv2d for p in self.plans)
+        self._pool_modules = [m for m in model.modules() if type(m) is nn.MaxPool2d] if convs else []
         self._handles: list = []
 
     def __enter__(self) -> "ForwardCapture":
         self.captured = {id(p.module): [] for p in self.plans}
+        self.pools = []
 
         def hook(module, args, output):
             # the version counter tells later whether an in-place op (ReLU(inplace=True)) overwrote z
@@ -375,7 +391,12 @@ class ForwardCapture:
             if module in _COPY_OUTPUT:
                 return output.clone()  # the model continues on a copy; z keeps its value and its graph
 
+        def pool_hook(module, args, output):
+            if isinstance(output, torch.Tensor):  # not with return_indices=True
+                self.pools.append((output, output._version))
+
         self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
+        self._handles += [m.register_forward_hook(pool_hook) for m in self._pool_modules]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -397,11 +418,11 @@ class ForwardCapture:
             total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
         n_all = total.shape[0]
         by_name = dict(self.named_params)
-        counts = _use_counts(out) if out.grad_fn is not None else {}
+        graph = _use_counts(out)
         fast, slow_names = [], list(self.rest)
         for plan in self.plans:
             calls = self.captured[id(plan.module)]
-            uses = [counts.get(id(by_name[name]), 0) for name in plan.params]
+            uses = [graph.leaves.get(id(by_name[name]), 0) for name in plan.params]
             single = len(calls) == 1 and calls[0][1].requires_grad
             overwritten = single and calls[0][1]._version != calls[0][2]
             if overwritten:  # exact through the generic path this time; from the next call on, z is kept
@@ -413,8 +434,16 @@ class ForwardCapture:
                 plan.strategy = "func"
                 slow_names.extend(plan.params)
         if fast:
-            zs = [self.captured[id(p.module)][0][1] for p in fast]
-            sinks = [_sink(p, self.captured[id(p.module)][0][0], n_classes) for p in fast]
+            zs, sinks = [], []
+            for plan in fast:
+                a, z, _ = self.captured[id(plan.module)][0]
+                pooled = self._foldable_pool(plan, a, z, n_classes, graph)
+                if pooled is not None:  # contract at the pool's output: the backward passes stop there
+                    zs.append(pooled[0])
+                    sinks.append(PooledConvGram(plan, a, z, pooled, n_classes))
+                else:
+                    zs.append(z)
+                    sinks.append(_sink(plan, a, n_classes))
             batched = not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)  # see _stream_logit_jacobians
             _stream_logit_jacobians(out, zs, n_classes, sinks, batched, keep_graph)
             for plan, sink in zip(fast, sinks):
@@ -422,6 +451,7 @@ class ForwardCapture:
                 total[rows] += part
                 add_group(groups, plan.name, rows, part, n_all)
         self.captured = {id(p.module): [] for p in self.plans}
+        self.pools = []
         if slow_names:
             keep = set(slow_names)
             sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
@@ -432,6 +462,32 @@ class ForwardCapture:
             for name, value in (sub or {}).items():
                 add_group(groups, name, rows, value, n_all)
         return total
+
+
+    def _foldable_pool(self, plan: LayerPlan, a: torch.Tensor, z: torch.Tensor, n_classes: int, graph: GraphUses):
+        """(p, indices, relu) when the Conv2d ``plan`` feeds only [ReLU →] MaxPool2d and folding it pays; else None.
+
+        Pays: the gathered patches are no larger than the ∂f/∂z buffer the layer would otherwise
+        keep, and the folded contraction takes at most twice the multiply-adds of the layer's
+        cheapest unfolded form. The multiply-adds alone undersell the fold: it also skips C backward
+        passes of the pool and the ReLU over n·d·S values, memory-bound work that cost about 5 ns per
+        value on the ResNet stem's overlapping 3×3 pool (12 % of a1's time; benchmarks/README.md).
+        """
+        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d):
+            return None
+        pooled = pooled_output(z, self.pools, graph.consumers)
+        if pooled is None:
+            return None
+        n, d = z.shape[:2]
+        K, S = layer_dims(plan.module, a)
+        K1, S_pooled = K + int(plan.module.bias is not None), pooled[0][0, 0].numel()
+        unfolded = min(contraction_costs(n, n_classes, S, K, d, plan.module.bias is not None).values())
+        fits = d * K1 * S_pooled <= n_classes * d * S
+        return pooled if fits and pooled_cost(n, n_classes, S_pooled, K1, d) <= 2 * unfolded else None
+
+
+#: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
+_FOLD_POOLS = True
 
 
 def structural_matrix_gram(
