@@ -15,7 +15,9 @@ by materialising the per-sample, per-class weight gradient G_c = Σ_s b_{c,s} a_
 ⟨G_c, G_c'⟩, whichever the cost model (:func:`contraction_costs`) says is cheaper for that layer.
 A materialised layer with thin patches (K ≤ 2·d_out) contracts each b_c as its backward pass
 delivers it; the others copy the b_c into one buffer and contract all classes in one batched GEMM,
-building their patches only then, in a buffer shared by the layers of the same shape.
+building their patches only then, in a buffer shared by the layers of the same shape. A Conv2d
+whose output feeds only [ReLU →] MaxPool2d is contracted at the pool's output instead, over the
+positions the pool selected (:mod:`.pooled`): its backward passes stop there.
 
 All B_c come from one forward with hooks and C backward passes of Σ_b f_c(x_b) (samples are
 independent under eval semantics, so the summed backward gives every per-sample row). Parameters
@@ -83,7 +85,7 @@ class GraphUses:
     nodes: dict[int, object]
 
 
-def _use_counts(output: torch.Tensor) -> GraphUses:
+def _graph_uses(output: torch.Tensor) -> GraphUses:
     """Walk the autograd graph of ``output`` once, counting the consumers of each leaf and node."""
     leaves: dict[int, int] = {}
     consumers: dict[int, int] = {}
@@ -418,7 +420,7 @@ class ForwardCapture:
             total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
         n_all = total.shape[0]
         by_name = dict(self.named_params)
-        graph = _use_counts(out)
+        graph = _graph_uses(out)
         fast, slow_names = [], list(self.rest)
         for plan in self.plans:
             calls = self.captured[id(plan.module)]
@@ -463,15 +465,15 @@ class ForwardCapture:
                 add_group(groups, name, rows, value, n_all)
         return total
 
-
     def _foldable_pool(self, plan: LayerPlan, a: torch.Tensor, z: torch.Tensor, n_classes: int, graph: GraphUses):
         """(p, indices, relu) when the Conv2d ``plan`` feeds only [ReLU →] MaxPool2d and folding it pays; else None.
 
         Pays: the gathered patches are no larger than the ∂f/∂z buffer the layer would otherwise
         keep, and the folded contraction takes at most twice the multiply-adds of the layer's
-        cheapest unfolded form. The multiply-adds alone undersell the fold: it also skips C backward
-        passes of the pool and the ReLU over n·d·S values, memory-bound work that cost about 5 ns per
-        value on the ResNet stem's overlapping 3×3 pool (12 % of a1's time; benchmarks/README.md).
+        cheapest unfolded form: the multiply-adds alone undersell the fold, which also skips C
+        backward passes of the pool and the ReLU over n·d·S values (memory-bound work: on the
+        ResNet stem, whose folded form has 1.1× the multiply-adds of the unfolded one, the fold
+        saves 4–5 % of the whole call; benchmarks/README.md).
         """
         if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d):
             return None

@@ -15,8 +15,8 @@ GEMM, then A = ⟨G_c, G_c'⟩. Used when the model's graph is exactly that chai
 the ReLU only the pool), when ã is no larger than the ∂f/∂z buffer the layer would otherwise keep
 (n·C·d·S values) and when it costs at most twice the multiply-adds of the layer's best unfolded
 form (the skipped backward passes are worth more than that). On the paper's models it saves about a
-quarter of ``gram``'s time on SNet (Conv(1→8) → ReLU → MaxPool(2)) and about a tenth on the ResNet
-class (stem Conv(1→16) → ReLU → MaxPool(3, stride 1)); benchmarks/README.md.
+quarter of ``gram``'s time on SNet (Conv(1→8) → ReLU → MaxPool(2)) and 4–5 % on the ResNet class
+(stem Conv(1→16) → ReLU → MaxPool(3, stride 1)); benchmarks/README.md.
 """
 
 from __future__ import annotations
