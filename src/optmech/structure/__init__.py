@@ -37,8 +37,8 @@ class EngineMethod(str, enum.Enum):
     - ``GRAM``: layer-wise (DESIGN §3). One forward with hooks, C batched backward passes for
       B_c = ∂f_c/∂z at every fast layer's output, then per Linear/Conv1d/Conv2d the cheaper of the
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
-      gradient (a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over the selected
-      positions); Embedding as a ghost Gram over token equality; the affine parameters of BatchNorm
+      gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
+      the selected positions); Embedding as a ghost Gram over token equality; the affine parameters of BatchNorm
       (running statistics), LayerNorm and GroupNorm as Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them; so, on the first call only, do layers whose output a later in-place op overwrites.

@@ -15,9 +15,9 @@ by materialising the per-sample, per-class weight gradient G_c = Σ_s b_{c,s} a_
 ⟨G_c, G_c'⟩, whichever the cost model (:func:`contraction_costs`) says is cheaper for that layer.
 A materialised layer with thin patches (K ≤ 2·d_out) contracts each b_c as its backward pass
 delivers it; the others copy the b_c into one buffer and contract all classes in one batched GEMM,
-building their patches only then, in a buffer shared by the layers of the same shape. A Conv2d
-whose output feeds only [ReLU →] MaxPool2d is contracted at the pool's output instead, over the
-positions the pool selected (:mod:`.pooled`): its backward passes stop there.
+building their patches only then, in a buffer shared by the layers of the same shape. On the CPU, a
+Conv2d whose output feeds only [ReLU →] MaxPool2d is contracted at the pool's output instead, over
+the positions the pool selected (:mod:`.pooled`): its backward passes stop there.
 
 All B_c come from one forward with hooks and C backward passes of Σ_b f_c(x_b) (samples are
 independent under eval semantics, so the summed backward gives every per-sample row). Parameters
@@ -473,9 +473,10 @@ class ForwardCapture:
         cheapest unfolded form: the multiply-adds alone undersell the fold, which also skips C
         backward passes of the pool and the ReLU over n·d·S values (memory-bound work: on the
         ResNet stem, whose folded form has 1.1× the multiply-adds of the unfolded one, the fold
-        saves 4–5 % of the whole call; benchmarks/README.md).
+        saves 4–5 % of the whole call; benchmarks/README.md). On the CPU only: on an H100, where
+        these models are launch-bound, it measured 0.81–1.19× the unfolded time (exact there too).
         """
-        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d):
+        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d and z.device.type == "cpu"):
             return None
         pooled = pooled_output(z, self.pools, graph.consumers)
         if pooled is None:

@@ -16,7 +16,8 @@ the ReLU only the pool), when ã is no larger than the ∂f/∂z buffer the laye
 (n·C·d·S values) and when it costs at most twice the multiply-adds of the layer's best unfolded
 form (the skipped backward passes are worth more than that). On the paper's models it saves about a
 quarter of ``gram``'s time on SNet (Conv(1→8) → ReLU → MaxPool(2)) and 4–5 % on the ResNet class
-(stem Conv(1→16) → ReLU → MaxPool(3, stride 1)); benchmarks/README.md.
+(stem Conv(1→16) → ReLU → MaxPool(3, stride 1)); benchmarks/README.md. Used on the CPU only: on
+an H100 (exact there too) it took 0.81–1.19× the unfolded time on these launch-bound models.
 """
 
 from __future__ import annotations
