@@ -38,16 +38,17 @@ class EngineMethod(str, enum.Enum):
       B_c = ∂f_c/∂z at every fast layer's output, then per Linear/Conv1d/Conv2d the cheaper of the
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
-      the selected positions); Embedding as a ghost Gram over token equality; the affine parameters of BatchNorm
-      (running statistics), LayerNorm and GroupNorm as Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
+      the selected positions); Embedding as a ghost Gram over token equality; the affine
+      parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
+      Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them; so, on the first call only, do layers whose output a later in-place op overwrites.
       Memory O(B·C·activations), independent of |θ| for the fast layers.
     - ``AUTO``: on the CPU, ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when
       none does; otherwise — and on a GPU whenever some layer is fast, since there kernel launches
       rather than arithmetic decide small models — the faster of the two, timed on the first call
-      for a model and input shape and remembered (logged at INFO). Falls back to ``LOOP`` (with a warning) when the forward
-      cannot be vmapped.
+      for a model and input shape and remembered (logged at INFO). Falls back to ``LOOP`` (with a
+      warning) when the forward cannot be vmapped.
 
     Every method registered in ``_METHODS`` is checked against ``LOOP`` by the tests.
     """
@@ -178,8 +179,8 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
     than ``jacobian`` alone (that backward still runs through the whole network), and on a GPU
     small models are bound by kernel launches, where ``jacobian``'s few vmapped kernels can beat
     ``gram``'s many small ones (on an H100, jacobian was 1.3–1.6× faster on the SNet models at
-    batch 64 and 1.1–1.3× slower at batch 256; benchmarks/README.md):
-    the first call with a given model, input shape and dtype times both and keeps the faster.
+    batch 64 and 1.1–1.3× slower at batch 256; benchmarks/README.md): the first call with a given
+    model, input shape and dtype times both and keeps the faster.
     """
     plans, rest = plan_layers(model, named)
     if not plans:

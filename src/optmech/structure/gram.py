@@ -146,6 +146,9 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
 #: materialised layers whose patches have at most this many rows per output channel contract each class at once
 _IMMEDIATE_RATIO = 2
 
+#: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
+_FOLD_POOLS = True
+
 
 def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs."""
@@ -483,14 +486,11 @@ class ForwardCapture:
             return None
         n, d = z.shape[:2]
         K, S = layer_dims(plan.module, a)
-        K1, S_pooled = K + int(plan.module.bias is not None), pooled[0][0, 0].numel()
+        K1, S_pooled = K + int(plan.module.bias is not None), pooled[0].shape[2] * pooled[0].shape[3]
         unfolded = min(contraction_costs(n, n_classes, S, K, d, plan.module.bias is not None).values())
         fits = d * K1 * S_pooled <= n_classes * d * S
         return pooled if fits and pooled_cost(n, n_classes, S_pooled, K1, d) <= 2 * unfolded else None
 
-
-#: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
-_FOLD_POOLS = True
 
 
 def structural_matrix_gram(
