@@ -54,7 +54,7 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.gram import contraction_costs, plan_layers  # noqa: E402
+from optmech.structure.gram import _to_channels_last, contraction_costs, plan_layers  # noqa: E402
 from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
@@ -86,14 +86,22 @@ def gemm(device: str = "cpu") -> None:
     a @ a
 
 
-def bound_parts(model, x) -> tuple[callable, callable, callable, float]:
-    """(forward fn, one activation-backward fn, forward + C backward passes fn, cheapest contraction multiply-adds)."""
+def bound_parts(model, x) -> tuple[callable, callable, callable, callable, float]:
+    """(forward fn, one activation-backward fn, forward + C backward passes fn, the same in channels-last,
+    cheapest contraction multiply-adds)."""
     named = trainable_parameters(model)
     plans, _ = plan_layers(model, named)
 
-    def captured_forward():
+    def captured_forward(channels_last=False):
         captured = {}
-        hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+
+        def hook(module, args, output):
+            if channels_last and type(module) is torch.nn.Conv2d and _to_channels_last(output):
+                output = output.contiguous(memory_format=torch.channels_last)  # as gram hands it on
+            captured[module] = (args[0].detach(), output)
+            return output
+
+        hooks = [p.module.register_forward_hook(hook) for p in plans]
         try:
             with torch.enable_grad():
                 out = model(x)
@@ -117,13 +125,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, float]:
     def one_backward():
         return torch.autograd.grad(out[:, 0].sum(), zs, retain_graph=True)
 
-    def forward_and_backwards():
-        fresh, cap = captured_forward()
+    def forward_and_backwards(channels_last=False):
+        fresh, cap = captured_forward(channels_last)
         targets = [cap[p.module][1] for p in plans]
         for c in range(N_CLASSES):
             torch.autograd.grad(fresh[:, c].sum(), targets, retain_graph=c < N_CLASSES - 1)
 
-    return forward, one_backward, forward_and_backwards, macs
+    return forward, one_backward, forward_and_backwards, functools.partial(forward_and_backwards, True), macs
 
 
 def neural_tangents_available() -> bool:
@@ -276,7 +284,7 @@ def main() -> None:
 
         twin = copy.deepcopy(model)  # the bound's graph must not see the optimiser's in-place steps
         with probing(twin):
-            forward, one_backward, forward_and_backwards, macs = bound_parts(twin, x)
+            forward, one_backward, forward_and_backwards, cl_forward_and_backwards, macs = bound_parts(twin, x)
         probe = Probe(model)
         methods = {"gram": lambda: structural_matrix(model, x, method="gram"),
                    "probe": lambda: probe.measure(x, y),
@@ -284,11 +292,17 @@ def main() -> None:
         compile_s = None
         if with_nt:
             methods["nt"], compile_s = nt_runner(model, x)
+        # gram hands Conv2d outputs on in channels-last on the CPU: the same sequence timed that way too
+        channels_last = device.type == "cpu" and any(type(m) is torch.nn.Conv2d for m in model.modules())
         times = {k: [] for k in ["step", "forward", "one_backward", "forward_and_backwards", "gemm", *methods]}
+        if channels_last:
+            times["cl_forward_and_backwards"] = []
         step()  # warm-up
         gemm(args.device)
         with probing(twin):
             forward(), one_backward(), forward_and_backwards()
+            if channels_last:
+                cl_forward_and_backwards()
         for fn in methods.values():
             fn()
         # short methods get more rounds (up to 30) so that a burst of load cannot cover all of them
@@ -299,6 +313,8 @@ def main() -> None:
                 times["forward"].append(timed(forward, sync))
                 times["one_backward"].append(timed(one_backward, sync))
                 times["forward_and_backwards"].append(timed(forward_and_backwards, sync))
+                if channels_last:
+                    times["cl_forward_and_backwards"].append(timed(cl_forward_and_backwards, sync))
             times["gemm"].append(timed(lambda: gemm(args.device), sync))
             for key, fn in methods.items():
                 if len(times[key]) >= 3 and sum(times[key]) > 15.0:
@@ -329,6 +345,10 @@ def main() -> None:
               f"+ contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s)")
         print(f"{'':{width + 11}s}   timed alone: forward {1e3 * med['forward']:.1f} ms, one backward {1e3 * med['one_backward']:.1f} ms "
               f"(forward + {N_CLASSES} × backward = {1e3 * (med['forward'] + N_CLASSES * med['one_backward']):.1f} ms)")
+        if channels_last:
+            cl_bound = med["cl_forward_and_backwards"] + 2 * macs / rate
+            print(f"{'':{width + 11}s}   with the Conv2d outputs in channels-last, as gram runs them: forward + {N_CLASSES} backward "
+                  f"passes {1e3 * med['cl_forward_and_backwards']:.1f} ms, bound {1e3 * cl_bound:.1f} ms, gram {med['gram'] / cl_bound:.2f} × that")
         if compile_s is not None:
             print(f"{'':{width + 11}s} nt: jit compilation {compile_s:.1f} s before the first call, not counted")
         sys.stdout.flush()

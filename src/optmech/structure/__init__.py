@@ -41,6 +41,8 @@ class EngineMethod(str, enum.Enum):
       the selected positions); Embedding as a ghost Gram over token equality; the affine
       parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
+      On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward
+      passes; a forward that cannot take them is rerun as given, from then on).
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
       them; so, on the first call only, do layers whose output a later in-place op overwrites.
       Memory O(B·C·activations), independent of |θ| for the fast layers.

@@ -20,7 +20,10 @@ Conv2d whose output feeds only [ReLU →] MaxPool2d is contracted at the pool's 
 the positions the pool selected (:mod:`.pooled`): its backward passes stop there.
 
 All B_c come from one forward with hooks and C backward passes of Σ_b f_c(x_b) (samples are
-independent under eval semantics, so the summed backward gives every per-sample row). Parameters
+independent under eval semantics, so the summed backward gives every per-sample row). On the CPU
+the standalone call hands the model each Conv2d output in channels-last (the layers after keep
+that layout, and oneDNN's backward kernels are faster in it); a forward that cannot take it (a
+``.view`` of a convolution's output) is rerun in its own layout, from then on. Parameters
 the fast path does not know — other module types, tied or reused weights, weights used outside
 their module — are handed to the ``torch.func`` path restricted to those parameters; the two
 contributions are summed. Never an inexact answer.
@@ -29,6 +32,7 @@ contributions are summed. Never an inexact answer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import weakref
 
 import torch
@@ -41,6 +45,8 @@ from .patches import SHARED, layer_dims, layer_patches, out_features, release_wo
 from .pooled import PooledConvGram, pooled_cost, pooled_output
 
 __all__ = ["structural_matrix_gram", "plan_layers", "LayerPlan", "ForwardCapture", "release_workspace"]
+
+log = logging.getLogger("optmech.structure")
 
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -148,6 +154,28 @@ _IMMEDIATE_RATIO = 2
 
 #: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
 _FOLD_POOLS = True
+
+#: the standalone ``gram`` call hands the model its Conv2d outputs in channels-last on the CPU, for these dtypes
+_CHANNELS_LAST = True
+_CHANNELS_LAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last and not also contiguous (one channel or position makes both true)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _to_channels_last(z: torch.Tensor) -> bool:
+    """Whether to hand the model a Conv2d output z in channels-last: a float32/float64 CPU z in another layout.
+
+    oneDNN's CPU convolutions run their input-gradient (backward) kernels faster in channels-last
+    than on NCHW tensors with few channels (on the paper's ResNet class, 0.6× the time), and a
+    convolution keeps the layout of its input, so one conversion after the first convolution
+    carries the rest of the network (benchmarks/README.md). The values are the same; sums may
+    round differently. Not on GPUs, where cuDNN's choices differ; not in the training-step capture,
+    which must not change what the training step computes.
+    """
+    return z.dim() == 4 and z.dtype in _CHANNELS_LAST_DTYPES and z.device.type == "cpu" and z.shape[1] > 1 and not _is_channels_last(z)
 
 
 def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -368,17 +396,23 @@ def _stream_logit_jacobians(
 #: still exact (that layer goes through the generic path once).
 _COPY_OUTPUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
+#: models whose forward failed on channels-last convolution outputs (a ``.view`` of one, say): the
+#: standalone call retried them in their own layout and keeps doing so
+_NO_CHANNELS_LAST: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
 
 class ForwardCapture:
     """Hooks on the fast layers that record (input, output) of one forward; use as a context manager.
 
     ``with ForwardCapture(model, named_params) as cap: out = model(x)`` then ``cap.structural_matrix(out, x)``.
     The forward's graph is kept (backward passes use ``retain_graph``), so a training step can still
-    call ``loss.backward()`` on the same output afterwards.
+    call ``loss.backward()`` on the same output afterwards. With ``channels_last`` the hooks hand the
+    model its Conv2d outputs in channels-last (:func:`_to_channels_last`) and record those copies as z.
     """
 
-    def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False) -> None:
         self.model, self.named_params = model, named_params
+        self.channels_last = channels_last  # hand the model Conv2d outputs in channels-last (see _to_channels_last)
         self.plans, self.rest = plan_layers(model, named_params)
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.pools: list[tuple[torch.Tensor, int]] = []  # (output, version) of every MaxPool2d call
@@ -391,10 +425,16 @@ class ForwardCapture:
         self.pools = []
 
         def hook(module, args, output):
+            replaced = None
+            if self.channels_last and type(module) is nn.Conv2d and _to_channels_last(output):
+                # z is now the channels-last copy: the layers after run in that format, and the
+                # backward passes stop at z, before the copy's own backward
+                output = replaced = output.contiguous(memory_format=torch.channels_last)
             # the version counter tells later whether an in-place op (ReLU(inplace=True)) overwrote z
             self.captured[id(module)].append((args[0].detach(), output, output._version))
             if module in _COPY_OUTPUT:
                 return output.clone()  # the model continues on a copy; z keeps its value and its graph
+            return replaced
 
         def pool_hook(module, args, output):
             if isinstance(output, torch.Tensor):  # not with return_indices=True
@@ -417,28 +457,33 @@ class ForwardCapture:
 
         ``keep_graph`` leaves the forward's graph usable for a later ``backward`` (training reuse).
         """
-        n = out.shape[0]
-        rows = rows or slice(0, n)
-        if total is None:
-            total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
-        n_all = total.shape[0]
-        by_name = dict(self.named_params)
-        graph = _graph_uses(out)
-        fast, slow_names = [], list(self.rest)
-        for plan in self.plans:
-            calls = self.captured[id(plan.module)]
-            uses = [graph.leaves.get(id(by_name[name]), 0) for name in plan.params]
-            single = len(calls) == 1 and calls[0][1].requires_grad
-            overwritten = single and calls[0][1]._version != calls[0][2]
-            if overwritten:  # exact through the generic path this time; from the next call on, z is kept
-                _COPY_OUTPUT.add(plan.module)
-            intact = single and not overwritten
-            if intact and all(u == 1 for u in uses):
-                fast.append(plan)
-            else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
-                plan.strategy = "func"
-                slow_names.extend(plan.params)
-        if fast:
+        parts, slow_names = self.fast_parts(out, n_classes, keep_graph)
+        return self.add_parts(parts, slow_names, out, inputs, n_classes=n_classes, groups=groups, rows=rows, total=total)
+
+    def fast_parts(self, out: torch.Tensor, n_classes: int, keep_graph: bool = False) -> tuple[list, list[str]]:
+        """The fast layers' contributions [(module path, (n, C, C))] and the parameter names left to the generic path.
+
+        Writes no result, so that a caller may retry after an error (the forward is consumed either way).
+        """
+        try:
+            by_name = dict(self.named_params)
+            graph = _graph_uses(out)
+            fast, slow_names = [], list(self.rest)
+            for plan in self.plans:
+                calls = self.captured[id(plan.module)]
+                uses = [graph.leaves.get(id(by_name[name]), 0) for name in plan.params]
+                single = len(calls) == 1 and calls[0][1].requires_grad
+                overwritten = single and calls[0][1]._version != calls[0][2]
+                if overwritten:  # exact through the generic path this time; from the next call on, z is kept
+                    _COPY_OUTPUT.add(plan.module)
+                intact = single and not overwritten
+                if intact and all(u == 1 for u in uses):
+                    fast.append(plan)
+                else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
+                    plan.strategy = "func"
+                    slow_names.extend(plan.params)
+            if not fast:
+                return [], slow_names
             zs, sinks = [], []
             for plan in fast:
                 a, z, _ = self.captured[id(plan.module)][0]
@@ -451,12 +496,24 @@ class ForwardCapture:
                     sinks.append(_sink(plan, a, n_classes))
             batched = not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)  # see _stream_logit_jacobians
             _stream_logit_jacobians(out, zs, n_classes, sinks, batched, keep_graph)
-            for plan, sink in zip(fast, sinks):
-                part = sink.result()
-                total[rows] += part
-                add_group(groups, plan.name, rows, part, n_all)
-        self.captured = {id(p.module): [] for p in self.plans}
-        self.pools = []
+            return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
+        finally:
+            self.captured = {id(p.module): [] for p in self.plans}
+            self.pools = []
+
+    def add_parts(
+        self, parts: list, slow_names: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,
+        groups: dict | None = None, rows: slice | None = None, total: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """total[rows] += the fast parts and the generic path's share for ``slow_names`` (groups alike)."""
+        n = out.shape[0]
+        rows = rows or slice(0, n)
+        if total is None:
+            total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
+        n_all = total.shape[0]
+        for name, part in parts:
+            total[rows] += part
+            add_group(groups, name, rows, part, n_all)
         if slow_names:
             keep = set(slow_names)
             sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
@@ -513,24 +570,42 @@ def structural_matrix_gram(
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
         logits: if a list, receives the detached logits of each chunk's forward.
+
+    On the CPU the forward runs on channels-last Conv2d outputs (see :func:`_to_channels_last`);
+    if it raises a RuntimeError that way, it is rerun in the model's own layout, which the model
+    keeps for later calls (logged at INFO on ``optmech.structure``).
     """
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
     total = None
     capture = ForwardCapture(model, named_params)
+    capture.channels_last = (
+        _CHANNELS_LAST and model not in _NO_CHANNELS_LAST and any(type(p.module) is nn.Conv2d for p in capture.plans)
+    )
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
-        with capture, torch.enable_grad():
-            out = check_outputs(model(x), x.shape[0])
-        if total is None:  # C from the first chunk's logits: no separate forward to find it
-            n_classes = out.shape[1] if n_classes is None else n_classes
-            total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
-        elif out.shape[1] != n_classes:
-            raise ValueError(
-                f"model output: expected {n_classes} logits per sample in every chunk, got {out.shape[1]} for samples "
-                f"{start}…{start + x.shape[0] - 1}. The number of classes must not depend on the input."
-            )
-        capture.structural_matrix(out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
+        while True:
+            try:
+                with capture, torch.enable_grad():
+                    out = check_outputs(model(x), x.shape[0])
+                if total is None:  # C from the first chunk's logits: no separate forward to find it
+                    n_classes = out.shape[1] if n_classes is None else n_classes
+                    total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+                elif out.shape[1] != n_classes:
+                    raise ValueError(
+                        f"model output: expected {n_classes} logits per sample in every chunk, got {out.shape[1]} for "
+                        f"samples {start}…{start + x.shape[0] - 1}. The number of classes must not depend on the input."
+                    )
+                parts, slow_names = capture.fast_parts(out, n_classes)
+                break
+            except RuntimeError as err:
+                if not capture.channels_last:
+                    raise
+                # e.g. a forward that calls .view() on a convolution's output: run it as given from now on
+                _NO_CHANNELS_LAST.add(model)
+                capture.channels_last = False
+                log.info("gram: %s does not run on channels-last convolution outputs (%s); using its own layout", type(model).__name__, err)
+        capture.add_parts(parts, slow_names, out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
         if logits is not None:
             logits.append(out.detach())
         del out
