@@ -16,6 +16,8 @@ round so that machine noise hits every method alike:
   + the cheapest per-layer Gram contraction (its multiply-adds, from the layer shapes, at the GEMM
   throughput of a 2048² matrix product timed in the same rounds). The forward and one backward
   timed alone are printed too; C × that single warm backward is what earlier versions used.
+  On the CPU the sequence is also timed with the Conv2d outputs in channels-last, as ``gram``
+  runs the model, and ``gram``'s ratio to that bound is printed under the model.
 
 It prints medians, each method's ratio to the training step and to the bound, the peak memory of
 each method (resident-set growth measured in a fresh subprocess; on CUDA the allocator's peak
