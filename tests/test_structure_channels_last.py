@@ -136,3 +136,20 @@ def test_the_training_step_capture_leaves_the_layout_alone(conversions):
             assert torch.equal(out, model(x))
     assert not any(conversions)
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("family", ["resnet", "snet"])
+def test_the_recorded_outputs_are_the_channels_last_copies_and_the_pool_fold_still_applies(family):
+    """z must be the tensor the model continues on: the backward passes then stop at it, and the
+    Conv → ReLU → MaxPool chain (z → relu → pool) is still recognised and folded."""
+    model = build(family, depth=1, skip=False, seed=0, dtype=torch.float64)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    capture = gram.ForwardCapture(model, trainable_parameters(model), channels_last=True)
+    with probing(model):
+        with capture, torch.enable_grad():
+            out = model(x)
+        convs = [z for calls in capture.captured.values() for _, z, _ in calls if z.dim() == 4]
+        assert convs and all(gram._is_channels_last(z) for z in convs)
+        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
+    assert "pooled" in {p.strategy for p in capture.plans}
+    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

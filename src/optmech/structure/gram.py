@@ -412,8 +412,9 @@ class ForwardCapture:
 
     def __init__(self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False) -> None:
         self.model, self.named_params = model, named_params
-        self.channels_last = channels_last  # hand the model Conv2d outputs in channels-last (see _to_channels_last)
         self.plans, self.rest = plan_layers(model, named_params)
+        # hand the model its Conv2d outputs in channels-last (see _to_channels_last)
+        self.channels_last = channels_last and any(type(p.module) is nn.Conv2d for p in self.plans)
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.pools: list[tuple[torch.Tensor, int]] = []  # (output, version) of every MaxPool2d call
         convs = any(type(p.module) is nn.Conv2d for p in self.plans)
@@ -578,10 +579,7 @@ def structural_matrix_gram(
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
     total = None
-    capture = ForwardCapture(model, named_params)
-    capture.channels_last = (
-        _CHANNELS_LAST and model not in _NO_CHANNELS_LAST and any(type(p.module) is nn.Conv2d for p in capture.plans)
-    )
+    capture = ForwardCapture(model, named_params, channels_last=_CHANNELS_LAST and model not in _NO_CHANNELS_LAST)
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
         while True:
