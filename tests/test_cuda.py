@@ -106,3 +106,41 @@ def test_auto_on_cuda_times_both_methods_once_even_when_every_layer_is_fast(capl
     assert ran in ("gram", "jacobian") and ran_again == ran
     ref = structural_matrix(model, x, method="loop")
     assert rel_err(A, ref) < RTOL[torch.float64] and rel_err(again, ref) < RTOL[torch.float64]
+
+
+def test_a_training_run_on_cuda_starts_from_the_cpu_runs_weights_and_records_the_same_first_measurement(tmp_path):
+    from optmech.experiments.config import TrainConfig
+    from optmech.experiments.train import train
+    from optmech.records import read_records
+
+    kw = dict(model="c", depth=1, dataset="digits", max_steps=4, n_probe=3, dtype="float64", check=True, records_per_part=2)
+    on_gpu = train(TrainConfig(device="cuda", **kw), tmp_path / "gpu")
+    on_cpu = train(TrainConfig(**kw), tmp_path / "cpu")
+    assert on_gpu.summary["theorem3_violations"] == 0 and on_gpu.summary["steps"] == 4
+    gpu, cpu = read_records(tmp_path / "gpu"), read_records(tmp_path / "cpu")
+    first = lambda r: r[r["step"] == 0].sort_values("sample_id")[["gradient_norm", "lambda_min", "lambda_max", "U"]].to_numpy()  # noqa: E731
+    assert abs(first(gpu) - first(cpu)).max() <= 1e-9 * abs(first(cpu)).max()  # same initial weights, float64
+    assert (gpu.columns == cpu.columns).all() and len(gpu) == len(cpu)
+
+
+def test_the_probe_runs_in_ieee_float32_even_where_tf32_is_on(monkeypatch):
+    """cuDNN convolutions default to TF32 on Ampere and later (~1e-3 relative): the probe's own passes
+    switch it off, so A_x is float32-accurate and check=True holds at float32's 1e-3; in capture mode
+    (the training forward may be TF32) the check allows 1e-2."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = build("resnet", depth=2, skip=True, seed=0).to(CUDA)
+        x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(3)).to(CUDA)
+        y = torch.arange(6, device=CUDA) % 10
+        reference = structural_oracle(copy.deepcopy(model).double().cpu(), x.double().cpu())[0]
+        probe = Probe(model, method="gram", check=True)
+        m = probe.measure(x, y)
+        assert rel_err(m.A.cpu(), reference) < 1e-5  # IEEE: ~6e-7 on an H100; with TF32: ~9e-5
+        with probe.capture() as step:
+            logits = model(x)
+        step.measure(x, y, logits)  # check=True: no ConsistencyError
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(precision)

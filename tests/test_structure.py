@@ -75,6 +75,27 @@ def test_engine_leaves_model_state_alone():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
+def test_probing_runs_in_ieee_float32_and_restores_the_tf32_settings():
+    """TF32 (cuDNN's default on recent GPUs) would cost ~1e-3 relative on A_x: probing switches it off."""
+    from optmech.structure._context import probing, tf32_enabled
+
+    model = nn.Linear(3, 2)
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        assert tf32_enabled()
+        with pytest.raises(KeyError):
+            with probing(model):
+                assert not tf32_enabled()
+                assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+                raise KeyError("restored even on errors")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
 def test_eval_semantics_dropout_is_off():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     x = torch.randn(3, 4, dtype=torch.float64)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from optmech import read_records
 from optmech.experiments import TrainConfig, train
@@ -113,6 +114,8 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
         (dict(model="a", skip=True), "fixes skip"),
         (dict(loss="entmax"), "needs alpha"),
         (dict(lr=-1), "greater than 0"),
+        (dict(device="tpu"), "unknown device 'tpu'"),
+        (dict(device="gpu0"), "expected 'cpu', 'cuda' or 'cuda:<index>'"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -154,3 +157,13 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(tmp_path):
     with pytest.raises(FileNotFoundError):
         train(cfg.model_copy(update={"dataset": "mnist", "data_dir": str(tmp_path / "missing")}), tmp_path / "r", overwrite=True)
     assert (tmp_path / "r" / "run.json").is_file() and len(read_records(tmp_path / "r")) == 2
+
+
+def test_device_is_normalised_and_an_absent_gpu_is_a_clear_error(tmp_path):
+    assert TrainConfig(device="cuda:0").device == "cuda:0" and TrainConfig().device == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/test_cuda.py trains on it")
+    cfg = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=1, n_probe=2, device="cuda")
+    with pytest.raises(ValueError, match="device: expected an available device, got 'cuda'.*--device cpu"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "nothing written before the device is known to work"

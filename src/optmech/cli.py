@@ -62,6 +62,7 @@ def train(
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
     seed: int = typer.Option(1, help="Seed for initialisation, data order and probe choice."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
+    device: str = typer.Option("cpu", help="Where the model, the batches and the probe run: cpu, cuda, cuda:1, ..."),
     probe_every: int = typer.Option(1, help="Measure before every n-th step."),
     n_probe: int = typer.Option(16, help="Fixed probe samples."),
     probe_split: str = typer.Option("test", help="Where the fixed probe samples come from: test (held out) or train."),
@@ -85,7 +86,7 @@ def train(
         config = TrainConfig(
             model=model, depth=depth, skip=skip, mapping=mapping, init=init, dropout=dropout, dataset=dataset,
             data_dir=data_dir, loss=loss, alpha=alpha, label_smoothing=label_smoothing, optimizer=optimizer, lr=lr,
-            momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype,
+            momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype, device=device,
             probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch, published_pair=published_pair,
             method=method, check=check, per_layer=per_layer, records_per_part=records_per_part,
         )
@@ -148,6 +149,7 @@ def reproduce(
     data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files (paper: MNIST IDX; cifar10: python batches)."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set seeds=[1,2] --set train.n_probe=4."),
     jobs: int = typer.Option(2, help="Parallel worker processes."),
+    device: Optional[str] = typer.Option(None, help="Device of the training runs (cpu, cuda, ...); the same as --set train.device=..."),
     overwrite: bool = typer.Option(False, help="Replace a reproduction made with another config."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
@@ -162,7 +164,7 @@ def reproduce(
     from .experiments.reproduce_config import PresetError, load_preset
 
     try:
-        config = load_preset(preset, overrides=set_, data_dir=data_dir)
+        config = load_preset(preset, overrides=[*set_, *([f"train.device={device}"] if device else [])], data_dir=data_dir)
     except ValidationError as exc:
         _fail(f"preset {preset}: {_format_validation(exc)}")
     except PresetError as exc:

@@ -19,7 +19,7 @@ from torch import nn
 from .losses import FenchelYoungLoss, get_loss
 from .metrics import Measurement, measure_from
 from .structure import EngineMethod, compute_structural_matrix
-from .structure._context import check_outputs, prepare_inputs, probing, trainable_parameters
+from .structure._context import check_outputs, full_float32, prepare_inputs, probing, tf32_enabled, trainable_parameters
 from .structure.gram import ForwardCapture
 
 #: modules whose train-mode forward differs from eval mode (forward reuse is refused when active)
@@ -48,7 +48,12 @@ class ConsistencyError(RuntimeError):
 CHECK_RTOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
 
 
-def check_tolerance(gradient_norm, lambda_max, fitting_error, n_classes: int, dtype: torch.dtype):
+#: rtol of the check for float32 when the captured training forward may have run in TF32 (the
+#: probe's own passes are IEEE; the two sides then differ by TF32's ~1e-3 per product)
+CHECK_RTOL_TF32 = 1e-2
+
+
+def check_tolerance(gradient_norm, lambda_max, fitting_error, n_classes: int, dtype: torch.dtype, rtol: float | None = None):
     """Allowed |‖g‖²_autograd − eᵀAe| of the ``check`` cross-check, per sample (tensors or arrays).
 
     rtol·‖g‖² (:data:`CHECK_RTOL` by dtype) plus ten times the rounding scale of the two sides:
@@ -58,7 +63,7 @@ def check_tolerance(gradient_norm, lambda_max, fitting_error, n_classes: int, dt
       (E_f ~ 1e-6) of badly conditioned A_x in float32.
     """
     eps = torch.finfo(dtype).eps
-    rtol = CHECK_RTOL.get(dtype, 1e-3)
+    rtol = CHECK_RTOL.get(dtype, 1e-3) if rtol is None else rtol
     scale = lambda_max * fitting_error * eps * n_classes + 2 * abs(gradient_norm * lambda_max * n_classes) ** 0.5 * eps
     return rtol * gradient_norm + 10 * scale
 
@@ -168,7 +173,7 @@ class Probe:
                 f"targets: expected {x.shape[0]} targets to match the inputs' batch, got shape {tuple(targets.shape)} instead."
             )
 
-    def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool) -> Measurement:
+    def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool, check_rtol: float | None = None) -> Measurement:
         """(logits, A, groups, method) from ``engine()``; p, q and the loss from the logits; the Measurement."""
         logits, A, groups, ran = engine()
         targets = targets.to(x.device)
@@ -186,7 +191,7 @@ class Probe:
             gradient_norm_autograd=auto, method=ran, per_layer=groups,
         )
         if auto is not None:
-            self._assert_consistent(m, A.dtype)
+            self._assert_consistent(m, A.dtype, check_rtol)
         return m
 
     def capture(self) -> "StepCapture":
@@ -211,10 +216,10 @@ class Probe:
         return StepCapture(self)
 
     @staticmethod
-    def _assert_consistent(m: Measurement, dtype: torch.dtype) -> None:
-        rtol = CHECK_RTOL.get(dtype, 1e-3)
+    def _assert_consistent(m: Measurement, dtype: torch.dtype, rtol: float | None = None) -> None:
+        rtol = CHECK_RTOL.get(dtype, 1e-3) if rtol is None else rtol
         err = (m.gradient_norm_autograd - m.gradient_norm).abs()
-        tol = check_tolerance(m.gradient_norm, m.lambda_max, m.fitting_error, m.A.shape[-1], dtype)
+        tol = check_tolerance(m.gradient_norm, m.lambda_max, m.fitting_error, m.A.shape[-1], dtype, rtol)
         bad = (err > tol).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
@@ -231,8 +236,12 @@ class StepCapture:
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
         self.forward = ForwardCapture(probe.model, trainable_parameters(probe.model))
+        self.tf32 = False
 
     def __enter__(self) -> "StepCapture":
+        # whether the training forward about to be captured may run in TF32 (float32 on a GPU)
+        params = [p for p in self.probe.model.parameters() if p.is_floating_point()]
+        self.tf32 = tf32_enabled() and any(p.device.type == "cuda" and p.dtype == torch.float32 for p in params)
         self.forward.__enter__()
         return self
 
@@ -255,4 +264,8 @@ class StepCapture:
             A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
             return logits, A, groups, "gram"
 
-        return probe._assemble(x, targets, engine, probe.check, eval_semantics=False)
+        # the backward passes and the check in IEEE float32; the forward was the training step's, so
+        # when it may have run in TF32 the check allows for that (CHECK_RTOL_TF32)
+        with full_float32():
+            return probe._assemble(x, targets, engine, probe.check, eval_semantics=False,
+                                   check_rtol=CHECK_RTOL_TF32 if self.tf32 else None)

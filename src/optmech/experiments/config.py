@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..data import DATASETS
@@ -52,6 +53,7 @@ class TrainConfig(BaseModel):
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps")
     seed: int = 1
     dtype: Literal["float32", "float64"] = "float32"
+    device: str = Field("cpu", description="torch device of the model, the batches and the probe: cpu, cuda, cuda:1, ...")
     probe_every: int = Field(1, ge=1, description="measure before every n-th step")
     n_probe: int = Field(16, ge=1, description="fixed held-out probe samples, chosen by seed")
     probe_split: Literal["test", "train"] = "test"
@@ -80,6 +82,17 @@ class TrainConfig(BaseModel):
         if v not in options:
             raise ValueError(f"unknown {_NAMED_KINDS[info.field_name]} {v!r}; expected one of {list(options)}")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            device = torch.device(v)
+        except (RuntimeError, TypeError):
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"unknown device {v!r}; expected 'cpu', 'cuda' or 'cuda:<index>'")
+        return str(device)
 
     @field_validator("weights")
     @classmethod

@@ -5,7 +5,10 @@
 Each record is measured *before* its step, on the current weights, for a fixed set of held-out
 probe samples (and optionally the current batch). Rows go to Parquet parts every
 ``records_per_part`` records, each part followed by a checkpoint, so ``resume=True`` continues a
-killed run and yields the same rows as an uninterrupted one (CPU, same seed).
+killed run and yields the same rows as an uninterrupted one (CPU, same seed). ``device`` puts the
+model, the batches and the probe on a GPU; the initial weights are drawn on the CPU first, so
+they are the same on every device (GPU kernels need not be bitwise reproducible, so neither
+need a resumed GPU run's rows).
 """
 
 from __future__ import annotations
@@ -90,6 +93,23 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrit
     return None, False
 
 
+def _device(config: TrainConfig) -> torch.device:
+    """The run's device, checked against what this torch build and machine have."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device: expected an available device, got {config.device!r} but torch {torch.__version__} sees no CUDA "
+                "device here. Use --device cpu, or run on a machine with a GPU and a CUDA build of torch."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: expected one of cuda:0…cuda:{torch.cuda.device_count() - 1}, got {config.device!r}. "
+                "Pick an existing GPU index."
+            )
+    return device
+
+
 def _build_model(config: TrainConfig, input_shape: tuple[int, ...], n_classes: int) -> torch.nn.Module:
     dtype = getattr(torch, config.dtype)
     kw = dict(depth=config.depth, init=config.init, dropout=config.dropout, input_shape=input_shape,
@@ -154,13 +174,13 @@ def _first_last_medians(records: pd.DataFrame) -> dict:
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, split: datasets.Dataset, dtype: torch.dtype, batch: int = 1000) -> float:
+def _accuracy(model: torch.nn.Module, split: datasets.Dataset, dtype: torch.dtype, device: torch.device, batch: int = 1000) -> float:
     mode = model.training
     model.eval()
     correct = 0
     for start in range(0, len(split), batch):
-        logits = model(split.inputs[start : start + batch].to(dtype))
-        correct += int((logits.argmax(1) == split.targets[start : start + batch]).sum())
+        logits = model(split.inputs[start : start + batch].to(device=device, dtype=dtype))
+        correct += int((logits.argmax(1).cpu() == split.targets[start : start + batch]).sum())
     model.train(mode)
     return correct / max(1, len(split))
 
@@ -189,6 +209,7 @@ def train(
     run_dir = Path(out)
     stored, replace = _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     dtype = getattr(torch, config.dtype)
+    device = _device(config)
     started = time.time()
 
     # --- data, model, optimiser, probe --------------------------------------------------------
@@ -196,10 +217,11 @@ def train(
     heldout = datasets.load(config.dataset, root=config.data_dir, split="test")
     probe_source = heldout if config.probe_split == "test" else train_set
     probe_ids = _probe_indices(config.seed, probe_source.targets, config.n_probe, published_pair=config.published_pair)
-    x_probe, y_probe = probe_source.inputs[probe_ids].to(dtype), probe_source.targets[probe_ids]
+    x_probe = probe_source.inputs[probe_ids].to(device=device, dtype=dtype)
+    y_probe = probe_source.targets[probe_ids].to(device)
 
-    torch.manual_seed(config.seed)
-    model = _build_model(config, train_set.input_shape, train_set.n_classes)
+    torch.manual_seed(config.seed)  # initialised on the CPU, then moved: the same initial weights on every device
+    model = _build_model(config, train_set.input_shape, train_set.n_classes).to(device)
     criterion = get_loss(config.loss, **config.loss_kwargs())
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -228,6 +250,8 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, n_records, violations = ckpt["step"], ckpt["n_records"], ckpt["violations"]
         timings, last_loss = ckpt["timings"], ckpt["last_loss"]
     if resume:
@@ -237,6 +261,7 @@ def train(
         "status": "running",
         "seed": config.seed,
         "versions": environment_versions(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "model": {"family_skip": list(paper_spec(config.model, config.mapping)) if config.model not in FAMILIES
                   else [config.model, bool(config.skip)], "n_params": n_params(model)},
         "data": {"train": len(train_set), "heldout": len(heldout), "probe_split": config.probe_split,
@@ -255,7 +280,8 @@ def train(
         if epoch != order_epoch:
             order, order_epoch = _epoch_order(config.seed, epoch, len(train_set)), epoch
         batch_ids = order[i * config.batch_size : (i + 1) * config.batch_size]
-        x, y = train_set.inputs[batch_ids].to(dtype), train_set.targets[batch_ids]
+        x = train_set.inputs[batch_ids].to(device=device, dtype=dtype)
+        y = train_set.targets[batch_ids].to(device)
 
         measurements = []
         probing_now = step % config.probe_every == 0
@@ -296,6 +322,7 @@ def train(
                 "step": step, "n_records": n_records, "violations": violations, "timings": timings,
                 "last_loss": last_loss, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })
         timings["writing_s"] += time.perf_counter() - t0
         if on_step is not None:
@@ -311,7 +338,7 @@ def train(
         "theorem3_violations": int((~records["bound_holds"]).sum()) if len(records) else 0,
         "rank_deficient_rows": int(records["rank_deficient"].sum()) if len(records) else 0,
         "final_train_loss": last_loss,
-        "heldout_accuracy": _accuracy(model, heldout, dtype),
+        "heldout_accuracy": _accuracy(model, heldout, dtype, device),
         "engine_method": str(records["method"].iloc[-1]) if len(records) else None,
         "first_last_medians": _first_last_medians(records),
         "training_s": round(timings["training_s"], 3),

@@ -89,14 +89,38 @@ def check_outputs(out: object, batch: int) -> torch.Tensor:
     return out
 
 
+def tf32_enabled() -> bool:
+    """Whether float32 CUDA matmuls or cuDNN convolutions may run in TF32 (10-bit mantissa) now."""
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """IEEE float32 for matmuls and cuDNN convolutions for the duration (TF32 off); restored afterwards.
+
+    PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs: about 1e-3
+    relative error per product, enough to move λmin of an ill-conditioned A_x and to fail the
+    ``check`` cross-check at float32's 1e-3. The probe's own passes run without it.
+    """
+    precision, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 @contextlib.contextmanager
 def probing(model: nn.Module) -> Iterator[None]:
-    """Eval semantics for the duration; restore modes, buffers (values) and RNG state afterwards."""
+    """Eval semantics and IEEE float32 (:func:`full_float32`) for the duration; restore modes,
+    buffers (values), RNG state and the TF32 settings afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"}) if cuda else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), full_float32():
         try:
             if any(mode for _, mode in modes):
                 model.eval()
