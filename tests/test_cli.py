@@ -1,6 +1,7 @@
 """The CLI: a real run with its summary, and clear errors without tracebacks (exit status 2)."""
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from optmech.cli import app
@@ -28,6 +29,7 @@ def test_train_prints_summary_and_records_path(tmp_path):
         (["--dataset", "mnist", "--data-dir", "/no/such/dir"], "/no/such/dir: expected a directory"),
         (["--n-probe", "100000", "--dataset", "digits"], "n_probe: expected at most 359"),
         (["--dtype", "float16"], "--dtype"),
+        (["--device", "tpu"], "--device: unknown device 'tpu'"),
     ],
 )
 def test_errors_are_clean(tmp_path, args, needle):
@@ -59,3 +61,18 @@ def test_internal_inconsistency_exits_3_without_traceback(tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "train", broken)
     result = runner.invoke(app, ["train", "--out", str(tmp_path / "r"), "--quiet", "--check"])
     assert result.exit_code == 3 and "autograd gives 2" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["train", "--dataset", "digits"], ["reproduce", "--preset", "quick"]])
+def test_a_missing_gpu_is_a_clean_error_before_anything_runs(tmp_path, command):
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "r"), "--quiet", "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "device: expected an available device, got 'cuda'" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_reproduce_refuses_a_bad_train_value_before_any_job(tmp_path):
+    result = runner.invoke(app, ["reproduce", "--preset", "quick", "--out", str(tmp_path / "r"), "--quiet", "--device", "tpu"])
+    assert result.exit_code == 2 and "train.device" in result.output and "unknown device 'tpu'" in result.output
+    assert not (tmp_path / "r").exists()

@@ -194,7 +194,8 @@ def reproduce(
     except (ValueError, TypeError, FileNotFoundError) as exc:
         if task is not None:
             progress.stop()
-        _fail(f"{exc} Finished jobs are kept in {run_dir}; re-run the same command to continue.")
+        kept = f" Finished jobs are kept in {run_dir}; re-run the same command to continue." if (run_dir / "reproduce.json").is_file() else ""
+        _fail(f"{exc}{kept}")
     if task is not None:
         progress.stop()
     console.print(f"jobs: {len(result.ran)} run, {len(result.skipped)} already finished; {result.wall_s:.0f} s")

@@ -32,10 +32,12 @@ import torch
 from .. import data as datasets
 from ..records import read_json, write_json_atomic, write_parquet_atomic
 from .depth_sweep import DepthSweepConfig, depth_sweep
+from .config import TrainConfig
 from .reproduce_config import ReproduceConfig
 from .registry import EXPERIMENTS, Job
 from .theory_runs import run_theory_experiment
 from .train import RunDirError, environment_versions, train
+from .train import check_device
 
 __all__ = ["Job", "plan_jobs", "job_done", "run_job", "reproduce", "ReproduceResult", "ReproduceError"]
 
@@ -159,6 +161,7 @@ def reproduce(
         raise ValueError(f"jobs: expected a positive number of processes, got {jobs}.")
     run_dir = Path(out)
     _check_dataset(config)
+    check_device(TrainConfig(**config.train))  # a missing GPU fails here, not in every training job
     meta = _start_meta(run_dir, config, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "reproduce.json", meta)

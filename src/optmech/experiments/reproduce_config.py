@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..models import INIT_SCHEMES, PAPER_MAPPINGS
 from .config import TrainConfig
@@ -122,6 +122,10 @@ class ReproduceConfig(_Frozen):
         bad = sorted(set(v) - _TRAIN_KEYS)
         if bad:
             raise ValueError(f"[train] does not take {bad}; expected keys from {sorted(_TRAIN_KEYS)}")
+        try:  # the values too, before any job starts (a bad device or loss would fail every training job)
+            TrainConfig(**v)
+        except ValidationError as exc:
+            raise ValueError("; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return v
 
     def train_config(self, model: str, depth: int, seed: int) -> TrainConfig:

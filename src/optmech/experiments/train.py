@@ -93,7 +93,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrit
     return None, False
 
 
-def _device(config: TrainConfig) -> torch.device:
+def check_device(config: TrainConfig) -> torch.device:
     """The run's device, checked against what this torch build and machine have."""
     device = torch.device(config.device)
     if device.type == "cuda":
@@ -209,7 +209,7 @@ def train(
     run_dir = Path(out)
     stored, replace = _check_run_dir(run_dir, config, resume=resume, overwrite=overwrite)
     dtype = getattr(torch, config.dtype)
-    device = _device(config)
+    device = check_device(config)
     started = time.time()
 
     # --- data, model, optimiser, probe --------------------------------------------------------
