@@ -167,3 +167,14 @@ def test_device_is_normalised_and_an_absent_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="device: expected an available device, got 'cuda'.*--device cpu"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists(), "nothing written before the device is known to work"
+
+
+def test_a_run_written_before_a_config_field_existed_resumes_when_the_field_is_at_its_default(tmp_path):
+    cfg = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=2, n_probe=2)
+    train(cfg, tmp_path / "run")
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    del meta["config"]["device"]  # as written by a version without the field
+    (tmp_path / "run" / "run.json").write_text(json.dumps(meta))
+    assert train(cfg, tmp_path / "run", resume=True).summary["steps"] == 2
+    with pytest.raises(RunDirError, match="device: 'cpu' \\(run\\) vs 'cuda' \\(now\\)"):
+        train(cfg.model_copy(update={"device": "cuda"}), tmp_path / "run", resume=True)
