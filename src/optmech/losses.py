@@ -33,12 +33,14 @@ __all__ = [
     "get_loss",
     "available_losses",
     "to_distribution",
+    "check_logits",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    """Logits must be a floating (batch, classes) tensor of finite values (checks skipped inside vmap)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, classes), got {type(logits).__name__} instead.")
     if logits.dim() != 2:
@@ -182,7 +184,7 @@ class FenchelYoungLoss:
         )
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        _check_logits(logits)
+        check_logits(logits)
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r} instead.")
         q = self.targets(targets, logits.shape[1], logits.dtype)
@@ -190,10 +192,15 @@ class FenchelYoungLoss:
             raise ValueError(
                 f"targets: expected {logits.shape[0]} rows to match logits, got {q.shape[0]} instead."
             )
-        per_sample = self.omega(q) + self.omega_conj(logits) - (q * logits).sum(-1)
+        per_sample = self.divergence(q, logits)
         if reduction == "none":
             return per_sample
         return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+    def divergence(self, q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """d_Ω(q, f) = Ω(q) + Ω*(f) − ⟨q, f⟩ per row (eq. (6)), for target vectors q as made by
+        :meth:`targets`; no input checks (the probe's path, where both were checked already)."""
+        return self.omega(q) + self.omega_conj(logits) - (q * logits).sum(-1)
 
     def __repr__(self) -> str:
         extra = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""

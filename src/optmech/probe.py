@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .losses import FenchelYoungLoss, get_loss
+from .losses import check_logits
 from .metrics import Measurement, measure_from
 from .structure import EngineMethod, compute_structural_matrix
 from .structure._context import check_outputs, full_float32, prepare_inputs, probing, tf32_enabled, trainable_parameters
@@ -179,8 +180,9 @@ class Probe:
         targets = targets.to(x.device)
         logits64 = logits.detach().to(torch.float64)
         q = self.loss.targets(targets, logits.shape[1], torch.float64)  # validates targets
+        check_logits(logits64)  # finite logits, once (the loss' own call would check them and q again)
         p = self.loss.predict(logits64)
-        loss = self.loss(logits64, q, reduction="none")
+        loss = self.loss.divergence(q, logits64)
         auto = None
         if check:
             with probing(self.model) if eval_semantics else contextlib.nullcontext():
