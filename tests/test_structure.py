@@ -96,6 +96,34 @@ def test_probing_runs_in_ieee_float32_and_restores_the_tf32_settings():
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
+def test_probing_works_where_precision_was_set_through_the_per_backend_api():
+    """torch ≥ 2.9 refuses legacy reads once ``fp32_precision`` was set per backend in a way the legacy
+    flags cannot express: the probe must then use that API (in a fresh process: the state is global)."""
+    import subprocess
+    import sys
+
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has only the legacy TF32 flags")
+    script = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from optmech import structural_matrix\n"
+        "from optmech.structure._context import probing, tf32_enabled\n"
+        "torch.backends.cudnn.conv.fp32_precision = 'none'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "assert tf32_enabled()\n"
+        "with probing(nn.Linear(3, 2)):\n"
+        "    assert not tf32_enabled()\n"
+        "    assert torch.backends.cuda.matmul.fp32_precision == 'ieee' == torch.backends.cudnn.conv.fp32_precision\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'tf32' and torch.backends.cudnn.conv.fp32_precision == 'none'\n"
+        "model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))\n"
+        "structural_matrix(model, torch.randn(2, 1, 4, 4), method='gram')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_eval_semantics_dropout_is_off():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     x = torch.randn(3, 4, dtype=torch.float64)

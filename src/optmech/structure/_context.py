@@ -89,9 +89,28 @@ def check_outputs(out: object, batch: int) -> torch.Tensor:
     return out
 
 
+def _legacy_tf32_state() -> tuple[str, bool] | None:
+    """(float32 matmul precision, cuDNN allow_tf32) through the legacy API, or None when the process
+    set precision through the per-backend ``fp32_precision`` API (torch ≥ 2.9) in a way the legacy
+    getters refuse to read."""
+    try:
+        return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return None
+
+
+def _precision_knobs() -> list:
+    """The per-backend settings of the newer API that decide TF32 for CUDA matmuls and cuDNN convolutions."""
+    return [torch.backends.cuda.matmul, torch.backends.cudnn.conv]
+
+
 def tf32_enabled() -> bool:
     """Whether float32 CUDA matmuls or cuDNN convolutions may run in TF32 (10-bit mantissa) now."""
-    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cudnn.allow_tf32)
+    legacy = _legacy_tf32_state()
+    if legacy is not None:
+        return legacy[0] != "highest" or legacy[1]
+    inherited = getattr(torch.backends, "fp32_precision", "none")
+    return any(k.fp32_precision == "tf32" or (k.fp32_precision == "none" and inherited == "tf32") for k in _precision_knobs())
 
 
 @contextlib.contextmanager
@@ -100,16 +119,29 @@ def full_float32() -> Iterator[None]:
 
     PyTorch lets cuDNN convolutions use TF32 by default on Ampere and later GPUs: about 1e-3
     relative error per product, enough to move λmin of an ill-conditioned A_x and to fail the
-    ``check`` cross-check at float32's 1e-3. The probe's own passes run without it.
+    ``check`` cross-check at float32's 1e-3. The probe's own passes run without it. The settings
+    are changed through whichever API the process uses (mixing the legacy ``allow_tf32`` with
+    torch ≥ 2.9's ``fp32_precision`` makes torch refuse to read them).
     """
-    precision, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cudnn.allow_tf32 = False
+    legacy = _legacy_tf32_state()
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy[0])
+            torch.backends.cudnn.allow_tf32 = legacy[1]
+        return
+    knobs = _precision_knobs()
+    saved = [k.fp32_precision for k in knobs]
+    for k in knobs:
+        k.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = cudnn
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value
 
 
 @contextlib.contextmanager
