@@ -157,3 +157,17 @@ def family_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 def engine_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """The models every engine method must get right: the families and the unusual models."""
     return {**family_cases(), **unusual_models()}
+
+
+def captured_gram(model, x, *, channels_last: bool = False):
+    """One ``gram`` call through ForwardCapture, the forward run the way the engine runs it (eval
+    semantics, grad on): (the capture, its logits, A)."""
+    from optmech.structure import gram
+    from optmech.structure._context import probing, trainable_parameters
+
+    capture = gram.ForwardCapture(model, trainable_parameters(model), channels_last=channels_last)
+    with probing(model):
+        with capture, torch.enable_grad():
+            out = model(x)
+        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
+    return capture, out, A

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, family_cases, rel_err, unusual_models
+from helpers import RTOL, captured_gram, family_cases, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
@@ -126,14 +126,9 @@ def test_a_model_already_in_channels_last_is_not_converted(conversions):
 def test_the_training_step_capture_leaves_the_layout_alone(conversions):
     """The probe's capture inside a training step must not change what the training forward computes."""
     model, x = CASES["resnet-plain"]
-    named = trainable_parameters(model)
-    capture = gram.ForwardCapture(model, named)
-    with probing(model):
-        with capture, torch.enable_grad():
-            out = model(x)
-        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
-        with torch.no_grad():
-            assert torch.equal(out, model(x))
+    _, out, A = captured_gram(model, x)
+    with torch.no_grad(), probing(model):
+        assert torch.equal(out, model(x))
     assert not any(conversions)
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
 

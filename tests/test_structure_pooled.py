@@ -9,12 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import RTOL, rel_err
+from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
 from optmech.structure import gram
-from optmech.structure._context import probing, trainable_parameters
 
 
 class ConvPool(nn.Module):
@@ -44,12 +43,7 @@ class ConvPool(nn.Module):
 
 def _strategies(model, x):
     """{layer: strategy} of one gram call (and its result), with the forward run the way the engine runs it."""
-    named = trainable_parameters(model)
-    capture = gram.ForwardCapture(model, named)
-    with probing(model):
-        with capture, torch.enable_grad():
-            out = model(x)
-        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
+    capture, _, A = captured_gram(model, x)
     return {p.name: p.strategy for p in capture.plans}, A
 
 

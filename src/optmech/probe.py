@@ -241,9 +241,7 @@ class StepCapture:
         self.tf32 = False
 
     def __enter__(self) -> "StepCapture":
-        # whether the training forward about to be captured may run in TF32 (float32 on a GPU)
-        params = [p for p in self.probe.model.parameters() if p.is_floating_point()]
-        self.tf32 = tf32_enabled() and any(p.device.type == "cuda" and p.dtype == torch.float32 for p in params)
+        self.tf32 = tf32_enabled()  # the settings the training forward about to be captured runs under
         self.forward.__enter__()
         return self
 
@@ -267,7 +265,8 @@ class StepCapture:
             return logits, A, groups, "gram"
 
         # the backward passes and the check in IEEE float32; the forward was the training step's, so
-        # when it may have run in TF32 the check allows for that (CHECK_RTOL_TF32)
+        # when it may have run in TF32 (float32 on a GPU) the check allows for that (CHECK_RTOL_TF32)
+        tf32_forward = self.tf32 and logits.is_cuda and logits.dtype == torch.float32
         with full_float32():
             return probe._assemble(x, targets, engine, probe.check, eval_semantics=False,
-                                   check_rtol=CHECK_RTOL_TF32 if self.tf32 else None)
+                                   check_rtol=CHECK_RTOL_TF32 if tf32_forward else None)

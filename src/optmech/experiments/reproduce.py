@@ -36,8 +36,7 @@ from .config import TrainConfig
 from .reproduce_config import ReproduceConfig
 from .registry import EXPERIMENTS, Job
 from .theory_runs import run_theory_experiment
-from .train import RunDirError, environment_versions, train
-from .train import check_device
+from .train import RunDirError, check_device, environment_versions, train
 
 __all__ = ["Job", "plan_jobs", "job_done", "run_job", "reproduce", "ReproduceResult", "ReproduceError"]
 

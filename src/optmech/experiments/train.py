@@ -78,8 +78,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool, overwrit
             raise RunDirError(f"{run_dir}: --resume expects an existing run directory with run.json, found none. Drop --resume to start it.")
         stored = read_json(meta_path)
         # a field added after the run was written counts as its default (e.g. device = "cpu")
-        defaults = {name: field.default for name, field in TrainConfig.model_fields.items() if not field.is_required()}
-        old = {**TrainConfig.model_validate(defaults).model_dump(mode="json"), **stored.get("config", {})}
+        old = {**TrainConfig().model_dump(mode="json"), **stored.get("config", {})}
         diff = _config_diff(old, config.model_dump(mode="json"))
         if diff:
             raise RunDirError(
