@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .patches import SHARED, layer_patches, workspace
+from .relu_tap import is_tap_node
 
 __all__ = ["PooledConvGram", "pooled_output", "pooled_cost"]
 
@@ -48,7 +49,7 @@ def pooled_output(z: torch.Tensor, pools: list[tuple[torch.Tensor, int]], consum
         if not isinstance(indices, torch.Tensor) or indices.shape != p.shape:
             continue
         prev = pfn.next_functions[0][0]
-        relu = prev is not None and type(prev).__name__ == "ReluBackward0"
+        relu = prev is not None and (type(prev).__name__ == "ReluBackward0" or is_tap_node(prev))  # a ReLU, tapped or not
         if relu:
             if consumers.get(id(prev), 0) != 1:
                 continue  # relu(z) also feeds something else
