@@ -132,3 +132,25 @@ def test_the_training_capture_leaves_the_relus_alone(taps):
         assert not is_tap_node(node)
         stack.extend(n for n, _ in node.next_functions)
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+
+
+class InplaceAfterRelu(nn.Module):
+    """Modifies the ReLU's output in place: ReLU's backward needs it, so autograd must refuse, tap or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        h.mul_(2.0)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_output_modified_in_place_is_refused_as_without_the_tap(enabled, monkeypatch):
+    monkeypatch.setattr(gram, "_RELU_TAPS", enabled)
+    model = InplaceAfterRelu().double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        structural_matrix(model, x, method="gram")

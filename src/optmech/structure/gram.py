@@ -244,7 +244,9 @@ class _LayerGram:
         # (n, K[+1], S): now if every class needs them, else when result() contracts (shared buffer)
         self.a = layer_patches(self.module, a, self.ones_row) if self.immediate or S == 1 else None
         # a ReLU tap writes b_c into slot c of a class-major buffer laid out like z (see .relu_tap)
-        self.tapped = tap_z is not None and materialise and not self.immediate and _tappable_layout(tap_z)
+        self.tapped = (
+            tap_z is not None and materialise and not self.immediate and tap_z.dtype == a.dtype and _tappable_layout(tap_z)
+        )
         if self.immediate:
             shape = (n_classes, n, rows, self.d_out)  # G_cᵀ per class, contiguous per class
             self.buffer = workspace(self.module, "weight-grads", shape, a.dtype, a.device)
@@ -301,7 +303,6 @@ class _LayerGram:
             bs = self.buffer.sum(3)  # (n, C, d_out)
             out = out + bs @ bs.transpose(1, 2)
         return out
-
 
     def _tapped_result(self, a: torch.Tensor) -> torch.Tensor:
         """The materialised contraction from the class-major buffer (C, *z.shape) the taps wrote.
@@ -490,10 +491,6 @@ class ForwardCapture:
         self._z_owner: dict[int, nn.Module] = {}  # id of a recorded conv output -> its module
         self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of its graph node -> (module, the node, kept alive)
         self._handles: list = []
-
-    @property
-    def relu_taps(self) -> bool:
-        return bool(self._relu_modules)
 
     def __enter__(self) -> "ForwardCapture":
         self.captured = {id(p.module): [] for p in self.plans}

@@ -12,8 +12,9 @@ convolution: the same values, bit for bit, as without the tap.
 
 Used by the standalone ``gram`` call only (the training-step capture must leave the step's graph
 as the model builds it), for ``nn.ReLU`` modules that are not in-place, when z's only consumer in
-the logits' graph is that ReLU; otherwise the tap's backward is the ReLU's backward into a fresh
-tensor, exactly as before.
+the logits' graph is that ReLU, or a sum z + y (a residual block) whose only consumer is that ReLU
+(the sum's backward hands its gradient on unchanged); the checks run on the graph after the
+forward. Otherwise the tap's backward is the ReLU's backward into a fresh tensor, as without it.
 """
 
 from __future__ import annotations
