@@ -202,6 +202,13 @@ def _kept_like(owner: nn.Module, role: str, z: torch.Tensor, dtype: torch.dtype,
     return workspace(owner, role, lead + tuple(z.shape), dtype, z.device)
 
 
+def _materialised(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A = ⟨G_c, G_c'⟩ with G_c = b_c âᵀ, for b of shape (n, C, d, S) and patches â (n, K[+1], S): one batched GEMM."""
+    n, C, d, S = b.shape
+    F_ = (b.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)  # (n, C, (K+1)·d)
+    return F_ @ F_.transpose(1, 2)
+
+
 def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs."""
     n, C, d, S = b.shape
@@ -270,7 +277,7 @@ class _LayerGram:
 
     def add(self, b: torch.Tensor) -> None:
         if self.tapped:
-            slot = self.buffer[self.count]
+            slot = self.slot()
             if not (b.data_ptr() == slot.data_ptr() and b.stride() == slot.stride()):
                 slot.copy_(b)  # the tap did not run (or autograd handed back a copy): b is still exact
         elif self.immediate:
@@ -291,9 +298,7 @@ class _LayerGram:
         if self.tapped:
             return self._tapped_result(a)
         if self.strategy == "materialise":
-            n, C, d, S = self.buffer.shape
-            F_ = (self.buffer.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
-            return F_ @ F_.transpose(1, 2)
+            return _materialised(self.buffer, a)
         if self.vectors:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = torch.stack(self.vectors, 1)  # (n, C, d_out)
             scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
@@ -314,15 +319,14 @@ class _LayerGram:
         Contiguous z: relaid out as (n, C, d, S) and contracted as the untapped buffer.
         """
         C, n, d, S = self.buffer.shape[0], self.buffer.shape[1], self.d_out, self.S
-        if _is_channels_last(self.buffer[0]):
-            per_position = workspace(SHARED, "dfdz-positions", (n, S, C, d), a.dtype, a.device)
-            per_position.copy_(self.buffer.movedim(2, -1).reshape(C, n, S, d).permute(1, 2, 0, 3))
-            Gt = torch.bmm(a, per_position.view(n, S, C * d))  # (n, K[+1], C·d): the G_cᵀ side by side
-            F_ = Gt.view(n, -1, C, d).transpose(1, 2).reshape(n, C, -1)  # (n, C, (K+1)·d)
-        else:
+        if not _is_channels_last(self.buffer[0]):
             by_sample = workspace(SHARED, "dfdz-samples", (n, C, d, S), a.dtype, a.device)
             by_sample.copy_(self.buffer.reshape(C, n, d, S).transpose(0, 1))
-            F_ = (by_sample.view(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)
+            return _materialised(by_sample, a)
+        per_position = workspace(SHARED, "dfdz-positions", (n, S, C, d), a.dtype, a.device)
+        per_position.copy_(self.buffer.movedim(2, -1).reshape(C, n, S, d).permute(1, 2, 0, 3))
+        Gt = torch.bmm(a, per_position.view(n, S, C * d))  # (n, K[+1], C·d): the G_cᵀ side by side
+        F_ = Gt.view(n, -1, C, d).transpose(1, 2).reshape(n, C, -1)  # (n, C, (K+1)·d)
         return F_ @ F_.transpose(1, 2)
 
 
@@ -488,14 +492,13 @@ class ForwardCapture:
         tappable = any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in self.plans)
         self._relu_modules = [m for m in model.modules() if type(m) is nn.ReLU and not m.inplace] if relu_taps and tappable else []
         self.taps: dict[int, list[ReluTap]] = {}  # conv module id -> the taps on its output in this forward
-        self._z_owner: dict[int, nn.Module] = {}  # id of a recorded conv output -> its module
-        self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of its graph node -> (module, the node, kept alive)
+        self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of a recorded conv output's graph node -> (module, the node, kept alive)
         self._handles: list = []
 
     def __enter__(self) -> "ForwardCapture":
         self.captured = {id(p.module): [] for p in self.plans}
         self.pools = []
-        self.taps, self._z_owner, self._z_nodes = {}, {}, {}
+        self.taps, self._z_nodes = {}, {}
 
         def hook(module, args, output):
             replaced = None
@@ -508,7 +511,6 @@ class ForwardCapture:
             if module in _COPY_OUTPUT:
                 return output.clone()  # the model continues on a copy; z keeps its value and its graph
             if self._relu_modules and isinstance(module, (nn.Conv1d, nn.Conv2d)) and output.grad_fn is not None:
-                self._z_owner[id(output)] = module
                 self._z_nodes[id(output.grad_fn)] = (module, output.grad_fn)
             return replaced
 
@@ -516,15 +518,18 @@ class ForwardCapture:
             t = args[0] if args else None
             if not (isinstance(t, torch.Tensor) and isinstance(output, torch.Tensor) and t.grad_fn is not None):
                 return None
-            conv, through = self._z_owner.get(id(t)), None
-            if conv is None and type(t.grad_fn).__name__ == "AddBackward0" and getattr(t.grad_fn, "_saved_alpha", 1) == 1:
+            entry, through = self._z_nodes.get(id(t.grad_fn)), None  # relu(z)
+            if entry is None and type(t.grad_fn).__name__ == "AddBackward0" and getattr(t.grad_fn, "_saved_alpha", 1) == 1:
                 # relu(z + y) (a residual block): ∂f/∂z is the ReLU's backward when z feeds only the sum
                 for node, _ in t.grad_fn.next_functions:
                     if node is not None and id(node) in self._z_nodes:
-                        conv, through = self._z_nodes[id(node)][0], t.grad_fn
+                        entry, through = self._z_nodes[id(node)], t.grad_fn
                         break
-            z = self.captured[id(conv)][-1][1] if conv is not None else None
-            if z is None or z.shape != t.shape or not _tappable_layout(z):
+            if entry is None:
+                return None
+            conv = entry[0]
+            z = self.captured[id(conv)][-1][1]
+            if (through is None and t is not z) or z.shape != t.shape or not _tappable_layout(z):
                 return None
             r, tap = tapped_relu(t, output)
             tap.through = through  # the sum node between z and the ReLU, or None
@@ -605,7 +610,7 @@ class ForwardCapture:
         finally:
             self.captured = {id(p.module): [] for p in self.plans}
             self.pools = []
-            self.taps, self._z_owner, self._z_nodes = {}, {}, {}
+            self.taps, self._z_nodes = {}, {}
 
     def add_parts(
         self, parts: list, slow_names: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,
