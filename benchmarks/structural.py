@@ -90,9 +90,9 @@ def gemm(device: str = "cpu") -> None:
     a @ a
 
 
-def bound_parts(model, x) -> tuple[callable, callable, callable, callable, float]:
+def bound_parts(model, x) -> tuple[callable, callable, callable, callable, callable, float]:
     """(forward fn, one activation-backward fn, forward + C backward passes fn, the same in channels-last,
-    cheapest contraction multiply-adds)."""
+    forward + the C passes as one vmapped backward fn, cheapest contraction multiply-adds)."""
     named = trainable_parameters(model)
     plans, _ = plan_layers(model, named)
 
@@ -135,7 +135,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, float
         for c in range(N_CLASSES):
             torch.autograd.grad(fresh[:, c].sum(), targets, retain_graph=c < N_CLASSES - 1)
 
-    return forward, one_backward, forward_and_backwards, functools.partial(forward_and_backwards, True), macs
+    def forward_and_one_vmapped_backward():
+        fresh, cap = captured_forward()
+        targets = [cap[p.module][1] for p in plans]
+        eye = torch.eye(N_CLASSES, dtype=fresh.dtype, device=fresh.device).unsqueeze(1).expand(N_CLASSES, *fresh.shape)
+        torch.autograd.grad(fresh, targets, grad_outputs=eye, is_grads_batched=True)
+
+    return forward, one_backward, forward_and_backwards, functools.partial(forward_and_backwards, True), forward_and_one_vmapped_backward, macs
 
 
 def neural_tangents_available() -> bool:
@@ -288,7 +294,7 @@ def main() -> None:
 
         twin = copy.deepcopy(model)  # the bound's graph must not see the optimiser's in-place steps
         with probing(twin):
-            forward, one_backward, forward_and_backwards, cl_forward_and_backwards, macs = bound_parts(twin, x)
+            forward, one_backward, forward_and_backwards, cl_forward_and_backwards, vmapped_backward, macs = bound_parts(twin, x)
         probe = Probe(model)
         methods = {"gram": lambda: structural_matrix(model, x, method="gram"),
                    "probe": lambda: probe.measure(x, y),
@@ -298,13 +304,13 @@ def main() -> None:
             methods["nt"], compile_s = nt_runner(model, x)
         # gram hands Conv2d outputs on in channels-last on the CPU: the same sequence timed that way too
         channels_last = device.type == "cpu" and any(type(m) is torch.nn.Conv2d for m in model.modules())
-        times = {k: [] for k in ["step", "forward", "one_backward", "forward_and_backwards", "gemm", *methods]}
+        times = {k: [] for k in ["step", "forward", "one_backward", "forward_and_backwards", "vmapped_backward", "gemm", *methods]}
         if channels_last:
             times["cl_forward_and_backwards"] = []
         step()  # warm-up
         gemm(args.device)
         with probing(twin):
-            forward(), one_backward(), forward_and_backwards()
+            forward(), one_backward(), forward_and_backwards(), vmapped_backward()
             if channels_last:
                 cl_forward_and_backwards()
         for fn in methods.values():
@@ -318,7 +324,8 @@ def main() -> None:
             return run
 
         timings = {"step": step, "forward": in_probing(forward), "one_backward": in_probing(one_backward),
-                   "forward_and_backwards": in_probing(forward_and_backwards), "gemm": lambda: gemm(args.device), **methods}
+                   "forward_and_backwards": in_probing(forward_and_backwards), "vmapped_backward": in_probing(vmapped_backward),
+                   "gemm": lambda: gemm(args.device), **methods}
         if channels_last:
             timings["cl_forward_and_backwards"] = in_probing(cl_forward_and_backwards)
         order = random.Random(0)
@@ -356,6 +363,9 @@ def main() -> None:
               f"+ contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s)")
         print(f"{'':{width + 11}s}   timed alone: forward {1e3 * med['forward']:.1f} ms, one backward {1e3 * med['one_backward']:.1f} ms "
               f"(forward + {N_CLASSES} × backward = {1e3 * (med['forward'] + N_CLASSES * med['one_backward']):.1f} ms)")
+        vm_bound = med["vmapped_backward"] + 2 * macs / rate
+        print(f"{'':{width + 11}s}   with the {N_CLASSES} passes as one vmapped backward (is_grads_batched): forward + backward "
+              f"{1e3 * med['vmapped_backward']:.1f} ms, bound {1e3 * vm_bound:.1f} ms, gram {med['gram'] / vm_bound:.2f} × that")
         if channels_last:
             cl_bound = med["cl_forward_and_backwards"] + 2 * macs / rate
             print(f"{'':{width + 11}s}   with the Conv2d outputs in channels-last, as gram runs them: forward + {N_CLASSES} backward "

@@ -23,7 +23,9 @@ that feeds only one, as in a residual block) gets b_c from that ReLU's backward 
 into the layer's buffer (:mod:`.relu_tap`), with no fresh tensor and no copy.
 
 All B_c come from one forward with hooks and C backward passes of Σ_b f_c(x_b) (samples are
-independent under eval semantics, so the summed backward gives every per-sample row). On the CPU
+independent under eval semantics, so the summed backward gives every per-sample row), or one
+vmapped backward of the C cotangents where that is faster: no convolution backward on the way
+and small layer outputs (:func:`_one_pass`). On the CPU
 the standalone call hands the model each Conv2d output in channels-last (the layers after keep
 that layout, and oneDNN's backward kernels are faster in it); a forward that cannot take it (a
 ``.view`` of a convolution's output) is rerun in its own layout, from then on. Parameters
@@ -118,6 +120,34 @@ def _graph_uses(output: torch.Tensor) -> GraphUses:
     return GraphUses(leaves, consumers, seen)
 
 
+def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor]) -> bool:
+    """Whether the backward passes from ``out`` to ``zs`` run a convolution's backward.
+
+    autograd runs a node when a path leads from it to one of the targets (the zs' nodes), so the
+    passes stop at the first layers' outputs: a network whose only convolution comes first, or is
+    contracted at its pool's output (SNet), runs no convolution backward.
+    """
+    targets = {id(z.grad_fn) for z in zs if z.grad_fn is not None}
+    reaches: dict[int, bool] = {}  # node id -> a target lies at or below it
+    keep: list = []  # the nodes themselves, so that no id is reused during the walk
+    stack = [(out.grad_fn, False)] if out.grad_fn is not None else []
+    while stack:
+        fn, expanded = stack.pop()
+        if not expanded:
+            if id(fn) in reaches:
+                continue
+            reaches[id(fn)] = False  # provisional: the graph is acyclic
+            keep.append(fn)
+            stack.append((fn, True))
+            stack.extend((nxt, False) for nxt, _ in fn.next_functions if nxt is not None and id(nxt) not in reaches)
+            continue
+        runs = any(nxt is not None and reaches.get(id(nxt), False) for nxt, _ in fn.next_functions)
+        if runs and "Convolution" in type(fn).__name__:
+            return True
+        reaches[id(fn)] = runs or id(fn) in targets
+    return False
+
+
 def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) -> tuple[list[LayerPlan], list[str]]:
     """Candidate fast layers (all of whose trainable parameters are in θ) and the remaining names."""
     wanted = {id(p): n for n, p in named_params}
@@ -165,6 +195,9 @@ _CHANNELS_LAST_DTYPES = (torch.float32, torch.float64)
 
 #: the standalone ``gram`` call on the CPU writes a conv's ReLU backward straight into the layer's buffer (:mod:`.relu_tap`)
 _RELU_TAPS = True
+
+#: on the CPU, C classes share one backward pass only while one class's ∂f/∂z of all layers is at most this many bytes
+_PASS_BYTES = 4 * 2**20
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -426,21 +459,48 @@ def _layer_contribution(plan: LayerPlan, a: torch.Tensor, Bm: torch.Tensor, stra
     return acc.result()
 
 
+def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], sinks: list) -> bool:
+    """Whether :func:`_stream_logit_jacobians` runs one backward pass for all C classes, or C passes.
+
+    All C at once (one vmapped backward) saves C − 1 walks of the graph, i.e. autograd's and the
+    kernels' fixed cost per node, which dominates on small layers; one at a time keeps each pass's
+    tensors C× smaller. Measured on the 2-core CPU, in-process against each other (benchmarks/README.md):
+
+    - a backward that runs a convolution's backward: one class per pass (the vmapped convolution
+      backward works on a C× larger batch and took 1.2–1.7× as long on the paper's CNNs);
+    - a ReLU tap writing into a layer's buffer (:mod:`.relu_tap`): one class per pass (slot c per pass);
+    - otherwise all C at once while one class's ∂f/∂z over all layers is at most ``_PASS_BYTES``
+      (4 MiB): SNet (the convolution contracted at its pool's output) 0.75–0.88× the time of one class
+      per pass at batch 64–256 (0.4–1.6 MB per class), CNet k = 1 0.90× at batch 64 and 128 (1.6 and
+      3.2 MB), the MLPs 0.6× at batch 64; above it, fresh C-fold tensors cost more than the walks
+      save (CNet k = 1 at batch 256, 6.4 MB: 1.20×; an MLP of width 1024 at batch 2048, 8.5 MB: 1.14×).
+
+    On a GPU (no page faults, launch-bound) as measured there in the sixth session: all C at once
+    unless the model has a convolution layer.
+    """
+    if out.device.type != "cpu":
+        return not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)
+    if any(getattr(s, "tapped", False) for s in sinks):
+        return False
+    per_class = sum(z.numel() * z.element_size() for z in zs)
+    return per_class <= _PASS_BYTES and not _backward_runs_convolution(out, zs)
+
+
 def _stream_logit_jacobians(
     out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool, keep_graph: bool = False
 ) -> None:
     """Feed b_c = ∂f_c/∂z (shape (n, *z.shape[1:])) of every layer to ``sinks[i].add`` for c = 0…C−1.
 
     ``batched``: one backward of the C one-hot cotangents at once (``is_grads_batched``, a vmap over
-    the cotangents); otherwise C backward passes, each batched over the samples. Measured on a
-    2-core CPU (benchmarks/structural.py), the first is about 2× faster for MLPs and the second
-    1.2–1.7× faster for CNNs, whose vmapped convolution backward works on a C× larger batch. The
-    batched form falls back to the loop for graphs whose backward cannot be vmapped.
+    the cotangents); otherwise C backward passes, each batched over the samples. See
+    :func:`_one_pass` for the choice. The batched form falls back to the C passes for graphs whose
+    backward cannot be vmapped (exact either way).
     """
     n = out.shape[0]
     if batched:
         eye = torch.eye(n_classes, dtype=out.dtype, device=out.device).unsqueeze(1).expand(n_classes, n, n_classes)
         try:
+            # (the graph is kept: a node without a batching rule may raise after others have run)
             grads = torch.autograd.grad(out, zs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
         except RuntimeError:
             grads = None  # not vmappable: the loop below is exact too
@@ -604,8 +664,7 @@ class ForwardCapture:
                     if tap is not None and getattr(sink, "tapped", False):
                         tap.slot = sink.slot
                     sinks.append(sink)
-            batched = not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)  # see _stream_logit_jacobians
-            _stream_logit_jacobians(out, zs, n_classes, sinks, batched, keep_graph)
+            _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks), keep_graph)
             return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
         finally:
             self.captured = {id(p.module): [] for p in self.plans}

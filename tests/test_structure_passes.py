@@ -1,0 +1,127 @@
+"""One backward pass for all C classes, or C passes (structure/gram.py, ``_one_pass``), against the oracle.
+
+The choice only changes the speed: both must give A to 1e-10 in float64. The single vmapped pass is
+taken where no convolution backward runs, no ReLU tap writes and one class's ∂f/∂z is small; these
+tests check that each condition is seen, and the graph walk that decides the first.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import RTOL, rel_err
+from oracles import structural_oracle
+from optmech import structural_matrix
+from optmech.models import build
+from optmech.structure import gram
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """The ``batched`` argument of every ``_stream_logit_jacobians`` call, in order."""
+    seen: list[bool] = []
+    inner = gram._stream_logit_jacobians
+
+    def spy(out, zs, n_classes, sinks, batched, keep_graph=False):
+        seen.append(batched)
+        return inner(out, zs, n_classes, sinks, batched, keep_graph)
+
+    monkeypatch.setattr(gram, "_stream_logit_jacobians", spy)
+    return seen
+
+
+def _conv_tanh(channels=3):
+    """The only convolution comes first: the passes stop at its output."""
+    return nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(channels * 64, 6), nn.Tanh(), nn.Linear(6, 4))
+
+
+def _conv_relu():
+    """A ReLU (not in place) on the first convolution: its tap writes b_c, one class per pass."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 64, 4))
+
+
+def _two_convs():
+    """The second convolution's input gradient is on the way to the first's output."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 64, 4))
+
+
+CASES = {
+    # name: (model builder, input shape, one pass on the CPU at batch 5 in float64)
+    "snet": (lambda: build("snet", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), True),  # conv folded at its pool
+    "mlp": (lambda: build("mlp", depth=2, skip=False, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), True),
+    "conv_first": (_conv_tanh, (1, 8, 8), True),
+    "conv_relu_tap": (_conv_relu, (1, 8, 8), False),
+    "two_convs": (_two_convs, (1, 8, 8), False),
+    "cnet2": (lambda: build("cnn", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pass_choice_and_exactness(name, passes):
+    make, shape, one_pass = CASES[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    A = structural_matrix(model, x, method="gram")
+    assert passes == [one_pass]
+    A_ref, _ = structural_oracle(model, x)
+    assert rel_err(A, A_ref) < RTOL[torch.float64]
+
+
+@pytest.mark.parametrize("name", ["snet", "mlp", "conv_first"])
+def test_one_pass_equals_c_passes(name, passes, monkeypatch):
+    make, shape, _ = CASES[name]
+    torch.manual_seed(1)
+    model = make().double().eval()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    A_one = structural_matrix(model, x, method="gram")
+    monkeypatch.setattr(gram, "_PASS_BYTES", 0)  # every model is "too large" now: C passes
+    A_many = structural_matrix(model, x, method="gram")
+    assert passes == [True, False]
+    assert rel_err(A_one, A_many) < 1e-12
+
+
+def test_large_gradients_take_c_passes(passes, monkeypatch):
+    """One class's ∂f/∂z over all layers above _PASS_BYTES: C passes (a C-fold fresh tensor costs more)."""
+    torch.manual_seed(2)
+    model = _conv_tanh(channels=4).eval()
+    x = torch.randn(6, 1, 8, 8)
+    per_class = 6 * (4 * 64 + 6 + 4) * 4  # bytes of the conv's and both Linears' outputs, float32
+    monkeypatch.setattr(gram, "_PASS_BYTES", per_class)
+    structural_matrix(model, x, method="gram")
+    monkeypatch.setattr(gram, "_PASS_BYTES", per_class - 1)
+    structural_matrix(model, x, method="gram")
+    assert passes == [True, False]
+
+
+def _graph(model, x, at):
+    """(logits, the outputs of the modules ``at``), from a forward with hooks."""
+    outs = {}
+    handles = [model[i].register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)) for i in at]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, [outs[i] for i in at]
+
+
+def test_backward_runs_convolution_walks_only_what_autograd_runs():
+    torch.manual_seed(3)
+    model = _two_convs()
+    x = torch.randn(2, 1, 8, 8)
+    out, zs = _graph(model, x, [2, 5])  # second conv and the Linear: the first conv's backward does not run
+    assert not gram._backward_runs_convolution(out, zs)
+    out, zs = _graph(model, x, [0, 5])  # first conv: the passes go through the second conv's backward
+    assert gram._backward_runs_convolution(out, zs)
+    out, zs = _graph(model, x, [0])
+    assert gram._backward_runs_convolution(out, zs)
+    out, zs = _graph(model, x, [5])
+    assert not gram._backward_runs_convolution(out, zs)
+    # a shared node: the head reads both convolutions' outputs; z = the first's output is reached through the second too
+    conv1, conv2, head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(4 * 64, 3)
+    z1 = conv1(x)
+    z2 = conv2(torch.tanh(z1))
+    out = head(torch.cat([z1, z2], 1).flatten(1))
+    assert gram._backward_runs_convolution(out, [z1])
+    assert not gram._backward_runs_convolution(out, [z2])
