@@ -35,7 +35,9 @@ class EngineMethod(str, enum.Enum):
     - ``JACOBIAN``: ``torch.func`` vmap∘jacrev over parameters, then Σ_t J_t J_tᵀ. Vectorised
       C backward passes per sample; memory chunk·C·|θ| (chunked to a fixed budget).
     - ``GRAM``: layer-wise (DESIGN §3). One forward with hooks, C batched backward passes for
-      B_c = ∂f_c/∂z at every fast layer's output, then per Linear/Conv1d/Conv2d the cheaper of the
+      B_c = ∂f_c/∂z at every fast layer's output (one vmapped pass for all C on a GPU without
+      convolutions, and on the CPU when no convolution backward is on the way and the layer
+      outputs are small), then per Linear/Conv1d/Conv2d the cheaper of the
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
       the selected positions); Embedding as a ghost Gram over token equality; the affine

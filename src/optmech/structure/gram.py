@@ -472,7 +472,7 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
     - otherwise all C at once while one class's ∂f/∂z over all layers is at most ``_PASS_BYTES``
       (4 MiB): SNet (the convolution contracted at its pool's output) 0.75–0.88× the time of one class
       per pass at batch 64–256 (0.4–1.6 MB per class), CNet k = 1 0.90× at batch 64 and 128 (1.6 and
-      3.2 MB), the MLPs 0.6× at batch 64; above it, fresh C-fold tensors cost more than the walks
+      3.2 MB), the MLPs 0.66–0.73× at batch 64; above it, fresh C-fold tensors cost more than the walks
       save (CNet k = 1 at batch 256, 6.4 MB: 1.20×; an MLP of width 1024 at batch 2048, 8.5 MB: 1.14×).
 
     On a GPU (no page faults, launch-bound) as measured there in the sixth session: all C at once
