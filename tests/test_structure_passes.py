@@ -40,6 +40,18 @@ def _conv_relu():
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 64, 4))
 
 
+class _ReluSharedZ(nn.Module):
+    """z feeds the ReLU and a second branch: the tap is made but stands aside, and runs inside the vmapped pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.head = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Linear(3 * 64 + 3, 4)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.head(torch.cat([self.act(z).flatten(1), z.mean((2, 3))], 1))
+
+
 def _two_convs():
     """The second convolution's input gradient is on the way to the first's output."""
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 64, 4))
@@ -51,6 +63,7 @@ CASES = {
     "mlp": (lambda: build("mlp", depth=2, skip=False, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), True),
     "conv_first": (_conv_tanh, (1, 8, 8), True),
     "conv_relu_tap": (_conv_relu, (1, 8, 8), False),
+    "conv_relu_shared_z": (_ReluSharedZ, (1, 8, 8), True),
     "two_convs": (_two_convs, (1, 8, 8), False),
     "cnet2": (lambda: build("cnn", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), False),
 }
