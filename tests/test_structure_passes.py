@@ -124,17 +124,17 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     model = _two_convs()
     x = torch.randn(2, 1, 8, 8)
     out, zs = _graph(model, x, [2, 5])  # second conv and the Linear: the first conv's backward does not run
-    assert not gram._backward_runs_convolution(out, zs)
+    assert not gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
     out, zs = _graph(model, x, [0, 5])  # first conv: the passes go through the second conv's backward
-    assert gram._backward_runs_convolution(out, zs)
+    assert gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
     out, zs = _graph(model, x, [0])
-    assert gram._backward_runs_convolution(out, zs)
+    assert gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
     out, zs = _graph(model, x, [5])
-    assert not gram._backward_runs_convolution(out, zs)
+    assert not gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
     # a shared node: the head reads both convolutions' outputs; z = the first's output is reached through the second too
     conv1, conv2, head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(4 * 64, 3)
     z1 = conv1(x)
     z2 = conv2(torch.tanh(z1))
     out = head(torch.cat([z1, z2], 1).flatten(1))
-    assert gram._backward_runs_convolution(out, [z1])
-    assert not gram._backward_runs_convolution(out, [z2])
+    assert gram._backward_runs_convolution(out, [z1], gram._graph_uses(out))
+    assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))

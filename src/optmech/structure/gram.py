@@ -120,16 +120,16 @@ def _graph_uses(output: torch.Tensor) -> GraphUses:
     return GraphUses(leaves, consumers, seen)
 
 
-def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor]) -> bool:
+def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor], graph: GraphUses) -> bool:
     """Whether the backward passes from ``out`` to ``zs`` run a convolution's backward.
 
     autograd runs a node when a path leads from it to one of the targets (the zs' nodes), so the
     passes stop at the first layers' outputs: a network whose only convolution comes first, or is
-    contracted at its pool's output (SNet), runs no convolution backward.
+    contracted at its pool's output (SNet), runs no convolution backward. ``graph`` (the logits'
+    :func:`_graph_uses`) keeps every node alive, so that node ids stay unique during the walk.
     """
     targets = {id(z.grad_fn) for z in zs if z.grad_fn is not None}
     reaches: dict[int, bool] = {}  # node id -> a target lies at or below it
-    keep: list = []  # the nodes themselves, so that no id is reused during the walk
     stack = [(out.grad_fn, False)] if out.grad_fn is not None else []
     while stack:
         fn, expanded = stack.pop()
@@ -137,7 +137,6 @@ def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor]) -> boo
             if id(fn) in reaches:
                 continue
             reaches[id(fn)] = False  # provisional: the graph is acyclic
-            keep.append(fn)
             stack.append((fn, True))
             stack.extend((nxt, False) for nxt, _ in fn.next_functions if nxt is not None and id(nxt) not in reaches)
             continue
@@ -223,16 +222,15 @@ def _tappable_layout(z: torch.Tensor) -> bool:
     return _is_channels_last(z) or z.is_contiguous()
 
 
-def _kept_like(owner: nn.Module, role: str, z: torch.Tensor, dtype: torch.dtype, classes: int | None = None) -> torch.Tensor:
-    """A kept buffer with z's shape and z's order of dimensions in memory, with a leading class dim if ``classes``.
+def _kept_per_class(owner: nn.Module, role: str, z: torch.Tensor, dtype: torch.dtype, classes: int) -> torch.Tensor:
+    """A kept buffer (classes, *z.shape) whose every slot [c] has z's order of dimensions in memory.
 
-    z must satisfy :func:`_tappable_layout`. For channels-last z (n, d, H, W) the memory holds (…, n, H, W, d).
+    z must satisfy :func:`_tappable_layout`. For channels-last z (n, d, H, W) the memory holds (C, n, H, W, d).
     """
-    lead = (classes,) if classes else ()
     if _is_channels_last(z):
         n, d, h, w = z.shape
-        return workspace(owner, role, lead + (n, h, w, d), dtype, z.device).movedim(-1, len(lead) + 1)
-    return workspace(owner, role, lead + tuple(z.shape), dtype, z.device)
+        return workspace(owner, role, (classes, n, h, w, d), dtype, z.device).movedim(-1, 2)
+    return workspace(owner, role, (classes, *z.shape), dtype, z.device)
 
 
 def _materialised(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -283,15 +281,14 @@ class _LayerGram:
         self.immediate = materialise and rows <= _IMMEDIATE_RATIO * self.d_out
         # (n, K[+1], S): now if every class needs them, else when result() contracts (shared buffer)
         self.a = layer_patches(self.module, a, self.ones_row) if self.immediate or S == 1 else None
-        # a ReLU tap writes b_c into slot c of a class-major buffer laid out like z (see .relu_tap)
-        self.tapped = (
-            tap_z is not None and materialise and not self.immediate and tap_z.dtype == a.dtype and _tappable_layout(tap_z)
-        )
+        # a ReLU tap writes b_c into slot c of a class-major buffer laid out like z (see .relu_tap; taps
+        # are made only on z of a tappable layout)
+        self.tapped = tap_z is not None and materialise and not self.immediate and tap_z.dtype == a.dtype
         if self.immediate:
             shape = (n_classes, n, rows, self.d_out)  # G_cᵀ per class, contiguous per class
             self.buffer = workspace(self.module, "weight-grads", shape, a.dtype, a.device)
         elif self.tapped:
-            self.buffer = _kept_like(self.module, "dfdz-classes", tap_z, a.dtype, classes=n_classes)  # (C, *z.shape)
+            self.buffer = _kept_per_class(self.module, "dfdz-classes", tap_z, a.dtype, n_classes)  # (C, *z.shape)
         elif not (self.strategy == "ghost" and S == 1):
             self.buffer = workspace(self.module, "dfdz", (n, n_classes, self.d_out, S), a.dtype, a.device)
         self.vectors: list[torch.Tensor] = []  # ghost with S = 1: the b_c themselves, stacked once in result()
@@ -459,7 +456,7 @@ def _layer_contribution(plan: LayerPlan, a: torch.Tensor, Bm: torch.Tensor, stra
     return acc.result()
 
 
-def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], sinks: list) -> bool:
+def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], sinks: list, graph: GraphUses) -> bool:
     """Whether :func:`_stream_logit_jacobians` runs one backward pass for all C classes, or C passes.
 
     All C at once (one vmapped backward) saves C − 1 walks of the graph, i.e. autograd's and the
@@ -483,7 +480,7 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
     if any(getattr(s, "tapped", False) for s in sinks):
         return False
     per_class = sum(z.numel() * z.element_size() for z in zs)
-    return per_class <= _PASS_BYTES and not _backward_runs_convolution(out, zs)
+    return per_class <= _PASS_BYTES and not _backward_runs_convolution(out, zs, graph)
 
 
 def _stream_logit_jacobians(
@@ -664,7 +661,7 @@ class ForwardCapture:
                     if tap is not None and getattr(sink, "tapped", False):
                         tap.slot = sink.slot
                     sinks.append(sink)
-            _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks), keep_graph)
+            _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
             return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
         finally:
             self.captured = {id(p.module): [] for p in self.plans}
