@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, rel_err
+from helpers import RTOL, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
@@ -57,6 +57,19 @@ def _two_convs():
     return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 64, 4))
 
 
+class _Sequence(nn.Module):
+    """Rows of the image as 8 tokens: a Linear over positions (buffered, S = 8) and a vector head."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Linear(8, 3), nn.Linear(24, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tokens(x.flatten(1, 2))).flatten(1))  # tokens: (n, 8, 8) -> (n, 8, 3)
+
+
+_sequence = _Sequence
+
 CASES = {
     # name: (model builder, input shape, one pass on the CPU at batch 5 in float64)
     "snet": (lambda: build("snet", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), True),  # conv folded at its pool
@@ -66,6 +79,7 @@ CASES = {
     "conv_relu_shared_z": (_ReluSharedZ, (1, 8, 8), True),
     "two_convs": (_two_convs, (1, 8, 8), False),
     "cnet2": (lambda: build("cnn", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), False),
+    "sequence": (_sequence, (1, 8, 8), True),  # a Linear over positions: its buffer filled in one copy
 }
 
 
@@ -81,7 +95,7 @@ def test_pass_choice_and_exactness(name, passes):
     assert rel_err(A, A_ref) < RTOL[torch.float64]
 
 
-@pytest.mark.parametrize("name", ["snet", "mlp", "conv_first"])
+@pytest.mark.parametrize("name", ["snet", "mlp", "conv_first", "sequence"])
 def test_one_pass_equals_c_passes(name, passes, monkeypatch):
     make, shape, _ = CASES[name]
     torch.manual_seed(1)
@@ -138,3 +152,30 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     out = head(torch.cat([z1, z2], 1).flatten(1))
     assert gram._backward_runs_convolution(out, [z1], gram._graph_uses(out))
     assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))
+
+
+@pytest.mark.parametrize("immediate_ratio", [0, 10**9])
+@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
+def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
+    """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
+    from optmech.structure._context import probing, trainable_parameters
+
+    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    model, x = unusual_models()["sequence_conv1d"]
+    plans, _ = gram.plan_layers(model, trainable_parameters(model))
+    captured = {}
+    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+    with probing(model):
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    C = out.shape[1]
+    for plan in plans:
+        a, z = captured[plan.module]
+        bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])  # (C, n, ...)
+        by_class = gram._LayerGram(plan, a, C, strategy)
+        for b in bs:
+            by_class.add(b)
+        at_once = gram._LayerGram(plan, a, C, strategy)
+        at_once.add_classes(bs)
+        assert rel_err(at_once.result(), by_class.result()) < 1e-13, plan.name
