@@ -154,14 +154,11 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))
 
 
-@pytest.mark.parametrize("immediate_ratio", [0, 10**9])
-@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
-def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
-    """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
+
+def _per_class_gradients(model, x):
+    """[(plan, layer input, bs = ∂f/∂z of every class (C, n, ...))] of the fast layers of ``model``, C."""
     from optmech.structure._context import probing, trainable_parameters
 
-    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
-    model, x = unusual_models()["sequence_conv1d"]
     plans, _ = gram.plan_layers(model, trainable_parameters(model))
     captured = {}
     hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
@@ -170,12 +167,49 @@ def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, mo
     for h in hooks:
         h.remove()
     C = out.shape[1]
+    layers = []
     for plan in plans:
         a, z = captured[plan.module]
-        bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])  # (C, n, ...)
+        bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])
+        layers.append((plan, a, bs))
+    return layers, C
+
+
+@pytest.mark.parametrize("immediate_ratio", [0, 10**9])
+@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
+def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
+    """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
+    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    layers, C = _per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
+    for plan, a, bs in layers:
         by_class = gram._LayerGram(plan, a, C, strategy)
         for b in bs:
             by_class.add(b)
+        expected = by_class.result()  # before the second sink: both write the layer's kept buffer
         at_once = gram._LayerGram(plan, a, C, strategy)
         at_once.add_classes(bs)
-        assert rel_err(at_once.result(), by_class.result()) < 1e-13, plan.name
+        assert rel_err(at_once.result(), expected) < 1e-13, plan.name
+
+
+def _embedding_per_position():
+    """An Embedding whose gradient differs from position to position (the unusual model averages them), with
+    tokens repeated within a sample (3 ids, 5 positions), so that the token-equality Γ is not the identity."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Embedding(3, 6), nn.Flatten(), nn.Linear(30, 4)).double()
+    return model, torch.randint(0, 3, (6, 5), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("name", ["layernorm_gelu", "batchnorm_eval", "embedding"])
+def test_norm_and_embedding_layers_take_all_classes_at_once(name):
+    layers, C = _per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
+    kinds = set()
+    for plan, a, bs in layers:
+        by_class = gram._sink(plan, a, C)
+        for b in bs:
+            by_class.add(b)
+        expected = by_class.result()  # before the second sink: both may write the layer's kept buffer
+        at_once = gram._sink(plan, a, C)
+        at_once.add_classes(bs)
+        kinds.add(type(at_once).__name__)
+        assert rel_err(at_once.result(), expected) < 1e-13, plan.name
+    assert kinds >= {"layernorm_gelu": {"_NormGram"}, "batchnorm_eval": {"_NormGram"}, "embedding": {"_EmbeddingGram"}}[name]

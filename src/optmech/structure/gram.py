@@ -417,6 +417,22 @@ class _NormGram:
         torch.cat(parts, 1, out=self.buffer[self.count])
         self.count += 1
 
+    def add_classes(self, bs: torch.Tensor) -> None:
+        """b_c of every class at once, bs of shape (C, n, *z.shape[1:]): the same sums with the class dimension in front."""
+        C, n = bs.shape[:2]
+        if self.count or C != self.buffer.shape[0]:
+            for b in bs:
+                self.add(b)
+            return
+        reduce = tuple(r + 1 for r in self.reduce)
+
+        def summed(t: torch.Tensor) -> torch.Tensor:
+            return (t.sum(reduce) if reduce else t).reshape(C, n, -1)
+
+        parts = ([summed(bs * self.xhat)] if self.has[0] else []) + ([summed(bs)] if self.has[1] else [])
+        torch.cat(parts, 2, out=self.buffer)
+        self.count = C
+
     def result(self) -> torch.Tensor:
         assert self.count == self.buffer.shape[0], "every class must be added once"
         F_ = self.buffer.transpose(0, 1)  # (n, C, |γ| + |β|)
@@ -450,6 +466,16 @@ class _EmbeddingGram:
         n = b.shape[0]
         self.buffer[:, self.count] = b.reshape(n, -1, self.buffer.shape[2]).transpose(1, 2)  # (n, dim, L)
         self.count += 1
+
+    def add_classes(self, bs: torch.Tensor) -> None:
+        """b_c of every class at once, bs of shape (C, n, *tokens.shape[1:], dim): one copy into the buffer."""
+        C, n = bs.shape[:2]
+        if self.count or C != self.buffer.shape[1]:
+            for b in bs:
+                self.add(b)
+            return
+        self.buffer.copy_(bs.reshape(C, n, -1, self.buffer.shape[2]).permute(1, 0, 3, 2))  # (n, C, dim, L)
+        self.count = C
 
     def result(self) -> torch.Tensor:
         assert self.count == self.buffer.shape[1], "every class must be added once"
