@@ -2,7 +2,9 @@
 
 The choice only changes the speed: both must give A to 1e-10 in float64. The single vmapped pass is
 taken where no convolution backward runs, no ReLU tap writes and one class's ∂f/∂z is small; these
-tests check that each condition is seen, and the graph walk that decides the first.
+tests check that each condition is seen, and the graph walk that decides the first. In the single
+pass every layer's sink takes the (C, n, ...) gradient whole (``add_classes``): the last tests check
+each sink kind against C ``add`` calls.
 """
 
 import pytest
@@ -68,8 +70,6 @@ class _Sequence(nn.Module):
         return self.head(torch.tanh(self.tokens(x.flatten(1, 2))).flatten(1))  # tokens: (n, 8, 8) -> (n, 8, 3)
 
 
-_sequence = _Sequence
-
 CASES = {
     # name: (model builder, input shape, one pass on the CPU at batch 5 in float64)
     "snet": (lambda: build("snet", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), True),  # conv folded at its pool
@@ -79,7 +79,7 @@ CASES = {
     "conv_relu_shared_z": (_ReluSharedZ, (1, 8, 8), True),
     "two_convs": (_two_convs, (1, 8, 8), False),
     "cnet2": (lambda: build("cnn", depth=2, skip=True, input_shape=(1, 8, 8), n_classes=4), (1, 8, 8), False),
-    "sequence": (_sequence, (1, 8, 8), True),  # a Linear over positions: its buffer filled in one copy
+    "sequence": (_Sequence, (1, 8, 8), True),  # a Linear over positions: its buffer filled in one copy
 }
 
 
@@ -152,7 +152,6 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     out = head(torch.cat([z1, z2], 1).flatten(1))
     assert gram._backward_runs_convolution(out, [z1], gram._graph_uses(out))
     assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))
-
 
 
 def _per_class_gradients(model, x):
