@@ -329,7 +329,9 @@ def main() -> None:
         if channels_last:
             timings["cl_forward_and_backwards"] = in_probing(cl_forward_and_backwards)
         order = random.Random(0)
+        by_round: list[dict[str, float]] = []  # each round's times, to pair gram with that round's bound
         for _ in range(rounds):
+            by_round.append({})
             # a fresh order every round: whatever runs right after the 2048² GEMM (which fills the last-level
             # cache) runs 2–8 % slower, so no entry may hold that place every round
             keys = list(timings)
@@ -338,6 +340,7 @@ def main() -> None:
                 if key in methods and len(times[key]) >= 3 and sum(times[key]) > 15.0:
                     continue  # a slow method has had its 3 rounds and 15 s: enough for a median
                 times[key].append(timed(timings[key], sync))
+                by_round[-1][key] = times[key][-1]
                 if key == "nt":
                     time.sleep(0.2)  # let XLA's worker threads go idle before the next torch timing
         if not args.no_loop:
@@ -363,6 +366,9 @@ def main() -> None:
               f"+ contraction {macs / 1e9:.2f} GMAC ({1e3 * 2 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s)")
         print(f"{'':{width + 11}s}   timed alone: forward {1e3 * med['forward']:.1f} ms, one backward {1e3 * med['one_backward']:.1f} ms "
               f"(forward + {N_CLASSES} × backward = {1e3 * (med['forward'] + N_CLASSES * med['one_backward']):.1f} ms)")
+        paired = sorted(r["gram"] / (r["forward_and_backwards"] + macs * r["gemm"] / GEMM_SIZE**3) for r in by_round if "gram" in r)
+        print(f"{'':{width + 11}s}   gram against the bound of its own round: median {statistics.median(paired):.2f}, "
+              f"range {paired[0]:.2f}–{paired[-1]:.2f} ({len(paired)} rounds)")
         vm_bound = med["vmapped_backward"] + 2 * macs / rate
         print(f"{'':{width + 11}s}   with the {N_CLASSES} passes as one vmapped backward (is_grads_batched): forward + backward "
               f"{1e3 * med['vmapped_backward']:.1f} ms, bound {1e3 * vm_bound:.1f} ms, gram {med['gram'] / vm_bound:.2f} × that")
