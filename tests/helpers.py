@@ -171,3 +171,27 @@ def captured_gram(model, x, *, channels_last: bool = False):
             out = model(x)
         A = capture.structural_matrix(out, x, n_classes=out.shape[1])
     return capture, out, A
+
+
+def per_class_gradients(model, x):
+    """The fast layers' per-class gradients, from one forward with hooks (eval semantics) and C backward passes.
+
+    Returns ([(plan, layer input a, bs = ∂f/∂z of every class, shape (C, n, *z.shape[1:]))], C).
+    """
+    from optmech.structure import gram
+    from optmech.structure._context import probing, trainable_parameters
+
+    plans, _ = gram.plan_layers(model, trainable_parameters(model))
+    captured = {}
+    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+    with probing(model):
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    C = out.shape[1]
+    layers = []
+    for plan in plans:
+        a, z = captured[plan.module]
+        bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])
+        layers.append((plan, a, bs))
+    return layers, C

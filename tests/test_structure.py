@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, engine_cases, rel_err, unusual_models
+from helpers import RTOL, engine_cases, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
@@ -231,22 +231,15 @@ def test_gram_never_takes_the_generic_path_on_the_model_families(case, monkeypat
 
 def test_gram_strategies_agree_and_fallbacks_are_used():
     """Ghost and materialised forms give the same contribution; unknown/tied layers take the generic path."""
-    from optmech.structure._context import probing, trainable_parameters
+    from optmech.structure._context import trainable_parameters
     from optmech.structure.gram import _layer_contribution, plan_layers
 
     model, x = unusual_models()["sequence_conv1d"]
-    named = trainable_parameters(model)
-    plans, rest = plan_layers(model, named)
+    plans, rest = plan_layers(model, trainable_parameters(model))
     assert [p.name for p in plans] == ["conv", "per_position", "head"] and rest == []
-    captured = {}
-    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
-    with probing(model):
-        out = model(x)
-    for h in hooks:
-        h.remove()
-    for plan in plans:
-        a, z = captured[plan.module]
-        Bm = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(out.shape[1])], 1)
+    layers, _ = per_class_gradients(model, x)
+    for plan, a, bs in layers:
+        Bm = bs.transpose(0, 1)  # (n, C, ...)
         ghost = _layer_contribution(plan, a, Bm, strategy="ghost")
         mat = _layer_contribution(plan, a, Bm, strategy="materialise")
         assert rel_err(ghost, mat) < 1e-13

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, rel_err, unusual_models
+from helpers import RTOL, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
@@ -154,32 +154,12 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))
 
 
-def _per_class_gradients(model, x):
-    """[(plan, layer input, bs = ∂f/∂z of every class (C, n, ...))] of the fast layers of ``model``, C."""
-    from optmech.structure._context import probing, trainable_parameters
-
-    plans, _ = gram.plan_layers(model, trainable_parameters(model))
-    captured = {}
-    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
-    with probing(model):
-        out = model(x)
-    for h in hooks:
-        h.remove()
-    C = out.shape[1]
-    layers = []
-    for plan in plans:
-        a, z = captured[plan.module]
-        bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])
-        layers.append((plan, a, bs))
-    return layers, C
-
-
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
 @pytest.mark.parametrize("strategy", ["ghost", "materialise"])
 def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
     """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
     monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
-    layers, C = _per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
+    layers, C = per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
     for plan, a, bs in layers:
         by_class = gram._LayerGram(plan, a, C, strategy)
         for b in bs:
@@ -200,7 +180,7 @@ def _embedding_per_position():
 
 @pytest.mark.parametrize("name", ["layernorm_gelu", "batchnorm_eval", "embedding"])
 def test_norm_and_embedding_layers_take_all_classes_at_once(name):
-    layers, C = _per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
+    layers, C = per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
     kinds = set()
     for plan, a, bs in layers:
         by_class = gram._sink(plan, a, C)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._class_sink import ClassSink
 from ._context import add_group, check_outputs
 from .jacobian import structural_matrix_jacobian
 from .patches import SHARED, layer_dims, layer_patches, out_features, release_workspace, workspace
@@ -247,7 +248,7 @@ def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
 
 
-class _LayerGram:
+class _LayerGram(ClassSink):
     """Accumulates one layer's contribution class by class: ``add(b_c)`` for c = 0…C−1, then ``result()``.
 
     b_c = ∂f_c/∂z has the layer output's shape (n, *z.shape[1:]), seen as (n, d_out, S).
@@ -319,24 +320,19 @@ class _LayerGram:
             self.buffer[:, self.count] = self._per_position(b).transpose(1, 2)  # (n, d_out, S)
         self.count += 1
 
-    def add_classes(self, bs: torch.Tensor) -> None:
-        """b_c of every class at once, bs of shape (C, n, *z.shape[1:]) (one vmapped backward pass).
-
-        A vector Linear keeps bs itself (its Gram reads it as (n, C, d_out), a strided view: no stacking);
-        a buffered layer takes it in one copy; the others (per-class contractions, taps) class by class.
-        """
+    def _take_all(self, bs: torch.Tensor) -> bool:
+        """A vector Linear keeps bs itself (its Gram reads it as (n, C, d_out), a strided view: no stacking);
+        a buffered layer takes it in one copy; the others (per-class contractions, taps) class by class."""
+        if self.immediate or self.tapped:
+            return False
         C, n = bs.shape[:2]
-        if self.count or C != self.n_classes or self.immediate or self.tapped:
-            for b in bs:
-                self.add(b)
-            return
         if self.strategy == "ghost" and self.S == 1:
             self.class_major = bs.reshape(C, n, self.d_out)
         elif isinstance(self.module, nn.Linear):  # (C, n, S, d_out) -> (n, C, d_out, S)
             self.buffer.copy_(bs.reshape(C, n, self.S, self.d_out).permute(1, 0, 3, 2))
         else:  # (C, n, d_out, S) -> (n, C, d_out, S)
             self.buffer.copy_(bs.reshape(C, n, self.d_out, self.S).transpose(0, 1))
-        self.count = C
+        return True
 
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
@@ -380,7 +376,7 @@ class _LayerGram:
         return F_ @ F_.transpose(1, 2)
 
 
-class _NormGram:
+class _NormGram(ClassSink):
     """One normalisation layer's contribution (BatchNorm on running statistics, LayerNorm, GroupNorm).
 
     z = x̂ ⊙ γ + β elementwise, with x̂ the normalised input (a function of the input alone, per
@@ -407,7 +403,7 @@ class _NormGram:
         self.has = (m.weight is not None, m.bias is not None)
         size = m.weight.numel() if m.weight is not None else m.bias.numel()
         self.buffer = torch.empty(n_classes, a.shape[0], size * sum(self.has), dtype=a.dtype, device=a.device)
-        self.count = 0
+        self.n_classes, self.count = n_classes, 0
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         return (t.sum(self.reduce) if self.reduce else t).reshape(t.shape[0], -1)
@@ -417,13 +413,9 @@ class _NormGram:
         torch.cat(parts, 1, out=self.buffer[self.count])
         self.count += 1
 
-    def add_classes(self, bs: torch.Tensor) -> None:
-        """b_c of every class at once, bs of shape (C, n, *z.shape[1:]): the same sums with the class dimension in front."""
+    def _take_all(self, bs: torch.Tensor) -> bool:
+        """The same sums as :meth:`add`, with the class dimension in front."""
         C, n = bs.shape[:2]
-        if self.count or C != self.buffer.shape[0]:
-            for b in bs:
-                self.add(b)
-            return
         reduce = tuple(r + 1 for r in self.reduce)
 
         def summed(t: torch.Tensor) -> torch.Tensor:
@@ -431,15 +423,15 @@ class _NormGram:
 
         parts = ([summed(bs * self.xhat)] if self.has[0] else []) + ([summed(bs)] if self.has[1] else [])
         torch.cat(parts, 2, out=self.buffer)
-        self.count = C
+        return True
 
     def result(self) -> torch.Tensor:
-        assert self.count == self.buffer.shape[0], "every class must be added once"
+        assert self.count == self.n_classes, "every class must be added once"
         F_ = self.buffer.transpose(0, 1)  # (n, C, |γ| + |β|)
         return F_ @ F_.transpose(1, 2)
 
 
-class _EmbeddingGram:
+class _EmbeddingGram(ClassSink):
     """An Embedding's contribution: a Linear over token positions whose inputs are one-hot vectors.
 
     ∂f_c/∂E = Σ_t e_{tok_t} b_{c,t}ᵀ, so A[c, c'] = Σ_{t,t'} [tok_t = tok_t'] (b_{c,t}·b_{c',t'}): the
@@ -460,25 +452,21 @@ class _EmbeddingGram:
             same &= keep[:, :, None] & keep[:, None, :]
         self.gamma = same.to(m.weight.dtype)  # (n, L, L)
         self.buffer = workspace(m, "dfdz", (n, n_classes, m.embedding_dim, tok.shape[1]), m.weight.dtype, m.weight.device)
-        self.count = 0
+        self.n_classes, self.count = n_classes, 0
 
     def add(self, b: torch.Tensor) -> None:
         n = b.shape[0]
         self.buffer[:, self.count] = b.reshape(n, -1, self.buffer.shape[2]).transpose(1, 2)  # (n, dim, L)
         self.count += 1
 
-    def add_classes(self, bs: torch.Tensor) -> None:
-        """b_c of every class at once, bs of shape (C, n, *tokens.shape[1:], dim): one copy into the buffer."""
+    def _take_all(self, bs: torch.Tensor) -> bool:
+        """bs (C, n, *tokens.shape[1:], dim) in one copy into the buffer (n, C, dim, L)."""
         C, n = bs.shape[:2]
-        if self.count or C != self.buffer.shape[1]:
-            for b in bs:
-                self.add(b)
-            return
-        self.buffer.copy_(bs.reshape(C, n, -1, self.buffer.shape[2]).permute(1, 0, 3, 2))  # (n, C, dim, L)
-        self.count = C
+        self.buffer.copy_(bs.reshape(C, n, -1, self.buffer.shape[2]).permute(1, 0, 3, 2))
+        return True
 
     def result(self) -> torch.Tensor:
-        assert self.count == self.buffer.shape[1], "every class must be added once"
+        assert self.count == self.n_classes, "every class must be added once"
         return _ghost_contract(self.buffer, self.gamma)
 
 
@@ -535,7 +523,7 @@ def _stream_logit_jacobians(
     """Feed b_c = ∂f_c/∂z (shape (n, *z.shape[1:])) of every layer to ``sinks[i].add`` for c = 0…C−1.
 
     ``batched``: one backward of the C one-hot cotangents at once (``is_grads_batched``, a vmap over
-    the cotangents), whose (C, n, ...) result goes to ``sink.add_classes`` where a sink has it (no
+    the cotangents), whose (C, n, ...) result goes to ``sink.add_classes`` (no
     per-class slicing and restacking: mlp256 0.81×, SNet 0.95× the per-class hand-over, in-process);
     otherwise C backward passes, each batched over the samples. See
     :func:`_one_pass` for the choice. The batched form falls back to the C passes for graphs whose
@@ -551,11 +539,7 @@ def _stream_logit_jacobians(
             grads = None  # not vmappable: the loop below is exact too
         if grads is not None:
             for sink, g, z in zip(sinks, grads, zs):
-                if g is not None and hasattr(sink, "add_classes"):
-                    sink.add_classes(g)
-                    continue
-                for c in range(n_classes):
-                    sink.add(torch.zeros_like(z) if g is None else g[c])
+                sink.add_classes(torch.zeros(n_classes, *z.shape, dtype=z.dtype, device=z.device) if g is None else g)
             return
     for c in range(n_classes):
         # (a one-hot grad_outputs tensor instead of the sum raised the peak memory by ~40 MB on SNet)

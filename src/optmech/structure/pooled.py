@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._class_sink import ClassSink
 from .patches import SHARED, layer_patches, workspace
 from .relu_tap import is_tap_node
 
@@ -64,7 +65,7 @@ def pooled_cost(n: int, C: int, S_pooled: int, K: int, d_out: int) -> float:
     return float(n * d_out * K * S_pooled * (C + 1) + n * C * C * d_out * K)
 
 
-class PooledConvGram:
+class PooledConvGram(ClassSink):
     """Accumulates a Conv2d → [ReLU] → MaxPool2d layer's contribution from g_c = ∂f_c/∂p (see the module docstring)."""
 
     strategy = "pooled"
@@ -80,7 +81,7 @@ class PooledConvGram:
         # ReLU's mask at the selected positions, applied to each g_c as it is copied (cheaper than masking ã)
         self.keep = (z.detach().reshape(n, d, -1).gather(2, self.indices) > 0).to(z.dtype) if relu else None
         self.buffer = workspace(self.module, "pooled-dfdp", (n, d, n_classes, S_pooled), z.dtype, z.device)
-        self.count = 0
+        self.n_classes, self.count = n_classes, 0
 
     def add(self, g: torch.Tensor) -> None:
         n, d, C, S_pooled = self.buffer.shape
@@ -90,6 +91,16 @@ class PooledConvGram:
         else:
             torch.mul(g, self.keep, out=self.buffer[:, :, self.count])
         self.count += 1
+
+    def _take_all(self, gs: torch.Tensor) -> bool:
+        """gs (C, n, d, H', W') in one masked copy into the buffer (n, d, C, S')."""
+        n, d, C, S_pooled = self.buffer.shape
+        g = gs.reshape(C, n, d, S_pooled).permute(1, 2, 0, 3)
+        if self.keep is None:
+            self.buffer.copy_(g)
+        else:
+            torch.mul(g, self.keep.unsqueeze(2), out=self.buffer)
+        return True
 
     def result(self) -> torch.Tensor:
         n, d, C, S_pooled = self.buffer.shape
