@@ -1,7 +1,7 @@
 """A PyTorch model as a pure JAX function ``apply(params, x)`` with the same weights (for neural-tangents).
 
 The model is traced with ``torch.fx`` and its graph is replayed with ``jax.lax``; only the layers of
-this project's models are supported (Conv2d, Linear, ReLU, MaxPool2d, AdaptiveAvgPool2d(1), Flatten,
+this project's models are supported (Conv2d, grouped too, Linear, ReLU, MaxPool2d, AdaptiveAvgPool2d(1), Flatten,
 Identity, Dropout in eval, and ``+``). Layouts stay PyTorch's (NCHW inputs, OIHW kernels, (out, in)
 matrices), so the weights are copied as they are. Needs jax (see neural_tangents_env.md).
 """
@@ -27,11 +27,12 @@ def _module(mod: nn.Module, name: str, params: dict, x):
         out = x @ params[f"{name}.weight"].T
         return out + params[f"{name}.bias"] if mod.bias is not None else out
     if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1 or _pair(mod.dilation) != (1, 1) or isinstance(mod.padding, str):
-            raise NotImplementedError(f"{name}: only groups=1, dilation=1, integer padding")
+        if _pair(mod.dilation) != (1, 1) or isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+            raise NotImplementedError(f"{name}: only dilation=1, integer zero padding")
         ph, pw = _pair(mod.padding)
         out = jax.lax.conv_general_dilated(x, params[f"{name}.weight"], window_strides=_pair(mod.stride),
-                                           padding=[(ph, ph), (pw, pw)], dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                                           padding=[(ph, ph), (pw, pw)], dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                           feature_group_count=mod.groups)  # torch's (O, I/groups, H, W) weights
         return out + params[f"{name}.bias"][None, :, None, None] if mod.bias is not None else out
     if isinstance(mod, nn.ReLU):
         return jnp.maximum(x, 0)

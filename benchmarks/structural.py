@@ -63,9 +63,28 @@ from optmech.structure.patches import layer_patches, out_features, release_works
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
+EXTRA_MODELS = ["sep"]  # timed on request (--models sep), not by default
+
+
+def separable_cnn() -> torch.nn.Module:
+    """A MobileNet-style depthwise-separable CNN (not one of the paper's models; grouped convolutions):
+    Conv(1→16) → ReLU, then three blocks of depthwise Conv3×3 (groups = channels) → ReLU → pointwise
+    Conv1×1 → ReLU (16→32; 32→64 and 64→64 with stride 2 in the depthwise conv), global average pool,
+    Linear(64→10)."""
+    def block(c_in: int, c_out: int, stride: int) -> list[torch.nn.Module]:
+        return [torch.nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in), torch.nn.ReLU(),
+                torch.nn.Conv2d(c_in, c_out, 1), torch.nn.ReLU()]
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), *block(16, 32, 1), *block(32, 64, 2), *block(64, 64, 2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, N_CLASSES),
+    )
 
 
 def make_model(name: str) -> torch.nn.Module:
+    if name == "sep":
+        return separable_cnn()
     if name.startswith("mlp"):
         return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
     return build_paper(name[0], depth=int(name[1:]), seed=0)
@@ -119,7 +138,8 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
     macs = 0.0
     for p in plans:
         a = layer_patches(p.module, captured[p.module][0])
-        costs = contraction_costs(x.shape[0], N_CLASSES, a.shape[2], a.shape[1], out_features(p.module), p.module.bias is not None)
+        g = getattr(p.module, "groups", 1)  # a grouped conv: g convolutions of K/g inputs and d/g outputs (structure/grouped.py)
+        costs = contraction_costs(x.shape[0] * g, N_CLASSES, a.shape[2], a.shape[1] // g, out_features(p.module) // g, p.module.bias is not None)
         macs += min(costs.values())
 
     def forward():
@@ -245,7 +265,7 @@ def timed(fn, sync=None) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS + EXTRA_MODELS)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved repetitions (medians are reported)")
     parser.add_argument("--no-loop", action="store_true", help="skip the slow loop oracle timing")
     parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")

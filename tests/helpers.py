@@ -95,18 +95,20 @@ class SequenceConv1d(nn.Module):
 
 
 class GroupedAndPartlyFrozen(nn.Module):
-    """A grouped conv (not on the fast path), a Linear whose bias is frozen, a module called twice."""
+    """A grouped conv (fast path), a reflect-padded conv (not on the fast path), a Linear whose bias
+    is frozen, a module called twice."""
 
     def __init__(self, n_classes: int = 3) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, groups=2)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
         self.fc = nn.Linear(4 * 3 * 3, 6)
         self.fc.bias.requires_grad_(False)
         self.twice = nn.Linear(6, 6)
         self.out = nn.Linear(6, n_classes)
 
     def forward(self, x):
-        h = torch.tanh(self.fc(torch.relu(self.conv(x)).flatten(1)))
+        h = torch.tanh(self.fc(torch.tanh(self.reflect(torch.relu(self.conv(x)))).flatten(1)))
         return self.out(torch.tanh(self.twice(torch.tanh(self.twice(h)))))
 
 
@@ -195,3 +197,17 @@ def per_class_gradients(model, x):
         bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])
         layers.append((plan, a, bs))
     return layers, C
+
+
+def by_class_and_at_once(make_sink, bs):
+    """(result of C ``add`` calls, result of one ``add_classes``) of two fresh sinks from ``make_sink()`` for bs (C, n, ...).
+
+    The first result is taken before the second sink is built: both may write the layer's kept buffer.
+    """
+    by_class = make_sink()
+    for b in bs:
+        by_class.add(b)
+    expected = by_class.result()
+    at_once = make_sink()
+    at_once.add_classes(bs)
+    return expected, at_once.result()

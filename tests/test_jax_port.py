@@ -12,7 +12,7 @@ jax = pytest.importorskip("jax")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-@pytest.mark.parametrize("name", ["a1", "b5", "c1", "d5", "mlp256"])
+@pytest.mark.parametrize("name", ["a1", "b5", "c1", "d5", "mlp256", "sep"])
 def test_jax_port_matches_the_torch_model_in_float64(name):
     jax.config.update("jax_enable_x64", True)
     from benchmarks.jax_port import to_jax

@@ -246,8 +246,8 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
 
     model, x = unusual_models()["grouped_partly_frozen"]
     plans, rest = plan_layers(model, trainable_parameters(model))
-    assert [p.name for p in plans] == ["twice", "out"]  # grouped conv and the half-frozen fc go generic
-    assert set(rest) == {"conv.weight", "conv.bias", "fc.weight"}
+    assert [p.name for p in plans] == ["conv", "twice", "out"]  # the reflect-padded conv and the half-frozen fc go generic
+    assert set(rest) == {"reflect.weight", "reflect.bias", "fc.weight"}
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])

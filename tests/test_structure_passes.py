@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, per_class_gradients, rel_err, unusual_models
+from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
@@ -161,13 +161,8 @@ def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, mo
     monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
     layers, C = per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
     for plan, a, bs in layers:
-        by_class = gram._LayerGram(plan, a, C, strategy)
-        for b in bs:
-            by_class.add(b)
-        expected = by_class.result()  # before the second sink: both write the layer's kept buffer
-        at_once = gram._LayerGram(plan, a, C, strategy)
-        at_once.add_classes(bs)
-        assert rel_err(at_once.result(), expected) < 1e-13, plan.name
+        expected, at_once = by_class_and_at_once(lambda: gram._LayerGram(plan, a, C, strategy), bs)
+        assert rel_err(at_once, expected) < 1e-13, plan.name
 
 
 def _embedding_per_position():
@@ -183,12 +178,7 @@ def test_norm_and_embedding_layers_take_all_classes_at_once(name):
     layers, C = per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
     kinds = set()
     for plan, a, bs in layers:
-        by_class = gram._sink(plan, a, C)
-        for b in bs:
-            by_class.add(b)
-        expected = by_class.result()  # before the second sink: both may write the layer's kept buffer
-        at_once = gram._sink(plan, a, C)
-        at_once.add_classes(bs)
-        kinds.add(type(at_once).__name__)
-        assert rel_err(at_once.result(), expected) < 1e-13, plan.name
+        expected, at_once = by_class_and_at_once(lambda: gram._sink(plan, a, C), bs)
+        kinds.add(type(gram._sink(plan, a, C)).__name__)
+        assert rel_err(at_once, expected) < 1e-13, plan.name
     assert kinds >= {"layernorm_gelu": {"_NormGram"}, "batchnorm_eval": {"_NormGram"}, "embedding": {"_EmbeddingGram"}}[name]

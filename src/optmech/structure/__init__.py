@@ -40,7 +40,8 @@ class EngineMethod(str, enum.Enum):
       outputs are small), then per Linear/Conv1d/Conv2d the cheaper of the
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
-      the selected positions); Embedding as a ghost Gram over token equality; the affine
+      the selected positions), a grouped or depthwise convolution the same way as a batch of its
+      groups; Embedding as a ghost Gram over token equality; the affine
       parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward

@@ -6,13 +6,14 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - Linear, a of shape (d_in,):      A[c, c'] += (‖a‖² + 1)·(B_c · B_c')                 (bias: the +1)
 - Linear over positions t (a_t):   A[c, c'] += Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'}) + (Σ_t b_{c,t})·(Σ_t b_{c',t})
 - Conv (unfolded patches a_s):     A[c, c'] += Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'}) + bias term
+  (grouped or depthwise: the same per group, summed; :mod:`.grouped`)
 - Embedding (token ids):           A[c, c'] += Σ_{t,t'} [tok_t = tok_t'](b_{c,t}·b_{c',t'})
 - BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
 
 Each position-summed term is computed either in "ghost" form (the S×S Gram of the patches) or
 by materialising the per-sample, per-class weight gradient G_c = Σ_s b_{c,s} a_sᵀ and taking
-⟨G_c, G_c'⟩, whichever the cost model (:func:`contraction_costs`) says is cheaper for that layer.
+⟨G_c, G_c'⟩, whichever the cost model (:func:`.contract.contraction_costs`) says is cheaper for that layer.
 A materialised layer with thin patches (K ≤ 2·d_out) contracts each b_c as its backward pass
 delivers it; the others copy the b_c into one buffer and contract all classes in one batched GEMM,
 building their patches only then, in a buffer shared by the layers of the same shape. On the CPU, a
@@ -46,6 +47,8 @@ from torch import nn
 
 from ._class_sink import ClassSink
 from ._context import add_group, check_outputs
+from .contract import contraction_costs, ghost_gram, materialised_gram
+from .grouped import GroupedConvGram
 from .jacobian import structural_matrix_jacobian
 from .patches import SHARED, layer_dims, layer_patches, out_features, release_workspace, workspace
 from .pooled import PooledConvGram, pooled_cost, pooled_output
@@ -78,8 +81,8 @@ def _is_fast_layer(module: nn.Module) -> bool:
         return True
     if type(module) not in _FAST_TYPES:  # exact types only: subclasses may change forward
         return False
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):  # grouped ones too (:mod:`.grouped`)
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return False
     return True
 
@@ -168,21 +171,6 @@ def plan_layers(model: nn.Module, named_params: list[tuple[str, torch.Tensor]]) 
     return plans, rest
 
 
-def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
-    """Multiply-adds of each way to contract one layer with S positions, K inputs, d_out outputs.
-
-    - ``ghost``: Γ = a aᵀ (S×S), M = Γ b (S × C·d_out), A = b M: n·S²·K + n·S²·C·d_out + n·C²·S·d_out
-    - ``materialise``: G_c = Σ_s b_{c,s} a_sᵀ, A = ⟨G_c, G_c'⟩: n·C·d_out·S·K + n·C²·d_out·K
-    For S = 1 (a Linear layer on vectors) ghost is n·K + n·C²·d_out. The bias adds n·C·S·d_out + n·C²·d_out.
-    """
-    extra = (n * C * S * d_out + n * C * C * d_out) if bias else 0.0
-    if S == 1:
-        return {"ghost": float(n * K + n * C * C * d_out + extra), "materialise": float(n * C * d_out * K + n * C * C * d_out * K + extra)}
-    ghost = n * S * S * K + n * S * S * C * d_out + n * C * C * S * d_out
-    materialise = n * C * d_out * S * K + n * C * C * d_out * K
-    return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
-
-
 #: materialised layers whose patches have at most this many rows per output channel contract each class at once
 _IMMEDIATE_RATIO = 2
 
@@ -232,20 +220,6 @@ def _kept_per_class(owner: nn.Module, role: str, z: torch.Tensor, dtype: torch.d
         n, d, h, w = z.shape
         return workspace(owner, role, (classes, n, h, w, d), dtype, z.device).movedim(-1, 2)
     return workspace(owner, role, (classes, *z.shape), dtype, z.device)
-
-
-def _materialised(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """A = ⟨G_c, G_c'⟩ with G_c = b_c âᵀ, for b of shape (n, C, d, S) and patches â (n, K[+1], S): one batched GEMM."""
-    n, C, d, S = b.shape
-    F_ = (b.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)  # (n, C, (K+1)·d)
-    return F_ @ F_.transpose(1, 2)
-
-
-def _ghost_contract(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs."""
-    n, C, d, S = b.shape
-    mixed = (b.reshape(n, C * d, S) @ gamma).reshape(n, C, d * S)
-    return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
 
 
 class _LayerGram(ClassSink):
@@ -344,12 +318,12 @@ class _LayerGram(ClassSink):
         if self.tapped:
             return self._tapped_result(a)
         if self.strategy == "materialise":
-            return _materialised(self.buffer, a)
+            return materialised_gram(self.buffer, a)
         if self.strategy == "ghost" and self.S == 1:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = self.class_major.transpose(0, 1) if self.class_major is not None else torch.stack(self.vectors, 1)  # (n, C, d_out)
             scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
             return scale[:, None, None] * (F_ @ F_.transpose(1, 2))
-        out = _ghost_contract(self.buffer, a.transpose(1, 2) @ a)  # Γ = (a_s·a_t), (n, S, S)
+        out = ghost_gram(self.buffer, a.transpose(1, 2) @ a)  # Γ = (a_s·a_t), (n, S, S)
         if self.bias:
             bs = self.buffer.sum(3)  # (n, C, d_out)
             out = out + bs @ bs.transpose(1, 2)
@@ -368,7 +342,7 @@ class _LayerGram(ClassSink):
         if not _is_channels_last(self.buffer[0]):
             by_sample = workspace(SHARED, "dfdz-samples", (n, C, d, S), a.dtype, a.device)
             by_sample.copy_(self.buffer.reshape(C, n, d, S).transpose(0, 1))
-            return _materialised(by_sample, a)
+            return materialised_gram(by_sample, a)
         per_position = workspace(SHARED, "dfdz-positions", (n, S, C, d), a.dtype, a.device)
         per_position.copy_(self.buffer.movedim(2, -1).reshape(C, n, S, d).permute(1, 2, 0, 3))
         Gt = torch.bmm(a, per_position.view(n, S, C * d))  # (n, K[+1], C·d): the G_cᵀ side by side
@@ -467,7 +441,7 @@ class _EmbeddingGram(ClassSink):
 
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        return _ghost_contract(self.buffer, self.gamma)
+        return ghost_gram(self.buffer, self.gamma)
 
 
 def _sink(plan: LayerPlan, a: torch.Tensor, n_classes: int, tap_z: torch.Tensor | None = None):
@@ -476,6 +450,8 @@ def _sink(plan: LayerPlan, a: torch.Tensor, n_classes: int, tap_z: torch.Tensor 
         return _EmbeddingGram(plan, a, n_classes)
     if isinstance(plan.module, _NORM_TYPES):
         return _NormGram(plan, a, n_classes)
+    if getattr(plan.module, "groups", 1) > 1:
+        return GroupedConvGram(plan, a, n_classes)
     return _LayerGram(plan, a, n_classes, tap_z=tap_z)
 
 
@@ -738,7 +714,7 @@ class ForwardCapture:
         saves 4–5 % of the whole call; benchmarks/README.md). On the CPU only: on an H100, where
         these models are launch-bound, it measured 0.81–1.19× the unfolded time (exact there too).
         """
-        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d and z.device.type == "cpu"):
+        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d and plan.module.groups == 1 and z.device.type == "cpu"):
             return None
         pooled = pooled_output(z, self.pools, graph.consumers)
         if pooled is None:

@@ -1,0 +1,116 @@
+"""Grouped convolutions (``groups`` > 1, depthwise included) on the fast path (structure/grouped.py), against the oracle.
+
+A grouped convolution is g convolutions of its own, contracted as a batch of n·g; these tests check
+both contraction forms, both ways the classes arrive (one pass, C passes), every group layout
+(depthwise with a channel multiplier, two groups, Conv1d), and that no path meant for ungrouped
+convolutions (the pool fold, the ReLU taps, the per-class products) takes one.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err
+from optmech import structural_matrix
+from optmech.structure import grouped
+from optmech.structure import gram
+
+
+def _separable():
+    """Depthwise (×2 channels, bias) → ReLU → MaxPool, then a strided dilated two-group conv without bias, a
+    pointwise conv, a head: the grouped convs sit behind convolution backwards (C passes)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False), nn.Tanh(),
+        nn.Conv2d(6, 6, 1), nn.Flatten(), nn.Linear(6 * 2 * 2, 5),
+    ).double(), torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _grouped_first():
+    """A grouped Conv1d first (no convolution backward on the way: the one vmapped pass) and a depthwise Conv2d."""
+    torch.manual_seed(2)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(6, 9, 3, padding=1, groups=3)
+            self.depthwise = nn.Conv2d(3, 3, 3, groups=3)
+            self.head = nn.Linear(9 * 7 + 3 * 4 * 4, 4)
+
+        def forward(self, x):
+            seq, img = x[:, :42].reshape(-1, 6, 7), x[:, 42:].reshape(-1, 3, 6, 6)
+            return self.head(torch.cat([torch.tanh(self.conv1d(seq)).flatten(1), torch.tanh(self.depthwise(img)).flatten(1)], 1))
+
+    return Net().double(), torch.randn(4, 42 + 108, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _grouped_pooled():
+    """Grouped conv → ReLU → MaxPool2d(4), shaped so that the pool fold would take an ungrouped conv of these
+    shapes (its gathered patches fit, its cost is within bounds): the fold must leave the grouped one alone."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(16, 5))
+    return model.double(), torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+CASES = {"separable": _separable, "grouped_first": _grouped_first, "grouped_pooled": _grouped_pooled}
+
+
+@pytest.mark.parametrize("strategy", ["ghost", "materialise"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_convolutions_match_the_oracle_in_both_forms(case, strategy, monkeypatch):
+    model, x = CASES[case]()
+    reference, ref_parts = structural_matrix(model, x, method="loop", per_layer=True)
+    original = grouped.contraction_costs
+    monkeypatch.setattr(grouped, "contraction_costs", lambda *a, **k: {strategy: original(*a, **k)[strategy]})
+    A, parts, ran = structural_matrix(model, x, method="gram", per_layer=True, return_method=True)
+    assert ran == "gram"
+    assert rel_err(A, reference) < RTOL[torch.float64]
+    for name, part in parts.items():
+        assert rel_err(part, ref_parts[name]) < RTOL[torch.float64], name
+
+
+def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeypatch):
+    """Every grouped conv gets the grouped sink (not the pool fold, a ReLU tap or the generic path), whichever pass form."""
+    seen, passes = [], []  # (layer name, its sink) of every _sink call; the batched flag of every pass
+    make_sink, stream = gram._sink, gram._stream_logit_jacobians
+
+    def sink_spy(plan, a, n_classes, tap_z=None):
+        sink = make_sink(plan, a, n_classes, tap_z)
+        seen.append((plan.name, sink))
+        return sink
+
+    def stream_spy(out, zs, n_classes, sinks, batched, keep_graph=False):
+        passes.append(batched)
+        return stream(out, zs, n_classes, sinks, batched, keep_graph)
+
+    monkeypatch.setattr(gram, "_sink", sink_spy)
+    monkeypatch.setattr(gram, "_stream_logit_jacobians", stream_spy)
+    for case, one_pass in (("separable", False), ("grouped_first", True), ("grouped_pooled", True)):
+        seen.clear(), passes.clear()
+        model, x = CASES[case]()
+        structural_matrix(model, x, method="gram")
+        kinds = {name: type(sink).__name__ for name, sink in seen}
+        grouped_names = {name for name, m in model.named_modules() if getattr(m, "groups", 1) > 1}
+        assert grouped_names and all(kinds[name] == "GroupedConvGram" for name in grouped_names), kinds
+        assert passes == [one_pass]
+
+
+def test_all_classes_at_once_equals_class_by_class():
+    for case in CASES:
+        layers, C = per_class_gradients(*CASES[case]())
+        for plan, a, bs in layers:
+            if getattr(plan.module, "groups", 1) == 1:
+                continue
+            for strategy in ("ghost", "materialise"):
+                expected, at_once = by_class_and_at_once(lambda: grouped.GroupedConvGram(plan, a, C, strategy), bs)
+                assert rel_err(at_once, expected) < 1e-13, (case, plan.name, strategy)
+
+
+def test_depthwise_separable_network_in_float32_and_channels_last_inputs():
+    """float32 (the benchmark's dtype) within its tolerance, with the input already in channels-last."""
+    model, x = _separable()
+    reference = structural_matrix(model, x, method="loop")
+    A = structural_matrix(model.float(), x.float().contiguous(memory_format=torch.channels_last), method="gram")
+    assert rel_err(A.double(), reference) < RTOL[torch.float32]
