@@ -32,7 +32,6 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
 
 
-
 def materialised_gram(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """A = ⟨G_c, G_c'⟩ with G_c = b_c âᵀ, for b of shape (n, C, d, S) and patches â (n, K[+1], S): one batched GEMM."""
     n, C, d, S = b.shape
