@@ -114,3 +114,14 @@ def test_depthwise_separable_network_in_float32_and_channels_last_inputs():
     reference = structural_matrix(model, x, method="loop")
     A = structural_matrix(model.float(), x.float().contiguous(memory_format=torch.channels_last), method="gram")
     assert rel_err(A.double(), reference) < RTOL[torch.float32]
+
+
+def test_relu_taps_only_on_ungrouped_convolutions():
+    """A tap writes into a ∂f/∂z buffer only an ungrouped conv's sink has: a grouped conv's ReLU is not tapped."""
+    from optmech.structure._context import probing, trainable_parameters
+
+    model, x = _separable()
+    capture = gram.ForwardCapture(model, trainable_parameters(model), relu_taps=True)
+    with probing(model), capture, torch.enable_grad():
+        model(x)
+    assert {name for name, m in model.named_modules() if id(m) in capture.taps} == {"0"}  # not "2", the depthwise conv

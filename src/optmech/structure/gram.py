@@ -206,6 +206,11 @@ def _to_channels_last(z: torch.Tensor) -> bool:
     return z.dim() == 4 and z.dtype in _CHANNELS_LAST_DTYPES and z.device.type == "cpu" and z.shape[1] > 1 and not _is_channels_last(z)
 
 
+def _tappable_conv(module: nn.Module) -> bool:
+    """A convolution whose sink a ReLU tap may write into: ungrouped (a grouped one has its own sink, :mod:`.grouped`)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+
+
 def _tappable_layout(z: torch.Tensor) -> bool:
     """z is laid out so that a kept buffer of C such tensors can be built: channels-last 4-D, or contiguous."""
     return _is_channels_last(z) or z.is_contiguous()
@@ -557,7 +562,7 @@ class ForwardCapture:
         convs = any(type(p.module) is nn.Conv2d for p in self.plans)
         self._pool_modules = [m for m in model.modules() if type(m) is nn.MaxPool2d] if convs else []
         # ReLU modules that may tap a convolution's output (see .relu_tap); the C-pass backward runs only with convolutions
-        tappable = any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in self.plans)
+        tappable = any(_tappable_conv(p.module) for p in self.plans)
         self._relu_modules = [m for m in model.modules() if type(m) is nn.ReLU and not m.inplace] if relu_taps and tappable else []
         self.taps: dict[int, list[ReluTap]] = {}  # conv module id -> the taps on its output in this forward
         self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of a recorded conv output's graph node -> (module, the node, kept alive)
@@ -578,7 +583,7 @@ class ForwardCapture:
             self.captured[id(module)].append((args[0].detach(), output, output._version))
             if module in _COPY_OUTPUT:
                 return output.clone()  # the model continues on a copy; z keeps its value and its graph
-            if self._relu_modules and isinstance(module, (nn.Conv1d, nn.Conv2d)) and output.grad_fn is not None:
+            if self._relu_modules and _tappable_conv(module) and output.grad_fn is not None:
                 self._z_nodes[id(output.grad_fn)] = (module, output.grad_fn)
             return replaced
 
