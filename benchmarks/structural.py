@@ -58,7 +58,9 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.gram import _to_channels_last, contraction_costs, plan_layers  # noqa: E402
+from optmech.structure.contract import contraction_costs  # noqa: E402
+from optmech.structure.layout import _to_channels_last  # noqa: E402
+from optmech.structure.plan import plan_layers  # noqa: E402
 from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10

@@ -115,7 +115,7 @@ def test_a_training_run_on_cuda_starts_from_the_cpu_runs_weights_and_records_the
 
     kw = dict(model="c", depth=1, dataset="digits", max_steps=4, n_probe=3, dtype="float64", check=True, records_per_part=2)
     on_gpu = train(TrainConfig(device="cuda", **kw), tmp_path / "gpu")
-    on_cpu = train(TrainConfig(**kw), tmp_path / "cpu")
+    train(TrainConfig(**kw), tmp_path / "cpu")
     assert on_gpu.summary["theorem3_violations"] == 0 and on_gpu.summary["steps"] == 4
     gpu, cpu = read_records(tmp_path / "gpu"), read_records(tmp_path / "cpu")
     first = lambda r: r[r["step"] == 0].sort_values("sample_id")[["gradient_norm", "lambda_min", "lambda_max", "U"]].to_numpy()  # noqa: E731

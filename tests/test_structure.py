@@ -224,7 +224,7 @@ def test_gram_never_takes_the_generic_path_on_the_model_families(case, monkeypat
     from optmech import structure
 
     model, x = CASES[case]
-    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     A, ran = structural_matrix(model, x, method="auto", return_method=True)
     assert ran == "gram" and rel_err(A, oracle_results[case][0]) < RTOL[torch.float64]
 
@@ -232,7 +232,8 @@ def test_gram_never_takes_the_generic_path_on_the_model_families(case, monkeypat
 def test_gram_strategies_agree_and_fallbacks_are_used():
     """Ghost and materialised forms give the same contribution; unknown/tied layers take the generic path."""
     from optmech.structure._context import trainable_parameters
-    from optmech.structure.gram import _layer_contribution, plan_layers
+    from optmech.structure.gram import plan_layers
+    from optmech.structure.sinks import _layer_contribution
 
     model, x = unusual_models()["sequence_conv1d"]
     plans, rest = plan_layers(model, trainable_parameters(model))
@@ -253,9 +254,9 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
 def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, immediate_ratio):
     """Ghost, materialised-buffered and materialised-per-class forms, with and without bias, Conv1d/Conv2d/Linear."""
-    from optmech.structure import gram
+    from optmech.structure import sinks
 
-    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    monkeypatch.setattr(sinks, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
     g = torch.Generator().manual_seed(5)
     model = nn.Sequential(
         nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), nn.Tanh(),
@@ -264,10 +265,10 @@ def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monk
     x = torch.randn(3, 2, 9, 6, generator=g, dtype=torch.float64)
     reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
     for strategy in ("ghost", "materialise"):
-        original = gram.contraction_costs
-        monkeypatch.setattr(gram, "contraction_costs", lambda *a, s=strategy, **k: {s: original(*a, **k)[s]})
+        original = sinks.contraction_costs
+        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, s=strategy, **k: {s: original(*a, **k)[s]})
         A, groups = structural_matrix(model, x, method="gram", per_layer=True)
-        monkeypatch.setattr(gram, "contraction_costs", original)
+        monkeypatch.setattr(sinks, "contraction_costs", original)
         assert rel_err(A, reference) < 1e-12, strategy
         for name, part in groups.items():
             assert rel_err(part, ref_groups[name]) < 1e-12, (strategy, name)
@@ -364,7 +365,7 @@ def test_norm_layers_are_contracted_exactly_without_the_generic_path(monkeypatch
     plans, rest = plan_layers(model, trainable_parameters(model))
     assert [p.name for p in plans] == ["conv", "bn2", "gn", "ln", "fc", "bn1", "head"] and rest == []
     reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     A, groups = structural_matrix(model, x, method="gram", per_layer=True)
     assert rel_err(A, reference) < 1e-12 and set(groups) == set(ref_groups)
     for name, part in groups.items():
@@ -391,7 +392,7 @@ def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle(monkeypatc
     model = Tokens().double()
     tokens = torch.tensor([[[1, 1, 0], [3, 0, 1]], [[0, 0, 0], [2, 2, 2]], [[6, 5, 4], [3, 2, 1]]])
     reference, ref_groups = structural_matrix(model, tokens, method="loop", per_layer=True)
-    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     A, groups = structural_matrix(model, tokens, method="gram", per_layer=True)
     assert rel_err(A, reference) < 1e-12
     for name in ("emb", "pos", "head"):
@@ -406,7 +407,7 @@ def test_outputs_overwritten_in_place_take_the_fast_path_from_the_second_call(mo
     model, x = unusual_models()["inplace_relu"]
     reference = structural_matrix(model, x, method="loop")
     assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
-    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     for _ in range(2):
         assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
     from optmech.structure import compute_structural_matrix
@@ -423,13 +424,13 @@ def test_padded_input_buffers_of_equal_shape_but_other_padding_are_kept_apart(mo
     hold the other's interior). Exact on repeated calls with new inputs, per class and buffered."""
     from optmech import structure
 
-    monkeypatch.setattr(structure.gram, "_IMMEDIATE_RATIO", immediate_ratio)
+    monkeypatch.setattr(structure.sinks, "_IMMEDIATE_RATIO", immediate_ratio)
     g = torch.Generator().manual_seed(8)
     model = nn.Sequential(
         nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Tanh(),
         nn.Conv2d(2, 2, 5, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3),
     ).double()
-    monkeypatch.setattr(structure.gram, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     for _ in range(2):
         x = torch.randn(2, 2, 28, 28, generator=g, dtype=torch.float64)
         assert rel_err(structural_matrix(model, x, method="gram"), structural_oracle(model, x)[0]) < 1e-12

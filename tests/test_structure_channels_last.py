@@ -15,7 +15,7 @@ from helpers import RTOL, captured_gram, family_cases, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import compute_structural_matrix, gram
+from optmech.structure import capture, compute_structural_matrix, gram, layout
 from optmech.structure._context import probing, trainable_parameters
 
 CASES = {k: v for k, v in {**family_cases(), **unusual_models()}.items() if any(type(m) is nn.Conv2d for m in v[0].modules())}
@@ -25,14 +25,14 @@ CASES = {k: v for k, v in {**family_cases(), **unusual_models()}.items() if any(
 def conversions(monkeypatch):
     """Counts the Conv2d outputs handed on in channels-last."""
     seen = []
-    original = gram._to_channels_last
+    original = capture._to_channels_last
 
     def spy(z):
         converted = original(z)
         seen.append(converted)
         return converted
 
-    monkeypatch.setattr(gram, "_to_channels_last", spy)
+    monkeypatch.setattr(capture, "_to_channels_last", spy)
     return seen
 
 
@@ -139,12 +139,12 @@ def test_the_recorded_outputs_are_the_channels_last_copies_and_the_pool_fold_sti
     Conv → ReLU → MaxPool chain (z → relu → pool) is still recognised and folded."""
     model = build(family, depth=1, skip=False, seed=0, dtype=torch.float64)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    capture = gram.ForwardCapture(model, trainable_parameters(model), channels_last=True)
+    cap = gram.ForwardCapture(model, trainable_parameters(model), channels_last=True)
     with probing(model):
-        with capture, torch.enable_grad():
+        with cap, torch.enable_grad():
             out = model(x)
-        convs = [z for calls in capture.captured.values() for _, z, _ in calls if z.dim() == 4]
-        assert convs and all(gram._is_channels_last(z) for z in convs)
-        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
-    assert "pooled" in {p.strategy for p in capture.plans}
+        convs = [z for calls in cap.captured.values() for _, z, _ in calls if z.dim() == 4]
+        assert convs and all(layout._is_channels_last(z) for z in convs)
+        A = cap.structural_matrix(out, x, n_classes=out.shape[1])
+    assert "pooled" in {p.strategy for p in cap.plans}
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

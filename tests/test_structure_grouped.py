@@ -13,6 +13,7 @@ from torch import nn
 from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err
 from optmech import structural_matrix
 from optmech.structure import grouped
+from optmech.structure import capture as forward_capture
 from optmech.structure import gram
 
 
@@ -74,7 +75,7 @@ def test_grouped_convolutions_match_the_oracle_in_both_forms(case, strategy, mon
 def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeypatch):
     """Every grouped conv gets the grouped sink (not the pool fold, a ReLU tap or the generic path), whichever pass form."""
     seen, passes = [], []  # (layer name, its sink) of every _sink call; the batched flag of every pass
-    make_sink, stream = gram._sink, gram._stream_logit_jacobians
+    make_sink, stream = forward_capture._sink, forward_capture._stream_logit_jacobians
 
     def sink_spy(plan, a, n_classes, tap_z=None):
         sink = make_sink(plan, a, n_classes, tap_z)
@@ -85,8 +86,8 @@ def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeyp
         passes.append(batched)
         return stream(out, zs, n_classes, sinks, batched, keep_graph)
 
-    monkeypatch.setattr(gram, "_sink", sink_spy)
-    monkeypatch.setattr(gram, "_stream_logit_jacobians", stream_spy)
+    monkeypatch.setattr(forward_capture, "_sink", sink_spy)
+    monkeypatch.setattr(forward_capture, "_stream_logit_jacobians", stream_spy)
     for case, one_pass in (("separable", False), ("grouped_first", True), ("grouped_pooled", True)):
         seen.clear(), passes.clear()
         model, x = CASES[case]()

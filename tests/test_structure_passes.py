@@ -1,4 +1,4 @@
-"""One backward pass for all C classes, or C passes (structure/gram.py, ``_one_pass``), against the oracle.
+"""One backward pass for all C classes, or C passes (structure/passes.py, ``_one_pass``), against the oracle.
 
 The choice only changes the speed: both must give A to 1e-10 in float64. The single vmapped pass is
 taken where no convolution backward runs, no ReLU tap writes and one class's ∂f/∂z is small; these
@@ -15,20 +15,20 @@ from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err, un
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import gram
+from optmech.structure import capture, passes as backward_passes, plan as graph_facts, sinks
 
 
 @pytest.fixture
 def passes(monkeypatch):
     """The ``batched`` argument of every ``_stream_logit_jacobians`` call, in order."""
     seen: list[bool] = []
-    inner = gram._stream_logit_jacobians
+    inner = capture._stream_logit_jacobians
 
     def spy(out, zs, n_classes, sinks, batched, keep_graph=False):
         seen.append(batched)
         return inner(out, zs, n_classes, sinks, batched, keep_graph)
 
-    monkeypatch.setattr(gram, "_stream_logit_jacobians", spy)
+    monkeypatch.setattr(capture, "_stream_logit_jacobians", spy)
     return seen
 
 
@@ -102,7 +102,7 @@ def test_one_pass_equals_c_passes(name, passes, monkeypatch):
     model = make().double().eval()
     x = torch.randn(7, *shape, dtype=torch.float64)
     A_one = structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(gram, "_PASS_BYTES", 0)  # every model is "too large" now: C passes
+    monkeypatch.setattr(backward_passes, "_PASS_BYTES", 0)  # every model is "too large" now: C passes
     A_many = structural_matrix(model, x, method="gram")
     assert passes == [True, False]
     assert rel_err(A_one, A_many) < 1e-12
@@ -114,9 +114,9 @@ def test_large_gradients_take_c_passes(passes, monkeypatch):
     model = _conv_tanh(channels=4).eval()
     x = torch.randn(6, 1, 8, 8)
     per_class = 6 * (4 * 64 + 6 + 4) * 4  # bytes of the conv's and both Linears' outputs, float32
-    monkeypatch.setattr(gram, "_PASS_BYTES", per_class)
+    monkeypatch.setattr(backward_passes, "_PASS_BYTES", per_class)
     structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(gram, "_PASS_BYTES", per_class - 1)
+    monkeypatch.setattr(backward_passes, "_PASS_BYTES", per_class - 1)
     structural_matrix(model, x, method="gram")
     assert passes == [True, False]
 
@@ -138,30 +138,30 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     model = _two_convs()
     x = torch.randn(2, 1, 8, 8)
     out, zs = _graph(model, x, [2, 5])  # second conv and the Linear: the first conv's backward does not run
-    assert not gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
+    assert not graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
     out, zs = _graph(model, x, [0, 5])  # first conv: the passes go through the second conv's backward
-    assert gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
+    assert graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
     out, zs = _graph(model, x, [0])
-    assert gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
+    assert graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
     out, zs = _graph(model, x, [5])
-    assert not gram._backward_runs_convolution(out, zs, gram._graph_uses(out))
+    assert not graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
     # a shared node: the head reads both convolutions' outputs; z = the first's output is reached through the second too
     conv1, conv2, head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(4 * 64, 3)
     z1 = conv1(x)
     z2 = conv2(torch.tanh(z1))
     out = head(torch.cat([z1, z2], 1).flatten(1))
-    assert gram._backward_runs_convolution(out, [z1], gram._graph_uses(out))
-    assert not gram._backward_runs_convolution(out, [z2], gram._graph_uses(out))
+    assert graph_facts._backward_runs_convolution(out, [z1], graph_facts._graph_uses(out))
+    assert not graph_facts._backward_runs_convolution(out, [z2], graph_facts._graph_uses(out))
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
 @pytest.mark.parametrize("strategy", ["ghost", "materialise"])
 def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
     """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
-    monkeypatch.setattr(gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    monkeypatch.setattr(sinks, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
     layers, C = per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
     for plan, a, bs in layers:
-        expected, at_once = by_class_and_at_once(lambda: gram._LayerGram(plan, a, C, strategy), bs)
+        expected, at_once = by_class_and_at_once(lambda: sinks._LayerGram(plan, a, C, strategy), bs)
         assert rel_err(at_once, expected) < 1e-13, plan.name
 
 
@@ -178,7 +178,7 @@ def test_norm_and_embedding_layers_take_all_classes_at_once(name):
     layers, C = per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
     kinds = set()
     for plan, a, bs in layers:
-        expected, at_once = by_class_and_at_once(lambda: gram._sink(plan, a, C), bs)
-        kinds.add(type(gram._sink(plan, a, C)).__name__)
+        expected, at_once = by_class_and_at_once(lambda: sinks._sink(plan, a, C), bs)
+        kinds.add(type(sinks._sink(plan, a, C)).__name__)
         assert rel_err(at_once, expected) < 1e-13, plan.name
     assert kinds >= {"layernorm_gelu": {"_NormGram"}, "batchnorm_eval": {"_NormGram"}, "embedding": {"_EmbeddingGram"}}[name]

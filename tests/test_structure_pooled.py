@@ -13,7 +13,7 @@ from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import gram
+from optmech.structure import capture as forward_capture
 
 
 class ConvPool(nn.Module):
@@ -86,9 +86,9 @@ def test_fold_and_unfolded_paths_agree_on_the_paper_models(family, monkeypatch):
         assert "pooled" in strategies.values()
         A_ref, _ = structural_oracle(model, x[:2])
         assert rel_err(folded[:2], A_ref) < RTOL[torch.float64]
-        monkeypatch.setattr(gram, "_FOLD_POOLS", False)
+        monkeypatch.setattr(forward_capture, "_FOLD_POOLS", False)
         strategies, unfolded = _strategies(model, x)
-        monkeypatch.setattr(gram, "_FOLD_POOLS", True)
+        monkeypatch.setattr(forward_capture, "_FOLD_POOLS", True)
         assert "pooled" not in strategies.values()
         assert rel_err(folded, unfolded) < 1e-12
 

@@ -13,7 +13,7 @@ from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build_paper
-from optmech.structure import gram
+from optmech.structure import capture, gram
 from optmech.structure.relu_tap import is_tap_node
 
 
@@ -21,14 +21,14 @@ from optmech.structure.relu_tap import is_tap_node
 def taps(monkeypatch):
     """Every tap made during the test."""
     made = []
-    original = gram.tapped_relu
+    original = capture.tapped_relu
 
     def spy(t, r):
         out, tap = original(t, r)
         made.append(tap)
         return out, tap
 
-    monkeypatch.setattr(gram, "tapped_relu", spy)
+    monkeypatch.setattr(capture, "tapped_relu", spy)
     return made
 
 

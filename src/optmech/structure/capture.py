@@ -1,0 +1,238 @@
+"""The forward of ``gram``: hooks that record each fast layer's input and output, then the layers' contributions.
+
+:class:`ForwardCapture` is used by the standalone call (:mod:`.gram`) and by the probe on the training
+step's own forward. On the CPU its hooks may hand the model Conv2d outputs in channels-last, wrap a
+convolution's ReLU in a tap (:mod:`.relu_tap`) and record the MaxPool2d outputs that a convolution
+may be contracted at (:mod:`.pooled`). After the forward, :meth:`ForwardCapture.fast_parts` checks
+the graph (each parameter used once, each output intact), builds the accumulators (:mod:`.sinks`),
+runs the backward passes (:mod:`.passes`) and returns the fast layers' parts; :meth:`ForwardCapture.add_parts`
+adds the generic path's share for the rest.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ._context import add_group
+from .contract import contraction_costs
+from .jacobian import structural_matrix_jacobian
+from .layout import _tappable_layout, _to_channels_last
+from .passes import _one_pass, _stream_logit_jacobians
+from .patches import layer_dims
+from .plan import GraphUses, LayerPlan, _graph_uses, plan_layers
+from .pooled import PooledConvGram, pooled_cost, pooled_output
+from .relu_tap import ReluTap, tapped_relu
+from .sinks import _sink
+
+__all__ = ["ForwardCapture"]
+
+#: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
+_FOLD_POOLS = True
+
+
+def _tappable_conv(module: nn.Module) -> bool:
+    """A convolution whose sink a ReLU tap may write into: ungrouped (a grouped one has its own sink, :mod:`.grouped`)."""
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
+
+
+
+#: fast layers whose output a later in-place op overwrote (BatchNorm or Conv → ReLU(inplace=True), a
+#: residual ``out += identity``): from then on the capture hook hands the model a copy of the output,
+#: so the layer's own z stays intact for the backward passes. Learned on the first call, which is
+#: still exact (that layer goes through the generic path once).
+_COPY_OUTPUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class ForwardCapture:
+    """Hooks on the fast layers that record (input, output) of one forward; use as a context manager.
+
+    ``with ForwardCapture(model, named_params) as cap: out = model(x)`` then ``cap.structural_matrix(out, x)``.
+    The forward's graph is kept (backward passes use ``retain_graph``), so a training step can still
+    call ``loss.backward()`` on the same output afterwards. With ``channels_last`` the hooks hand the
+    model its Conv2d outputs in channels-last (:func:`.layout._to_channels_last`) and record those copies as z.
+    """
+
+    def __init__(
+        self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False, relu_taps: bool = False
+    ) -> None:
+        self.model, self.named_params = model, named_params
+        self.plans, self.rest = plan_layers(model, named_params)
+        # hand the model its Conv2d outputs in channels-last (see _to_channels_last)
+        self.channels_last = channels_last and any(type(p.module) is nn.Conv2d for p in self.plans)
+        self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
+        self.pools: list[tuple[torch.Tensor, int]] = []  # (output, version) of every MaxPool2d call
+        convs = any(type(p.module) is nn.Conv2d for p in self.plans)
+        self._pool_modules = [m for m in model.modules() if type(m) is nn.MaxPool2d] if convs else []
+        # ReLU modules that may tap a convolution's output (see .relu_tap); the C-pass backward runs only with convolutions
+        tappable = any(_tappable_conv(p.module) for p in self.plans)
+        self._relu_modules = [m for m in model.modules() if type(m) is nn.ReLU and not m.inplace] if relu_taps and tappable else []
+        self.taps: dict[int, list[ReluTap]] = {}  # conv module id -> the taps on its output in this forward
+        self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of a recorded conv output's graph node -> (module, the node, kept alive)
+        self._handles: list = []
+
+    def __enter__(self) -> "ForwardCapture":
+        self.captured = {id(p.module): [] for p in self.plans}
+        self.pools = []
+        self.taps, self._z_nodes = {}, {}
+
+        def hook(module, args, output):
+            replaced = None
+            if self.channels_last and type(module) is nn.Conv2d and _to_channels_last(output):
+                # z is now the channels-last copy: the layers after run in that format, and the
+                # backward passes stop at z, before the copy's own backward
+                output = replaced = output.contiguous(memory_format=torch.channels_last)
+            # the version counter tells later whether an in-place op (ReLU(inplace=True)) overwrote z
+            self.captured[id(module)].append((args[0].detach(), output, output._version))
+            if module in _COPY_OUTPUT:
+                return output.clone()  # the model continues on a copy; z keeps its value and its graph
+            if self._relu_modules and _tappable_conv(module) and output.grad_fn is not None:
+                self._z_nodes[id(output.grad_fn)] = (module, output.grad_fn)
+            return replaced
+
+        def relu_hook(module, args, output):
+            t = args[0] if args else None
+            if not (isinstance(t, torch.Tensor) and isinstance(output, torch.Tensor) and t.grad_fn is not None):
+                return None
+            entry, through = self._z_nodes.get(id(t.grad_fn)), None  # relu(z)
+            if entry is None and type(t.grad_fn).__name__ == "AddBackward0" and getattr(t.grad_fn, "_saved_alpha", 1) == 1:
+                # relu(z + y) (a residual block): ∂f/∂z is the ReLU's backward when z feeds only the sum
+                for node, _ in t.grad_fn.next_functions:
+                    if node is not None and id(node) in self._z_nodes:
+                        entry, through = self._z_nodes[id(node)], t.grad_fn
+                        break
+            if entry is None:
+                return None
+            conv = entry[0]
+            z = self.captured[id(conv)][-1][1]
+            if (through is None and t is not z) or z.shape != t.shape or not _tappable_layout(z):
+                return None
+            r, tap = tapped_relu(t, output)
+            tap.through = through  # the sum node between z and the ReLU, or None
+            self.taps.setdefault(id(conv), []).append(tap)
+            return r
+
+        def pool_hook(module, args, output):
+            if isinstance(output, torch.Tensor):  # not with return_indices=True
+                self.pools.append((output, output._version))
+
+        self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
+        self._handles += [m.register_forward_hook(pool_hook) for m in self._pool_modules]
+        self._handles += [m.register_forward_hook(relu_hook) for m in self._relu_modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def structural_matrix(
+        self, out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int, groups: dict | None = None,
+        rows: slice | None = None, total: torch.Tensor | None = None, keep_graph: bool = False,
+    ) -> torch.Tensor:
+        """A for the captured forward (``out`` its logits, ``inputs`` its inputs, for the generic path).
+
+        ``keep_graph`` leaves the forward's graph usable for a later ``backward`` (training reuse).
+        """
+        parts, slow_names = self.fast_parts(out, n_classes, keep_graph)
+        return self.add_parts(parts, slow_names, out, inputs, n_classes=n_classes, groups=groups, rows=rows, total=total)
+
+    def fast_parts(self, out: torch.Tensor, n_classes: int, keep_graph: bool = False) -> tuple[list, list[str]]:
+        """The fast layers' contributions [(module path, (n, C, C))] and the parameter names left to the generic path.
+
+        Writes no result, so that a caller may retry after an error (the forward is consumed either way).
+        """
+        try:
+            by_name = dict(self.named_params)
+            graph = _graph_uses(out)
+            fast, slow_names = [], list(self.rest)
+            for plan in self.plans:
+                calls = self.captured[id(plan.module)]
+                uses = [graph.leaves.get(id(by_name[name]), 0) for name in plan.params]
+                single = len(calls) == 1 and calls[0][1].requires_grad
+                overwritten = single and calls[0][1]._version != calls[0][2]
+                if overwritten:  # exact through the generic path this time; from the next call on, z is kept
+                    _COPY_OUTPUT.add(plan.module)
+                intact = single and not overwritten
+                if intact and all(u == 1 for u in uses):
+                    fast.append(plan)
+                else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
+                    plan.strategy = "func"
+                    slow_names.extend(plan.params)
+            if not fast:
+                return [], slow_names
+            zs, sinks = [], []
+            for plan in fast:
+                a, z, _ = self.captured[id(plan.module)][0]
+                pooled = self._foldable_pool(plan, a, z, n_classes, graph)
+                if pooled is not None:  # contract at the pool's output: the backward passes stop there
+                    zs.append(pooled[0])
+                    sinks.append(PooledConvGram(plan, a, z, pooled, n_classes))
+                else:
+                    zs.append(z)
+                    # a tap writes b_c when it is the only one on z and z feeds only the ReLU (or only a sum that
+                    # feeds only the ReLU): then the ReLU's backward is ∂f/∂z
+                    taps = self.taps.get(id(plan.module), [])
+                    tap = taps[0] if len(taps) == 1 and graph.consumers.get(id(z.grad_fn), 0) == 1 else None
+                    if tap is not None and tap.through is not None and graph.consumers.get(id(tap.through), 0) != 1:
+                        tap = None
+                    sink = _sink(plan, a, n_classes, tap_z=z if tap is not None else None)
+                    if tap is not None and getattr(sink, "tapped", False):
+                        tap.slot = sink.slot
+                    sinks.append(sink)
+            _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
+            return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
+        finally:
+            self.captured = {id(p.module): [] for p in self.plans}
+            self.pools = []
+            self.taps, self._z_nodes = {}, {}
+
+    def add_parts(
+        self, parts: list, slow_names: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,
+        groups: dict | None = None, rows: slice | None = None, total: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """total[rows] += the fast parts and the generic path's share for ``slow_names`` (groups alike)."""
+        n = out.shape[0]
+        rows = rows or slice(0, n)
+        if total is None:
+            total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
+        n_all = total.shape[0]
+        for name, part in parts:
+            total[rows] += part
+            add_group(groups, name, rows, part, n_all)
+        if slow_names:
+            keep = set(slow_names)
+            sub: dict[str, torch.Tensor] | None = {} if groups is not None else None
+            part = structural_matrix_jacobian(
+                self.model, inputs, [(nm, p) for nm, p in self.named_params if nm in keep], n_classes=n_classes, groups=sub
+            )
+            total[rows] += part
+            for name, value in (sub or {}).items():
+                add_group(groups, name, rows, value, n_all)
+        return total
+
+    def _foldable_pool(self, plan: LayerPlan, a: torch.Tensor, z: torch.Tensor, n_classes: int, graph: GraphUses):
+        """(p, indices, relu) when the Conv2d ``plan`` feeds only [ReLU →] MaxPool2d and folding it pays; else None.
+
+        Pays: the gathered patches are no larger than the ∂f/∂z buffer the layer would otherwise
+        keep, and the folded contraction takes at most twice the multiply-adds of the layer's
+        cheapest unfolded form: the multiply-adds alone undersell the fold, which also skips C
+        backward passes of the pool and the ReLU over n·d·S values (memory-bound work: on the
+        ResNet stem, whose folded form has 1.1× the multiply-adds of the unfolded one, the fold
+        saves 4–5 % of the whole call; benchmarks/README.md). On the CPU only: on an H100, where
+        these models are launch-bound, it measured 0.81–1.19× the unfolded time (exact there too).
+        """
+        if not (_FOLD_POOLS and self.pools and type(plan.module) is nn.Conv2d and plan.module.groups == 1 and z.device.type == "cpu"):
+            return None
+        pooled = pooled_output(z, self.pools, graph.consumers)
+        if pooled is None:
+            return None
+        n, d = z.shape[:2]
+        K, S = layer_dims(plan.module, a)
+        K1, S_pooled = K + int(plan.module.bias is not None), pooled[0].shape[2] * pooled[0].shape[3]
+        unfolded = min(contraction_costs(n, n_classes, S, K, d, plan.module.bias is not None).values())
+        fits = d * K1 * S_pooled <= n_classes * d * S
+        return pooled if fits and pooled_cost(n, n_classes, S_pooled, K1, d) <= 2 * unfolded else None
+
