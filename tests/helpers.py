@@ -80,6 +80,22 @@ class EmbeddingModel(nn.Module):
         return self.head(h + torch.tanh(self.mix(h)))
 
 
+class SequenceFirstTransformer(nn.Module):
+    """Tokens (batch, L) -> embedding -> a sequence-first ``nn.TransformerEncoderLayer`` (its Linear and
+    LayerNorm layers see (L, batch, E); built with L = batch, so that the first dimension's size alone
+    cannot tell the samples apart) with the padding token masked -> mean over positions -> logits."""
+
+    def __init__(self, vocab: int = 9, dim: int = 8, heads: int = 2, n_classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.1)  # eval semantics: no dropout
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, tokens):
+        h = self.layer(self.emb(tokens).transpose(0, 1), src_key_padding_mask=tokens == 0)
+        return self.head(h.mean(0))
+
+
 class SequenceConv1d(nn.Module):
     """Conv1d with stride and dilation, then a Linear applied at every position (sequence input)."""
 
@@ -142,7 +158,16 @@ def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "sequence_conv1d": (SequenceConv1d().double(), torch.randn(4, 2, 12, generator=g, dtype=torch.float64)),
         "inplace_relu": (InplaceReLU().double(), torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
         "grouped_partly_frozen": (GroupedAndPartlyFrozen().double(), torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)),
+        "transformer_seq_first": (SequenceFirstTransformer().double(), _tokens_with_padding(g)),
     }
+
+
+def _tokens_with_padding(g: torch.Generator) -> torch.Tensor:
+    """4 sequences of 4 tokens from 1…8, the last one or two positions of some set to the padding token 0."""
+    tokens = torch.randint(1, 9, (4, 4), generator=g)
+    tokens[1, 3:] = 0
+    tokens[2, 2:] = 0
+    return tokens
 
 
 def family_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:

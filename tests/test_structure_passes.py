@@ -138,20 +138,20 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     model = _two_convs()
     x = torch.randn(2, 1, 8, 8)
     out, zs = _graph(model, x, [2, 5])  # second conv and the Linear: the first conv's backward does not run
-    assert not graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
+    assert not graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [0, 5])  # first conv: the passes go through the second conv's backward
-    assert graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
+    assert graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [0])
-    assert graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
+    assert graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [5])
-    assert not graph_facts._backward_runs_convolution(out, zs, graph_facts._graph_uses(out))
+    assert not graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
     # a shared node: the head reads both convolutions' outputs; z = the first's output is reached through the second too
     conv1, conv2, head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(4 * 64, 3)
     z1 = conv1(x)
     z2 = conv2(torch.tanh(z1))
     out = head(torch.cat([z1, z2], 1).flatten(1))
-    assert graph_facts._backward_runs_convolution(out, [z1], graph_facts._graph_uses(out))
-    assert not graph_facts._backward_runs_convolution(out, [z2], graph_facts._graph_uses(out))
+    assert graph_facts._backward_runs(out, [z1], graph_facts._graph_uses(out), ("Convolution",))
+    assert not graph_facts._backward_runs(out, [z2], graph_facts._graph_uses(out), ("Convolution",))
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._context import add_group
+from .attention import attention_plans, recompute
 from .contract import contraction_costs
 from .jacobian import structural_matrix_jacobian
 from .layout import _tappable_layout, _to_channels_last
@@ -25,6 +26,7 @@ from .patches import layer_dims
 from .plan import GraphUses, LayerPlan, _graph_uses, plan_layers
 from .pooled import PooledConvGram, pooled_cost, pooled_output
 from .relu_tap import ReluTap, tapped_relu
+from .samples import SamplesMoved, candidate_dims, sample_dims
 from .sinks import _sink
 
 __all__ = ["ForwardCapture"]
@@ -53,13 +55,21 @@ class ForwardCapture:
     The forward's graph is kept (backward passes use ``retain_graph``), so a training step can still
     call ``loss.backward()`` on the same output afterwards. With ``channels_last`` the hooks hand the
     model its Conv2d outputs in channels-last (:func:`.layout._to_channels_last`) and record those copies as z.
+    With ``attention`` a covered ``nn.MultiheadAttention`` call is recomputed in steps whose projections are
+    recorded like Linear layers, and that output is handed on (:mod:`.attention`). ``channels_last``,
+    ``relu_taps`` and ``attention`` change the graph the model builds: the standalone call only.
     """
 
     def __init__(
-        self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False, relu_taps: bool = False
+        self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False, relu_taps: bool = False,
+        attention: bool = False,
     ) -> None:
         self.model, self.named_params = model, named_params
         self.plans, self.rest = plan_layers(model, named_params)
+        # MultiheadAttention's projections, recomputed by a hook where the backward passes can reach them (.attention)
+        self.attention = attention_plans(model, named_params, set(self.rest)) if attention else []
+        taken = {name for a in self.attention for p in (a.in_proj, a.out_proj) for name in p.params}
+        self.rest = [name for name in self.rest if name not in taken]
         # hand the model its Conv2d outputs in channels-last (see _to_channels_last)
         self.channels_last = channels_last and any(type(p.module) is nn.Conv2d for p in self.plans)
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
@@ -74,7 +84,7 @@ class ForwardCapture:
         self._handles: list = []
 
     def __enter__(self) -> "ForwardCapture":
-        self.captured = {id(p.module): [] for p in self.plans}
+        self.captured = {id(p.module): [] for p in self._layer_plans()}
         self.pools = []
         self.taps, self._z_nodes = {}, {}
 
@@ -114,6 +124,16 @@ class ForwardCapture:
             self.taps.setdefault(id(conv), []).append(tap)
             return r
 
+        def attention_hook(module, args, kwargs, output):
+            got = recompute(module, args, kwargs, output)
+            if got is None:  # not covered, or not a match: the module's output stands, its parameters go generic
+                return None
+            (x, P), (O, y), handed = got
+            plan = by_module[id(module)]
+            self.captured[id(plan.in_proj.module)].append((x.detach(), P, P._version))
+            self.captured[id(plan.out_proj.module)].append((O.detach(), y, y._version))
+            return handed
+
         def pool_hook(module, args, output):
             if isinstance(output, torch.Tensor):  # not with return_indices=True
                 self.pools.append((output, output._version))
@@ -121,7 +141,13 @@ class ForwardCapture:
         self._handles = [p.module.register_forward_hook(hook) for p in self.plans]
         self._handles += [m.register_forward_hook(pool_hook) for m in self._pool_modules]
         self._handles += [m.register_forward_hook(relu_hook) for m in self._relu_modules]
+        by_module = {id(a.module): a for a in self.attention}
+        self._handles += [a.module.register_forward_hook(attention_hook, with_kwargs=True) for a in self.attention]
         return self
+
+    def _layer_plans(self) -> list[LayerPlan]:
+        """The fast layers' plans, MultiheadAttention's projections included."""
+        return self.plans + [p for a in self.attention for p in (a.in_proj, a.out_proj)]
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -148,7 +174,8 @@ class ForwardCapture:
             by_name = dict(self.named_params)
             graph = _graph_uses(out)
             fast, slow_names = [], list(self.rest)
-            for plan in self.plans:
+            sample_dim: dict[int, int | list[int] | None] = {}  # id(plan) -> the dimension of z holding the samples
+            for plan in self._layer_plans():
                 calls = self.captured[id(plan.module)]
                 uses = [graph.leaves.get(id(by_name[name]), 0) for name in plan.params]
                 single = len(calls) == 1 and calls[0][1].requires_grad
@@ -156,16 +183,34 @@ class ForwardCapture:
                 if overwritten:  # exact through the generic path this time; from the next call on, z is kept
                     _COPY_OUTPUT.add(plan.module)
                 intact = single and not overwritten
-                if intact and all(u == 1 for u in uses):
+                candidates = candidate_dims(plan.module, calls[0][1], out.shape[0]) if intact else []
+                if intact and all(u == 1 for u in uses) and candidates:
                     fast.append(plan)
-                else:  # reused module, weight used elsewhere, output modified in place, or off the graph: generic path
+                    sample_dim[id(plan)] = 0 if candidates == [0] else candidates
+                else:  # reused module, weight used elsewhere, output modified in place, off the graph, or no
+                    # dimension of z can hold the samples: generic path
                     plan.strategy = "func"
                     slow_names.extend(plan.params)
+            # layers whose samples may lie along another dimension than the first (.samples): one backward tells
+            unsure = [p for p in fast if sample_dim[id(p)] != 0]
+            if unsure:
+                zs = [self.captured[id(p.module)][0][1] for p in unsure]
+                for plan, dim in zip(unsure, sample_dims(out, zs, [sample_dim[id(p)] for p in unsure])):
+                    sample_dim[id(plan)] = dim
+                    if dim is None:
+                        fast.remove(plan)
+                        plan.strategy = "func"
+                        slow_names.extend(plan.params)
             if not fast:
                 return [], slow_names
             zs, sinks = [], []
             for plan in fast:
                 a, z, _ = self.captured[id(plan.module)][0]
+                dim = sample_dim[id(plan)]
+                if dim:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
+                    zs.append(z)
+                    sinks.append(SamplesMoved(_sink(plan, a.movedim(dim, 0), n_classes), dim))
+                    continue
                 pooled = self._foldable_pool(plan, a, z, n_classes, graph)
                 if pooled is not None:  # contract at the pool's output: the backward passes stop there
                     zs.append(pooled[0])
@@ -185,7 +230,7 @@ class ForwardCapture:
             _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
             return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
         finally:
-            self.captured = {id(p.module): [] for p in self.plans}
+            self.captured = {id(p.module): [] for p in self._layer_plans()}
             self.pools = []
             self.taps, self._z_nodes = {}, {}
 

@@ -63,6 +63,9 @@ _CHANNELS_LAST = True
 #: the standalone ``gram`` call on the CPU writes a conv's ReLU backward straight into the layer's buffer (:mod:`.relu_tap`)
 _RELU_TAPS = True
 
+#: the standalone ``gram`` call recomputes covered ``nn.MultiheadAttention`` calls so that their projections are fast (:mod:`.attention`)
+_ATTENTION = True
+
 #: models whose forward failed on channels-last convolution outputs (a ``.view`` of one, say): the
 #: standalone call retried them in their own layout and keeps doing so
 _NO_CHANNELS_LAST: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -98,7 +101,8 @@ def structural_matrix_gram(
     total = None
     cpu = inputs.device.type == "cpu"
     capture = ForwardCapture(
-        model, named_params, channels_last=_CHANNELS_LAST and model not in _NO_CHANNELS_LAST, relu_taps=_RELU_TAPS and cpu
+        model, named_params, channels_last=_CHANNELS_LAST and model not in _NO_CHANNELS_LAST, relu_taps=_RELU_TAPS and cpu,
+        attention=_ATTENTION,
     )
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .plan import GraphUses, LayerPlan, _backward_runs_convolution
+from .plan import GraphUses, LayerPlan, _backward_runs
 
 #: on the CPU, C classes share one backward pass only while one class's ∂f/∂z of all layers is at most this many bytes
 _PASS_BYTES = 4 * 2**20
+
+#: autograd node names (parts of) whose backward rules out the one vmapped pass (see :func:`_one_pass`)
+_CONVOLUTION, _ATTENTION = ("Convolution",), ("ScaledDotProduct",)
 
 
 def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], sinks: list, graph: GraphUses) -> bool:
@@ -20,6 +23,9 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
 
     - a backward that runs a convolution's backward: one class per pass (the vmapped convolution
       backward works on a C× larger batch and took 1.2–1.7× as long on the paper's CNNs);
+    - a backward that runs scaled-dot-product attention's fused backward (``nn.MultiheadAttention``,
+      :mod:`.attention`): one class per pass, on every device (torch has no batching rule for it: vmap
+      falls back to a loop over the classes and warns);
     - a ReLU tap writing into a layer's buffer (:mod:`.relu_tap`): one class per pass (slot c per pass);
     - otherwise all C at once while one class's ∂f/∂z over all layers is at most ``_PASS_BYTES``
       (4 MiB): SNet (the convolution contracted at its pool's output) 0.75–0.88× the time of one class
@@ -28,14 +34,14 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
       save (CNet k = 1 at batch 256, 6.4 MB: 1.20×; an MLP of width 1024 at batch 2048, 8.5 MB: 1.14×).
 
     On a GPU (no page faults, launch-bound) as measured there in the sixth session: all C at once
-    unless the model has a convolution layer.
+    unless the model has a convolution layer (or the backward runs attention's fused kernel).
     """
     if out.device.type != "cpu":
-        return not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast)
+        return not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast) and not _backward_runs(out, zs, graph, _ATTENTION)
     if any(getattr(s, "tapped", False) for s in sinks):
         return False
     per_class = sum(z.numel() * z.element_size() for z in zs)
-    return per_class <= _PASS_BYTES and not _backward_runs_convolution(out, zs, graph)
+    return per_class <= _PASS_BYTES and not _backward_runs(out, zs, graph, _CONVOLUTION + _ATTENTION)
 
 
 def _stream_logit_jacobians(

@@ -5,8 +5,8 @@ Conv2d, grouped ones included, Embedding, the normalisation layers on per-sample
 :mod:`.gram`) and all its trainable parameters are in θ; a parameter claimed by two modules (tied
 weights) is left to the generic path. After the forward, :func:`_graph_uses` counts how many graph
 edges consume each parameter and node, so that a weight used outside its module, or a layer output
-with more than one consumer, is noticed, and :func:`_backward_runs_convolution` tells whether the
-backward passes to the layer outputs run a convolution's backward (:mod:`.passes`).
+with more than one consumer, is noticed, and :func:`_backward_runs` tells whether the
+backward passes to the layer outputs run a given kind of node (a convolution's backward, say) (:mod:`.passes`).
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def _graph_uses(output: torch.Tensor) -> GraphUses:
     return GraphUses(leaves, consumers, seen)
 
 
-def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor], graph: GraphUses) -> bool:
-    """Whether the backward passes from ``out`` to ``zs`` run a convolution's backward.
+def _backward_runs(out: torch.Tensor, zs: list[torch.Tensor], graph: GraphUses, kinds: tuple[str, ...]) -> bool:
+    """Whether the backward passes from ``out`` to ``zs`` run a node whose type name contains one of ``kinds``
+    ("Convolution": a convolution's backward).
 
     autograd runs a node when a path leads from it to one of the targets (the zs' nodes), so the
     passes stop at the first layers' outputs: a network whose only convolution comes first, or is
@@ -105,7 +106,7 @@ def _backward_runs_convolution(out: torch.Tensor, zs: list[torch.Tensor], graph:
             stack.extend((nxt, False) for nxt, _ in fn.next_functions if nxt is not None and id(nxt) not in reaches)
             continue
         runs = any(nxt is not None and reaches.get(id(nxt), False) for nxt, _ in fn.next_functions)
-        if runs and "Convolution" in type(fn).__name__:
+        if runs and any(kind in type(fn).__name__ for kind in kinds):
             return True
         reaches[id(fn)] = runs or id(fn) in targets
     return False
