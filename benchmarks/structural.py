@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +59,15 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
+from optmech.structure.attention import attention_plans  # noqa: E402
 from optmech.structure.contract import contraction_costs  # noqa: E402
 from optmech.structure.layout import _to_channels_last  # noqa: E402
-from optmech.structure.plan import plan_layers  # noqa: E402
+from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
 from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
-EXTRA_MODELS = ["sep"]  # timed on request (--models sep), not by default
+EXTRA_MODELS = ["sep", "tfm"]  # timed on request (--models sep tfm), not by default
 
 
 def separable_cnn() -> torch.nn.Module:
@@ -84,9 +86,31 @@ def separable_cnn() -> torch.nn.Module:
     )
 
 
+class RowTransformer(torch.nn.Module):
+    """A small transformer over the image's rows (not one of the paper's models; ``nn.MultiheadAttention``):
+    the 28 rows as 28 tokens of 28 pixels, Linear(28→64) plus fixed sinusoidal positions, two
+    ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, batch-first, no dropout), mean over
+    the tokens, Linear(64→10)."""
+
+    def __init__(self, dim: int = 64, rows: int = 28) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(rows, dim)
+        position = torch.arange(rows)[:, None] * torch.exp(torch.arange(0, dim, 2) * (-math.log(1e4) / dim))
+        self.register_buffer("position", torch.cat([position.sin(), position.cos()], 1))
+        layer = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(dim, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.flatten(1, 2)) + self.position).mean(1))
+
+
 def make_model(name: str) -> torch.nn.Module:
     if name == "sep":
         return separable_cnn()
+    if name == "tfm":
+        return RowTransformer()
     if name.startswith("mlp"):
         return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
     return build_paper(name[0], depth=int(name[1:]), seed=0)
@@ -113,9 +137,15 @@ def gemm(device: str = "cpu") -> None:
 
 def bound_parts(model, x) -> tuple[callable, callable, callable, callable, callable, float]:
     """(forward fn, one activation-backward fn, forward + C backward passes fn, the same in channels-last,
-    forward + the C passes as one vmapped backward fn, cheapest contraction multiply-adds)."""
+    forward + the C passes as one vmapped backward fn, cheapest contraction multiply-adds).
+
+    A MultiheadAttention's two projections are priced as Linear layers over its positions; the passes
+    go to the other fast layers' outputs (the projections' lie inside the attention call)."""
     named = trainable_parameters(model)
-    plans, _ = plan_layers(model, named)
+    plans, rest = plan_layers(model, named)
+    attention = attention_plans(model, named, set(rest))
+    queries = {}  # MultiheadAttention module -> its query's shape (batch-first or not)
+    shape_hooks = [a.module.register_forward_pre_hook(lambda m, args: queries.__setitem__(m, args[0].shape)) for a in attention]
 
     def captured_forward(channels_last=False):
         captured = {}
@@ -136,9 +166,21 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
         return out, captured
 
     out, captured = captured_forward()
+    for h in shape_hooks:
+        h.remove()
     zs = [captured[p.module][1] for p in plans]
     macs = 0.0
+    for a in attention:
+        shape, E = queries[a.module], a.module.embed_dim
+        L = shape[1] if a.module.batch_first else shape[0]
+        bias = a.module.in_proj_bias is not None
+        macs += min(contraction_costs(x.shape[0], N_CLASSES, L, E, 3 * E, bias).values())
+        macs += min(contraction_costs(x.shape[0], N_CLASSES, L, E, E, a.module.out_proj.bias is not None).values())
     for p in plans:
+        if isinstance(p.module, _NORM_TYPES):  # Σ_positions b_c ⊙ x̂ and Σ_positions b_c, then their Gram
+            size = sum(t.numel() for t in (p.module.weight, p.module.bias) if t is not None)
+            macs += N_CLASSES * captured[p.module][1].numel() + x.shape[0] * N_CLASSES**2 * size
+            continue
         a = layer_patches(p.module, captured[p.module][0])
         g = getattr(p.module, "groups", 1)  # a grouped conv: g convolutions of K/g inputs and d/g outputs (structure/grouped.py)
         costs = contraction_costs(x.shape[0] * g, N_CLASSES, a.shape[2], a.shape[1] // g, out_features(p.module) // g, p.module.bias is not None)
@@ -275,6 +317,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the models and batches (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--batch", nargs="+", type=int, default=[BATCH], help="batch sizes (each model is timed at each)")
     args = parser.parse_args()
+    # the bound's one-vmapped-backward row on a transformer: torch's fallback for fused attention (measured as it is)
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented the batching rule")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():

@@ -267,3 +267,14 @@ def test_self_attention_steps_match_the_functional_forward():
         expected = m(x, x, x, need_weights=False, **kw)[0]
         _, _, y = attention.self_attention(m, x, kw.get("key_padding_mask"), kw.get("attn_mask"))
         assert rel_err(y.detach(), expected.detach()) < 1e-13, kw
+
+
+def test_auto_takes_gram_on_a_covered_transformer_without_timing_jacobian(monkeypatch):
+    from optmech import structure
+    from optmech.structure import EngineMethod
+
+    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a: pytest.fail("jacobian ran"))
+    torch.manual_seed(0)
+    model, x = Encoder(batch_first=True), tokens(5, 6)
+    A, ran = structural_matrix(model.double().eval(), x, method="auto", return_method=True)
+    assert ran == "gram" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ._context import check_outputs, prepare_inputs, probing, trainable_parameters
+from .attention import attention_plans
 from .gram import plan_layers, structural_matrix_gram
 from .jacobian import structural_matrix_jacobian
 from .loop import jacobian_rows_loop, structural_matrix_loop
@@ -41,13 +42,17 @@ class EngineMethod(str, enum.Enum):
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
       the selected positions), a grouped or depthwise convolution the same way as a batch of its
-      groups; Embedding as a ghost Gram over token equality; the affine
+      groups; Embedding as a ghost Gram over token equality; ``nn.MultiheadAttention`` self-attention
+      as its two projections, Linear layers over positions (the call recomputed in steps that the
+      backward passes reach, checked against the module's output); the affine
       parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward
       passes; a forward that cannot take them is rerun as given, from then on).
       Parameters of other modules, tied or reused weights go through ``JACOBIAN`` restricted to
-      them; so, on the first call only, do layers whose output a later in-place op overwrites.
+      them; so, on the first call only, do layers whose output a later in-place op overwrites; so do
+      Linear/LayerNorm/Embedding layers whose samples lie along no dimension that one backward pass
+      can identify (a sequence-first layout is found and handled).
       Memory O(B·C·activations), independent of |θ| for the fast layers.
     - ``AUTO``: on the CPU, ``GRAM`` when every parameter sits in a fast layer, ``JACOBIAN`` when
       none does; otherwise — and on a GPU whenever some layer is fast, since there kernel launches
@@ -178,8 +183,8 @@ _AUTO_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, EngineMethod]]" 
 def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per_layer: bool) -> tuple[EngineMethod, tuple | None]:
     """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
 
-    No fast layer (Linear, Conv, Embedding, norm): ``jacobian``. Every parameter in one, on the
-    CPU: ``gram`` (its arithmetic is a subset of ``jacobian``'s, and on the CPU arithmetic decides).
+    No fast layer (Linear, Conv, Embedding, norm, self-attention's projections): ``jacobian``. Every
+    parameter in one, on the CPU: ``gram`` (its arithmetic is a subset of ``jacobian``'s, and on the CPU arithmetic decides).
     Otherwise ``gram`` = those layers + ``jacobian`` on the other parameters, which can cost more
     than ``jacobian`` alone (that backward still runs through the whole network), and on a GPU
     small models are bound by kernel launches, where ``jacobian``'s few vmapped kernels can beat
@@ -188,7 +193,9 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
     model, input shape and dtype times both and keeps the faster.
     """
     plans, rest = plan_layers(model, named)
-    if not plans:
+    covered = {name for a in attention_plans(model, named, set(rest)) for p in (a.in_proj, a.out_proj) for name in p.params}
+    rest = [name for name in rest if name not in covered]
+    if not plans and not covered:
         return EngineMethod.JACOBIAN, None
     if not rest and x.device.type == "cpu":
         return EngineMethod.GRAM, None

@@ -8,6 +8,8 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - Conv (unfolded patches a_s):     A[c, c'] += Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'}) + bias term
   (grouped or depthwise: the same per group, summed; :mod:`.grouped`)
 - Embedding (token ids):           A[c, c'] += Σ_{t,t'} [tok_t = tok_t'](b_{c,t}·b_{c',t'})
+- MultiheadAttention (self-attention): its in- and out-projection as two Linear layers over positions,
+  their inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
 - BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
 
@@ -32,10 +34,12 @@ that layout, and oneDNN's backward kernels are faster in it); a forward that can
 ``.view`` of a convolution's output) is rerun in its own layout, from then on. Parameters
 the fast path does not know — other module types, tied or reused weights, weights used outside
 their module — are handed to the ``torch.func`` path restricted to those parameters; the two
-contributions are summed. Never an inexact answer.
+contributions are summed. A Linear, LayerNorm or Embedding may see its samples along another
+dimension than the first (a sequence-first model): that dimension is found, or the layer goes to
+the generic path (:mod:`.samples`). Never an inexact answer.
 
 Where each part lives: which layers are fast and what the graph says about them, :mod:`.plan`; the
-forward's hooks and the per-layer parts, :mod:`.capture`; the accumulators, :mod:`.sinks` (with
+forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention` and :mod:`.samples`); the accumulators, :mod:`.sinks` (with
 :mod:`.grouped`, :mod:`.pooled`, :mod:`.relu_tap`, the contractions in :mod:`.contract` and the
 patches in :mod:`.patches`); the backward passes, :mod:`.passes`. This module is the entry point.
 """
