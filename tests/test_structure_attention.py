@@ -190,16 +190,29 @@ class SequenceFirstLinear(nn.Module):
         return self.head(h.mean(0))
 
 
+class SequenceFirstEmbedding(nn.Module):
+    """Tokens (n, L) read sequence-first: the Embedding sees (L, n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(6, 4), nn.Linear(4, 2)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens.t())).mean(0))
+
+
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("n, L", [(4, 4), (4, 5), (4, 1)])
-def test_layers_whose_samples_are_not_the_first_dimension(n, L, one_pass, monkeypatch, generic):
+@pytest.mark.parametrize("make", [SequenceFirstLinear, SequenceFirstEmbedding])
+def test_layers_whose_samples_are_not_the_first_dimension(make, n, L, one_pass, monkeypatch, generic):
     """L = n used to be read as samples first (6 % off); L ≠ n raised. Now the samples' dimension is found,
     in both backward forms (one pass for all classes hands the accumulators all C at once)."""
     if not one_pass:
         monkeypatch.setattr(backward_passes, "_PASS_BYTES", 0)
     torch.manual_seed(4)
-    model = SequenceFirstLinear().double().eval()
-    x = torch.randn(n, L, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    model = make().double().eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 6, (n, L), generator=g) if make is SequenceFirstEmbedding else torch.randn(n, L, 3, generator=g, dtype=torch.float64)
     A = structural_matrix(model, x, method="gram")
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     assert generic == []

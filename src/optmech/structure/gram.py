@@ -39,9 +39,10 @@ dimension than the first (a sequence-first model): that dimension is found, or t
 the generic path (:mod:`.samples`). Never an inexact answer.
 
 Where each part lives: which layers are fast and what the graph says about them, :mod:`.plan`; the
-forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention` and :mod:`.samples`); the accumulators, :mod:`.sinks` (with
-:mod:`.grouped`, :mod:`.pooled`, :mod:`.relu_tap`, the contractions in :mod:`.contract` and the
-patches in :mod:`.patches`); the backward passes, :mod:`.passes`. This module is the entry point.
+forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention` and
+:mod:`.samples`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
+:mod:`.relu_tap`, the contractions in :mod:`.contract` and the patches in :mod:`.patches`); the
+backward passes, :mod:`.passes`. This module is the entry point.
 """
 
 from __future__ import annotations
