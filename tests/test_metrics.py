@@ -10,6 +10,7 @@ from torch import nn
 from helpers import unusual_models
 from oracles import per_sample_jacobian
 from optmech import COLUMNS, Probe
+from optmech.probe import mode_dependent_modules
 from optmech.losses import get_loss
 from optmech.metrics import measure_from, theorem3_holds
 from optmech.models import FAMILIES, build
@@ -229,6 +230,20 @@ def test_capture_refuses_models_with_active_dropout():
         Probe(model).capture()
     model.eval()
     Probe(model).capture()  # fine in eval mode
+
+
+@pytest.mark.parametrize("make, active", [
+    (lambda: nn.MultiheadAttention(4, 2, dropout=0.1), True),  # dropout on the attention weights, no Dropout submodule
+    (lambda: nn.MultiheadAttention(4, 2), False),
+    (lambda: nn.LSTM(4, 4, num_layers=2, dropout=0.1), True),
+    (lambda: nn.LSTM(4, 4, num_layers=1), False),
+    (lambda: nn.InstanceNorm1d(4, track_running_stats=True), True),
+    (lambda: nn.InstanceNorm1d(4), False),
+])
+def test_mode_dependence_includes_dropout_held_as_a_float_and_running_statistics(make, active):
+    model = nn.Sequential(make()).train()
+    assert mode_dependent_modules(model) == (["0"] if active else [])
+    assert mode_dependent_modules(model.eval()) == []
 
 
 def test_local_pearson_matches_pandas_rolling_corr():

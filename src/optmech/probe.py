@@ -30,13 +30,24 @@ MODE_DEPENDENT = (
 )
 
 
+def _mode_dependent(m: nn.Module) -> bool:
+    if not m.training:
+        return False
+    if isinstance(m, MODE_DEPENDENT):
+        return not hasattr(m, "p") or m.p > 0
+    if isinstance(m, nn.MultiheadAttention):  # dropout on the attention weights: a float, not a submodule
+        return m.dropout > 0
+    if isinstance(m, nn.RNNBase):  # dropout between stacked layers
+        return m.dropout > 0 and m.num_layers > 1
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):  # running statistics in eval only
+        return m.track_running_stats
+    return False
+
+
 def mode_dependent_modules(model: nn.Module) -> list[str]:
-    """Names of active modules whose training-mode forward differs from eval (dropout p > 0, BatchNorm)."""
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, MODE_DEPENDENT) and m.training and (not hasattr(m, "p") or m.p > 0):
-            found.append(name or type(m).__name__)
-    return found
+    """Names of active modules whose training-mode forward differs from eval: dropout p > 0 (Dropout modules,
+    ``nn.MultiheadAttention``'s and stacked RNNs' own), BatchNorm, InstanceNorm with running statistics."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if _mode_dependent(m)]
 
 __all__ = ["Probe", "StepCapture", "ConsistencyError", "gradient_norm_autograd", "mode_dependent_modules"]
 
@@ -213,7 +224,8 @@ class Probe:
         if active:
             raise ValueError(
                 f"capture: expected a model whose train-mode forward equals its eval forward, got active "
-                f"dropout/BatchNorm modules {active[:5]}. Call probe.measure(x, y) instead (it runs eval semantics)."
+                f"dropout/BatchNorm modules {active[:5]} (attention or RNN dropout, InstanceNorm with running statistics "
+                f"count too). Call probe.measure(x, y) instead (it runs eval semantics), or capture in eval mode."
             )
         return StepCapture(self)
 
