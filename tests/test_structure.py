@@ -1,5 +1,7 @@
 """Every engine method against the float64 oracle, on every model family and the unusual models."""
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -446,3 +448,14 @@ def test_finite_inputs_whose_sum_overflows_are_accepted():
     assert torch.equal(prepare_inputs(model, x), x)
     with pytest.raises(ValueError, match=r"got NaN or inf in samples \[0\]"):
         prepare_inputs(model, torch.tensor([[float("inf"), 0.0], [1.0, 2.0]]))
+
+
+def test_gram_says_once_which_parameters_go_through_the_generic_path_and_why(caplog):
+    model, x = unusual_models()["tied_weights"]
+    with caplog.at_level(logging.INFO, logger="optmech.structure"):
+        structural_matrix(model, x, method="gram")
+        structural_matrix(model, x, method="gram")
+    said = [r.getMessage() for r in caplog.records if "generic torch.func path" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "enc.weight, enc.bias (it is used outside its layer too)" in said[0]
+    assert "shared.weight" in said[0] and "did not run exactly once" in said[0]

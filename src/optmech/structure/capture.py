@@ -11,6 +11,7 @@ adds the generic path's share for the rest.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -31,6 +32,8 @@ from .sinks import _sink
 
 __all__ = ["ForwardCapture"]
 
+log = logging.getLogger("optmech.structure")
+
 #: contract Conv2d → [ReLU] → MaxPool2d chains at the pool's output (:mod:`.pooled`); tests switch it off
 _FOLD_POOLS = True
 
@@ -46,6 +49,27 @@ def _tappable_conv(module: nn.Module) -> bool:
 #: so the layer's own z stays intact for the backward passes. Learned on the first call, which is
 #: still exact (that layer goes through the generic path once).
 _COPY_OUTPUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+#: per model, the sets of (parameter, reason) already logged by :func:`_log_generic`
+_LOGGED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _log_generic(model: nn.Module, reasons: dict[str, str]) -> None:
+    """Log at INFO, once per model and set of reasons, the parameters that go to the generic path and why."""
+    if not reasons:
+        return
+    key = frozenset(reasons.items())
+    seen = _LOGGED.setdefault(model, set())
+    if key in seen:
+        return
+    seen.add(key)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    listed = "; ".join(f"{', '.join(names[:6])}{' …' if len(names) > 6 else ''} ({reason})" for reason, names in by_reason.items())
+    log.info("gram: %d parameter tensors of %s go through the generic torch.func path (exact, slower): %s",
+             len(reasons), type(model).__name__, listed)
 
 
 class ForwardCapture:
@@ -174,6 +198,13 @@ class ForwardCapture:
             by_name = dict(self.named_params)
             graph = _graph_uses(out)
             fast, slow_names = [], list(self.rest)
+            reasons = {name: "no fast rule for its module, or its layer is tied or partly frozen" for name in self.rest}
+
+            def generic(plan: LayerPlan, reason: str) -> None:
+                plan.strategy = "func"
+                slow_names.extend(plan.params)
+                reasons.update((name, reason) for name in plan.params)
+
             sample_dim: dict[int, int | list[int] | None] = {}  # id(plan) -> the dimension of z holding the samples
             for plan in self._layer_plans():
                 calls = self.captured[id(plan.module)]
@@ -187,10 +218,14 @@ class ForwardCapture:
                 if intact and all(u == 1 for u in uses) and candidates:
                     fast.append(plan)
                     sample_dim[id(plan)] = 0 if candidates == [0] else candidates
-                else:  # reused module, weight used elsewhere, output modified in place, off the graph, or no
-                    # dimension of z can hold the samples: generic path
-                    plan.strategy = "func"
-                    slow_names.extend(plan.params)
+                elif not single:  # a module called twice, not at all, off the graph; an attention call not covered
+                    generic(plan, "its layer did not run exactly once: unused, reused, or an attention call not covered")
+                elif overwritten:
+                    generic(plan, "its layer's output was modified in place (fast from the next call on)")
+                elif not all(u == 1 for u in uses):
+                    generic(plan, "it is used outside its layer too")
+                else:
+                    generic(plan, "no dimension of its layer's output has the batch's size")
             # layers whose samples may lie along another dimension than the first (.samples): one backward tells
             unsure = [p for p in fast if sample_dim[id(p)] != 0]
             if unsure:
@@ -199,8 +234,8 @@ class ForwardCapture:
                     sample_dim[id(plan)] = dim
                     if dim is None:
                         fast.remove(plan)
-                        plan.strategy = "func"
-                        slow_names.extend(plan.params)
+                        generic(plan, "which dimension of its layer's output holds the samples could not be told")
+            _log_generic(self.model, reasons)
             if not fast:
                 return [], slow_names
             zs, sinks = [], []
