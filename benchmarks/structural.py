@@ -67,7 +67,7 @@ from optmech.structure.patches import layer_patches, out_features, release_works
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
-EXTRA_MODELS = ["sep", "tfm"]  # timed on request (--models sep tfm), not by default
+EXTRA_MODELS = ["sep", "tfm", "vit"]  # timed on request (--models sep tfm vit), not by default
 
 
 def separable_cnn() -> torch.nn.Module:
@@ -106,9 +106,33 @@ class RowTransformer(torch.nn.Module):
         return self.head(self.encoder(self.embed(x.flatten(1, 2)) + self.position).mean(1))
 
 
+class SmallViT(torch.nn.Module):
+    """A small vision transformer (not one of the paper's models; parameters used directly): 4×4 patches by a
+    strided Conv2d(1→64), a class token (expanded and concatenated), a learned positional embedding (added),
+    two ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, pre-norm, batch-first, no dropout), a final
+    LayerNorm, the class token's row to Linear(64→10)."""
+
+    def __init__(self, dim: int = 64, patch: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(1, dim, patch, stride=patch)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = torch.nn.Parameter(torch.randn(1, (28 // patch) ** 2 + 1, dim) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, N_CLASSES)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat((self.cls.expand(h.shape[0], -1, -1), h), dim=1) + self.pos
+        return self.head(self.norm(self.encoder(h))[:, 0])
+
+
 def make_model(name: str) -> torch.nn.Module:
     if name == "sep":
         return separable_cnn()
+    if name == "vit":
+        return SmallViT()
     if name == "tfm":
         return RowTransformer()
     if name.startswith("mlp"):

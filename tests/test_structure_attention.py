@@ -61,20 +61,6 @@ def tokens(n: int, L: int, seed: int = 0) -> torch.Tensor:
     return t
 
 
-@pytest.fixture
-def generic(monkeypatch):
-    """The parameter names of every generic-path call."""
-    calls: list[list[str]] = []
-    original = capture.structural_matrix_jacobian
-
-    def spy(model, x, named, **kw):
-        calls.append([name for name, _ in named])
-        return original(model, x, named, **kw)
-
-    monkeypatch.setattr(capture, "structural_matrix_jacobian", spy)
-    return calls
-
-
 CASES = {
     "batch-first": lambda: (Encoder(batch_first=True), tokens(5, 6)),
     "sequence-first": lambda: (Encoder(batch_first=False), tokens(5, 6)),

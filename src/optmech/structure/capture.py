@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch import nn
 
-from ._context import add_group
+from ._context import add_group, layer_of
 from .attention import attention_plans, recompute
 from .contract import contraction_costs
 from .jacobian import structural_matrix_jacobian
@@ -26,6 +26,7 @@ from .passes import _one_pass, _stream_logit_jacobians
 from .patches import layer_dims
 from .plan import GraphUses, LayerPlan, _graph_uses, plan_layers
 from .pooled import PooledConvGram, pooled_cost, pooled_output
+from .raw import RawParameterGram, RawUse, RawUses
 from .relu_tap import ReluTap, tapped_relu
 from .samples import SamplesMoved, candidate_dims, sample_dims
 from .sinks import _sink
@@ -94,6 +95,10 @@ class ForwardCapture:
         self.attention = attention_plans(model, named_params, set(self.rest)) if attention else []
         taken = {name for a in self.attention for p in (a.in_proj, a.out_proj) for name in p.params}
         self.rest = [name for name in self.rest if name not in taken]
+        # the parameters left: watched during the forward for direct uses the fast path knows (.raw)
+        left = set(self.rest)
+        self._raw_params = {id(p): name for name, p in named_params if name in left}
+        self._raw: RawUses | None = None
         # hand the model its Conv2d outputs in channels-last (see _to_channels_last)
         self.channels_last = channels_last and any(type(p.module) is nn.Conv2d for p in self.plans)
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
@@ -111,6 +116,7 @@ class ForwardCapture:
         self.captured = {id(p.module): [] for p in self._layer_plans()}
         self.pools = []
         self.taps, self._z_nodes = {}, {}
+        self._raw = RawUses(self._raw_params) if self._raw_params else None
 
         def hook(module, args, output):
             replaced = None
@@ -167,6 +173,8 @@ class ForwardCapture:
         self._handles += [m.register_forward_hook(relu_hook) for m in self._relu_modules]
         by_module = {id(a.module): a for a in self.attention}
         self._handles += [a.module.register_forward_hook(attention_hook, with_kwargs=True) for a in self.attention]
+        if self._raw is not None:
+            self._raw.__enter__()
         return self
 
     def _layer_plans(self) -> list[LayerPlan]:
@@ -174,6 +182,8 @@ class ForwardCapture:
         return self.plans + [p for a in self.attention for p in (a.in_proj, a.out_proj)]
 
     def __exit__(self, *exc) -> None:
+        if self._raw is not None:
+            self._raw.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -235,8 +245,10 @@ class ForwardCapture:
                     if dim is None:
                         fast.remove(plan)
                         generic(plan, "which dimension of its layer's output holds the samples could not be told")
+            raw = self._raw_uses(out, graph, by_name, reasons)  # parameters used directly (.raw)
+            slow_names = [name for name in slow_names if name not in raw]
             _log_generic(self.model, reasons)
-            if not fast:
+            if not fast and not raw:
                 return [], slow_names
             zs, sinks = [], []
             for plan in fast:
@@ -262,12 +274,39 @@ class ForwardCapture:
                     if tap is not None and getattr(sink, "tapped", False):
                         tap.slot = sink.slot
                     sinks.append(sink)
+            names = [plan.name for plan in fast]
+            for name, use in raw.items():
+                zs.append(use.out)
+                sinks.append(RawParameterGram(by_name[name], use, n_classes))
+                names.append(layer_of(name))  # grouped as the generic path groups it
             _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
-            return [(plan.name, sink.result()) for plan, sink in zip(fast, sinks)], slow_names
+            return [(name, sink.result()) for name, sink in zip(names, sinks)], slow_names
         finally:
             self.captured = {id(p.module): [] for p in self._layer_plans()}
             self.pools = []
             self.taps, self._z_nodes = {}, {}
+
+    def _raw_uses(self, out: torch.Tensor, graph: GraphUses, by_name: dict, reasons: dict[str, str]) -> dict[str, RawUse]:
+        """The parameters used directly whose one recorded use (.raw) the fast path takes, by name; the
+        reasons of those refused are updated (the others keep "no fast rule")."""
+        taken: dict[str, RawUse] = {}
+        if self._raw is None:
+            return taken
+        n = out.shape[0]
+        for name, uses in self._raw.uses.items():
+            use = uses[0]
+            if len(uses) != 1 or name in self._raw.unknown or graph.leaves.get(id(by_name[name]), 0) != 1:
+                reasons[name] = "used directly in more than one place, or in a way the fast path does not follow"
+            elif use.kind == "cat" and graph.consumers.get(id(use.expanded.grad_fn), 0) != 1:
+                reasons[name] = "its expanded copy is used elsewhere too"
+            elif not (use.intact() and use.out.requires_grad):
+                reasons[name] = "the result of its use was modified in place"
+            elif use.sample_dims(by_name[name], n) != [0]:
+                reasons[name] = "the samples' dimension of the result of its use is not the first alone"
+            else:
+                taken[name] = use
+                reasons.pop(name, None)
+        return taken
 
     def add_parts(
         self, parts: list, slow_names: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,

@@ -10,6 +10,8 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - Embedding (token ids):           A[c, c'] += Σ_{t,t'} [tok_t = tok_t'](b_{c,t}·b_{c',t'})
 - MultiheadAttention (self-attention): its in- and out-projection as two Linear layers over positions,
   their inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
+- a parameter P used directly, broadcast over the samples (out = h + P, h ⊙ P, or cat(…, P.expand(n, …), …)):
+                                   A[c, c'] += ⟨g_c, g_c'⟩, g_c = Σ_broadcast b_c [⊙ h] (:mod:`.raw`)
 - BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
 
@@ -39,7 +41,7 @@ dimension than the first (a sequence-first model): that dimension is found, or t
 the generic path (:mod:`.samples`). Never an inexact answer.
 
 Where each part lives: which layers are fast and what the graph says about them, :mod:`.plan`; the
-forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention` and
+forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention`, :mod:`.raw` and
 :mod:`.samples`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
 :mod:`.relu_tap`, the contractions in :mod:`.contract` and the patches in :mod:`.patches`); the
 backward passes, :mod:`.passes`. This module is the entry point.

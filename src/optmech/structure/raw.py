@@ -1,0 +1,156 @@
+"""Parameters the forward uses directly, not through a layer: a positional embedding added to the
+activations, a layer scale multiplying them, a class token expanded over the batch and concatenated.
+
+For a parameter P (shape broadcast against the batch's activations h, of size 1 or absent along
+the samples' dimension) the per-sample gradient of f_c is a sum of b_c = ∂f_c/∂out over the
+dimensions along which P is broadcast, out being the op's result (DESIGN §3, like a bias):
+
+- out = h + P:                               g_c = Σ_broadcast b_c
+- out = h ⊙ P:                               g_c = Σ_broadcast b_c ⊙ h
+- out = cat(…, P.expand(n, …), …) along d:   g_c = Σ_broadcast (b_c restricted to P's slice along d)
+
+and A[c, c'] += ⟨g_c, g_c'⟩ per sample. Such ops leave no module to hook, so while ``gram``'s
+forward runs, a ``TorchFunctionMode`` (:class:`RawUses`) watches the torch calls whose operands
+include one of the parameters the layers did not claim and records these three patterns with
+their result. A parameter is then contracted this way when it has exactly one recorded use, the
+logits' graph consumes it exactly once (no other use went unseen), and the result's first
+dimension is the only one that can hold the samples (of the batch's size, the parameter broadcast
+along it); otherwise it goes to the generic path, as before. The mode only observes: every call runs as the model makes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ._class_sink import ClassSink
+
+__all__ = ["RawUse", "RawUses", "RawParameterGram"]
+
+_ADD = {"add", "__add__", "__radd__"}
+_MUL = {"mul", "__mul__", "__rmul__"}
+_CAT = {"cat", "concat", "concatenate"}
+
+
+@dataclasses.dataclass
+class RawUse:
+    """One recorded use of a parameter: ``kind`` add / mul / cat, its result ``out``, the other operand
+    (mul) or the slice (dim, start, length) of out that holds the expanded parameter (cat), the expanded
+    tensor (cat), and the version counters of out and the other operand when recorded."""
+
+    kind: str
+    out: torch.Tensor
+    other: torch.Tensor | None = None
+    piece: tuple[int, int, int] | None = None
+    expanded: torch.Tensor | None = None
+    versions: tuple[int, int] = (0, 0)
+
+    def intact(self) -> bool:
+        """Neither the result nor the saved operand was modified in place after the op."""
+        return (self.out._version, self.other._version if self.other is not None else 0) == self.versions
+
+    def shape(self) -> torch.Size:
+        """The shape of the part of the result the parameter reaches: all of it, or its slice (cat)."""
+        return self.out.shape if self.kind != "cat" else self.out.narrow(self.piece[0], 0, self.piece[2]).shape
+
+    def sample_dims(self, param: torch.Tensor, n: int) -> list[int]:
+        """The dimensions that may hold the n samples: of size n, and the parameter broadcast along them."""
+        shape = self.shape()
+        aligned = (1,) * (len(shape) - param.dim()) + tuple(param.shape)
+        return [d for d in range(len(shape)) if shape[d] == n and aligned[d] == 1]
+
+
+def _broadcast_over_batch(p: torch.Tensor, shape: torch.Size) -> bool:
+    """p broadcasts to ``shape`` (the result's) without being of the batch's extent along its first dimension."""
+    if p.dim() > len(shape):
+        return False
+    try:
+        if torch.broadcast_shapes(p.shape, shape) != shape:
+            return False
+    except RuntimeError:
+        return False
+    return p.dim() < len(shape) or p.shape[0] == 1
+
+
+class RawUses(TorchFunctionMode):
+    """Records, during one forward, the add / mul / expand-and-cat uses of the given parameters (by id)."""
+
+    def __init__(self, params: dict[int, str]) -> None:
+        super().__init__()
+        self.params = params
+        self.uses: dict[str, list[RawUse]] = {}
+        self.unknown: set[str] = set()  # parameters seen in a call that is none of the patterns
+        self._expanded: dict[int, tuple[str, torch.Tensor]] = {}  # id(P.expand(...)) -> (name, the expanded tensor)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if torch.is_grad_enabled():
+            self._record(getattr(func, "__name__", ""), args, kwargs, out)
+        return out
+
+    def _record(self, name: str, args: tuple, kwargs: dict, out) -> None:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        mine = [a for a in tensors if id(a) in self.params]
+        if name in _CAT:
+            seq = args[0] if args else kwargs.get("tensors", ())
+            self._record_cat(seq, args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
+            return
+        if not mine:
+            return
+        param = self.params[id(mine[0])]
+        if name == "expand" and len(mine) == 1 and args[0] is mine[0] and isinstance(out, torch.Tensor):
+            self._expanded[id(out)] = (param, out)
+            return
+        plain = len(tensors) == 2 and len(mine) == 1 and not kwargs.get("alpha", 1) != 1 and len(args) == 2
+        if plain and isinstance(out, torch.Tensor) and (name in _ADD or name in _MUL):
+            h = tensors[1] if tensors[0] is mine[0] else tensors[0]
+            if h.shape == out.shape and _broadcast_over_batch(mine[0], out.shape):
+                other = h.detach() if name in _MUL else None
+                versions = (out._version, other._version if other is not None else 0)
+                self.uses.setdefault(param, []).append(RawUse("add" if name in _ADD else "mul", out, other, versions=versions))
+                return
+        self.unknown.update(self.params[id(t)] for t in mine)
+
+    def _record_cat(self, seq, dim, out) -> None:
+        if not isinstance(out, torch.Tensor) or not isinstance(dim, int):
+            return
+        dim = dim % out.dim()
+        start = 0
+        for t in seq:
+            hit = self._expanded.get(id(t))
+            if hit is not None and hit[1] is t and dim != 0:
+                use = RawUse("cat", out, piece=(dim, start, t.shape[dim]), expanded=t, versions=(out._version, 0))
+                self.uses.setdefault(hit[0], []).append(use)
+            start += t.shape[dim]
+
+
+class RawParameterGram(ClassSink):
+    """One directly used parameter's share of A_x: the per-sample gradients g_c (n, |P|) of the module
+    docstring, class by class, then A = ⟨g_c, g_c'⟩ per sample."""
+
+    strategy = "raw"
+
+    def __init__(self, param: torch.Tensor, use: RawUse, n_classes: int) -> None:
+        self.use, self.n_classes, self.count = use, n_classes, 0
+        out, shape = use.out, use.shape()
+        aligned = (1,) * (len(shape) - param.dim()) + tuple(param.shape)  # P's shape, padded on the left
+        self.reduce = tuple(d for d in range(1, len(shape)) if aligned[d] == 1 and shape[d] != 1)
+        self.buffer = torch.empty(n_classes, shape[0], param.numel(), dtype=out.dtype, device=out.device)
+
+    def add(self, b: torch.Tensor) -> None:
+        if self.use.kind == "mul":
+            b = b * self.use.other
+        elif self.use.kind == "cat":
+            dim, start, length = self.use.piece
+            b = b.narrow(dim, start, length)
+        g = b.sum(self.reduce, keepdim=True) if self.reduce else b
+        self.buffer[self.count] = g.reshape(g.shape[0], -1)
+        self.count += 1
+
+    def result(self) -> torch.Tensor:
+        assert self.count == self.n_classes, "every class must be added once"
+        G = self.buffer.transpose(0, 1)  # (n, C, |P|)
+        return G @ G.transpose(1, 2)

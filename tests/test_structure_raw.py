@@ -1,0 +1,176 @@
+"""Parameters the forward uses directly (structure/raw.py): a class token expanded and concatenated, a
+positional embedding added, a layer scale or temperature multiplied. Exact against the float64 oracle;
+on the fast path when their one use is one of those patterns, on the generic path (still exact) when not."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import RTOL, rel_err
+from oracles import structural_oracle
+from optmech import structural_matrix
+from optmech.structure import capture
+
+
+class TinyViT(nn.Module):
+    """Patch convolution, a class token (expand + cat), a positional embedding (add), an encoder layer with
+    ``nn.MultiheadAttention``, a layer scale (mul), LayerNorm, the class token's row to a Linear head."""
+
+    def __init__(self, dim: int = 8, patch: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        tokens = (8 // patch) ** 2 + 1
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.5)
+        self.block = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat((self.cls.expand(h.shape[0], -1, -1), h), dim=1)
+        h = h + self.pos
+        h = self.block(h) * self.scale
+        return self.head(self.norm(h)[:, 0])
+
+
+class Temperature(nn.Module):
+    """Logits divided by a learned temperature written as a product with a scalar parameter, applied last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.t = nn.Linear(4, 3), nn.Parameter(torch.tensor(1.3))
+
+    def forward(self, x):
+        return self.fc(x) * self.t
+
+
+@pytest.mark.parametrize("case", ["vit", "temperature"])
+def test_direct_uses_are_exact_and_take_no_generic_path(case, generic):
+    torch.manual_seed(0)
+    if case == "vit":
+        model, x = TinyViT(), torch.randn(8, 1, 8, 8)  # 8 samples, 5 tokens, 8 features
+    else:
+        model, x = Temperature(), torch.randn(6, 4)
+    model, x = model.double().eval(), x.double()
+    A_ref = structural_oracle(model, x)[0]
+    _, groups_ref = structural_matrix(model, x, method="loop", per_layer=True)
+    for _ in range(2):
+        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        assert rel_err(A, A_ref) < RTOL[torch.float64]
+    assert generic == []
+    for name, part in groups.items():  # the direct parameters are grouped under "(root)", as the generic path groups them
+        assert rel_err(part, groups_ref[name]) < RTOL[torch.float64], name
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.tanh(torch.tanh(self.fc(x) + self.p) + self.p)
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        h = self.fc(x) + self.p
+        h.mul_(2.0)  # the add's result is changed after the add
+        return torch.tanh(h)
+
+
+class ExpandedTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.cls = nn.Linear(4, 4), nn.Parameter(torch.randn(1, 1, 4))
+
+    def forward(self, x):  # (n, L, 4)
+        e = self.cls.expand(x.shape[0], -1, -1)
+        h = torch.cat((e, torch.tanh(self.fc(x))), dim=1)
+        return (h.mean(1) + e[:, 0]).tanh()
+
+
+class _Square(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(p):
+        return p * p
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return 2 * p * g
+
+
+class UnseenUse(nn.Module):
+    """A use the torch-function mode cannot see (a custom autograd Function) besides an add it can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x) + self.p) * _Square.apply(self.p).sum()
+
+
+class Subtracted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x) - self.p)
+
+
+class ScaledAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.tanh(torch.add(self.fc(x), self.p, alpha=2.0))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (Twice, (5, 4)), (InPlaceAfter, (5, 4)), (ExpandedTwice, (5, 3, 4)), (UnseenUse, (5, 4)), (Subtracted, (5, 4)),
+    (ScaledAdd, (5, 4)),
+])
+def test_uses_the_fast_path_does_not_follow_go_to_the_generic_path(make, shape, generic):
+    torch.manual_seed(1)
+    model = make().double().eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for _ in range(2):
+        A = structural_matrix(model, x, method="gram")
+        assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    direct = "cls" if make is ExpandedTwice else "p"
+    assert generic and all(direct in names for names in generic)
+
+
+def test_the_watch_only_runs_when_parameters_are_left(monkeypatch):
+    """Models whose parameters all sit in fast layers run their forward without the torch-function mode."""
+    entered = []
+    original = capture.RawUses.__enter__
+    monkeypatch.setattr(capture.RawUses, "__enter__", lambda self: (entered.append(1), original(self))[1])
+    structural_matrix(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4), method="gram")
+    assert entered == []
+    structural_matrix(Temperature(), torch.randn(2, 4), method="gram")
+    assert entered == [1]
+
+
+def test_as_many_tokens_as_samples_leaves_only_the_ambiguous_direct_parameter_to_the_generic_path(generic):
+    """5 samples and 5 tokens: the layer scale (broadcast over samples and tokens) cannot tell them apart and
+    goes generic; the positional embedding and the class token vary along the tokens, so the samples are first."""
+    torch.manual_seed(0)
+    model, x = TinyViT().double().eval(), torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    A = structural_matrix(model, x, method="gram")
+    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert len(generic) == 1 and "scale" in generic[0] and not {"cls", "pos"} & set(generic[0])
