@@ -82,12 +82,14 @@ class ForwardCapture:
     model its Conv2d outputs in channels-last (:func:`.layout._to_channels_last`) and record those copies as z.
     With ``attention`` a covered ``nn.MultiheadAttention`` call is recomputed in steps whose projections are
     recorded like Linear layers, and that output is handed on (:mod:`.attention`). ``channels_last``,
-    ``relu_taps`` and ``attention`` change the graph the model builds: the standalone call only.
+    ``relu_taps`` and ``attention`` change the graph the model builds: the standalone call only. With
+    ``direct`` a torch-function mode watches the forward for parameters used directly (:mod:`.raw`); it
+    changes nothing, but it sees every torch call of the forward: the standalone call only as well.
     """
 
     def __init__(
         self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False, relu_taps: bool = False,
-        attention: bool = False,
+        attention: bool = False, direct: bool = False,
     ) -> None:
         self.model, self.named_params = model, named_params
         self.plans, self.rest = plan_layers(model, named_params)
@@ -96,7 +98,7 @@ class ForwardCapture:
         taken = {name for a in self.attention for p in (a.in_proj, a.out_proj) for name in p.params}
         self.rest = [name for name in self.rest if name not in taken]
         # the parameters left: watched during the forward for direct uses the fast path knows (.raw)
-        left = set(self.rest)
+        left = set(self.rest) if direct else set()
         self._raw_params = {id(p): name for name, p in named_params if name in left}
         self._raw: RawUses | None = None
         # hand the model its Conv2d outputs in channels-last (see _to_channels_last)

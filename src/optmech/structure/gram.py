@@ -73,6 +73,9 @@ _RELU_TAPS = True
 #: the standalone ``gram`` call recomputes covered ``nn.MultiheadAttention`` calls so that their projections are fast (:mod:`.attention`)
 _ATTENTION = True
 
+#: the standalone ``gram`` call watches its forward for parameters used directly (:mod:`.raw`)
+_DIRECT = True
+
 #: models whose forward failed on channels-last convolution outputs (a ``.view`` of one, say): the
 #: standalone call retried them in their own layout and keeps doing so
 _NO_CHANNELS_LAST: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -109,7 +112,7 @@ def structural_matrix_gram(
     cpu = inputs.device.type == "cpu"
     capture = ForwardCapture(
         model, named_params, channels_last=_CHANNELS_LAST and model not in _NO_CHANNELS_LAST, relu_taps=_RELU_TAPS and cpu,
-        attention=_ATTENTION,
+        attention=_ATTENTION, direct=_DIRECT,
     )
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]

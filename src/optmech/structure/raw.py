@@ -9,8 +9,9 @@ dimensions along which P is broadcast, out being the op's result (DESIGN §3, li
 - out = h ⊙ P:                               g_c = Σ_broadcast b_c ⊙ h
 - out = cat(…, P.expand(n, …), …) along d:   g_c = Σ_broadcast (b_c restricted to P's slice along d)
 
-and A[c, c'] += ⟨g_c, g_c'⟩ per sample. Such ops leave no module to hook, so while ``gram``'s
-forward runs, a ``TorchFunctionMode`` (:class:`RawUses`) watches the torch calls whose operands
+and A[c, c'] += ⟨g_c, g_c'⟩ per sample. Such ops leave no module to hook, so while the standalone
+``gram`` call's forward runs (not the probe's training-step capture: the user's own training
+forward is not watched), a ``TorchFunctionMode`` (:class:`RawUses`) watches the torch calls whose operands
 include one of the parameters the layers did not claim and records these three patterns with
 their result. A parameter is then contracted this way when it has exactly one recorded use, the
 logits' graph consumes it exactly once (no other use went unseen), and the result's first
