@@ -29,6 +29,7 @@ class TinyViT(nn.Module):
     def forward(self, x):
         h = self.patch(x).flatten(2).transpose(1, 2)
         h = torch.cat((self.cls.expand(h.shape[0], -1, -1), h), dim=1)
+        assert self.pos.shape[1] == h.shape[1] and self.pos.dim() == 3  # metadata reads are not uses
         h = h + self.pos
         h = self.block(h) * self.scale
         return self.head(self.norm(h)[:, 0])

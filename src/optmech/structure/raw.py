@@ -33,6 +33,8 @@ __all__ = ["RawUse", "RawUses", "RawParameterGram"]
 _ADD = {"add", "__add__", "__radd__"}
 _MUL = {"mul", "__mul__", "__rmul__"}
 _CAT = {"cat", "concat", "concatenate"}
+#: calls that only read metadata (shape, size, dtype, device, … and attribute reads): not a use
+_METADATA = {"__get__", "size", "dim", "numel", "__len__", "stride", "is_contiguous", "element_size", "nelement", "ndimension"}
 
 
 @dataclasses.dataclass
@@ -99,13 +101,14 @@ class RawUses(TorchFunctionMode):
             seq = args[0] if args else kwargs.get("tensors", ())
             self._record_cat(seq, args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
             return
-        if not mine:
+        if not mine or name in _METADATA:
             return
         param = self.params[id(mine[0])]
         if name == "expand" and len(mine) == 1 and args[0] is mine[0] and isinstance(out, torch.Tensor):
             self._expanded[id(out)] = (param, out)
             return
-        plain = len(tensors) == 2 and len(mine) == 1 and not kwargs.get("alpha", 1) != 1 and len(args) == 2
+        # two tensor operands, one of them the parameter; no out= (nor an alpha other than 1)
+        plain = len(args) == 2 and len(tensors) == 2 and len(mine) == 1 and set(kwargs) <= {"alpha"} and kwargs.get("alpha", 1) == 1
         if plain and isinstance(out, torch.Tensor) and (name in _ADD or name in _MUL):
             h = tensors[1] if tensors[0] is mine[0] else tensors[0]
             if h.shape == out.shape and _broadcast_over_batch(mine[0], out.shape):
