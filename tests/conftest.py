@@ -21,3 +21,19 @@ def generic(monkeypatch):
 
     monkeypatch.setattr(capture, "structural_matrix_jacobian", spy)
     return calls
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """The ``batched`` argument (one vmapped pass for all classes, or C passes) of every backward-streaming call, in order."""
+    from optmech.structure import capture
+
+    seen: list[bool] = []
+    inner = capture._stream_logit_jacobians
+
+    def spy(out, zs, n_classes, sinks, batched, keep_graph=False):
+        seen.append(batched)
+        return inner(out, zs, n_classes, sinks, batched, keep_graph)
+
+    monkeypatch.setattr(capture, "_stream_logit_jacobians", spy)
+    return seen

@@ -72,22 +72,17 @@ def test_grouped_convolutions_match_the_oracle_in_both_forms(case, strategy, mon
         assert rel_err(part, ref_parts[name]) < RTOL[torch.float64], name
 
 
-def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeypatch):
+def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeypatch, passes):
     """Every grouped conv gets the grouped sink (not the pool fold, a ReLU tap or the generic path), whichever pass form."""
-    seen, passes = [], []  # (layer name, its sink) of every _sink call; the batched flag of every pass
-    make_sink, stream = forward_capture._sink, forward_capture._stream_logit_jacobians
+    seen = []  # (layer name, its sink) of every _sink call
+    make_sink = forward_capture._sink
 
     def sink_spy(plan, a, n_classes, tap_z=None):
         sink = make_sink(plan, a, n_classes, tap_z)
         seen.append((plan.name, sink))
         return sink
 
-    def stream_spy(out, zs, n_classes, sinks, batched, keep_graph=False):
-        passes.append(batched)
-        return stream(out, zs, n_classes, sinks, batched, keep_graph)
-
     monkeypatch.setattr(forward_capture, "_sink", sink_spy)
-    monkeypatch.setattr(forward_capture, "_stream_logit_jacobians", stream_spy)
     for case, one_pass in (("separable", False), ("grouped_first", True), ("grouped_pooled", True)):
         seen.clear(), passes.clear()
         model, x = CASES[case]()

@@ -15,21 +15,7 @@ from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err, un
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import capture, passes as backward_passes, plan as graph_facts, sinks
-
-
-@pytest.fixture
-def passes(monkeypatch):
-    """The ``batched`` argument of every ``_stream_logit_jacobians`` call, in order."""
-    seen: list[bool] = []
-    inner = capture._stream_logit_jacobians
-
-    def spy(out, zs, n_classes, sinks, batched, keep_graph=False):
-        seen.append(batched)
-        return inner(out, zs, n_classes, sinks, batched, keep_graph)
-
-    monkeypatch.setattr(capture, "_stream_logit_jacobians", spy)
-    return seen
+from optmech.structure import passes as backward_passes, plan as graph_facts, sinks
 
 
 def _conv_tanh(channels=3):
