@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["contraction_costs", "materialised_gram", "ghost_gram"]
+__all__ = ["contraction_costs", "materialised_gram", "ghost_gram", "class_major_gram"]
 
 
 def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
@@ -44,3 +44,10 @@ def ghost_gram(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     n, C, d, S = b.shape
     mixed = (b.reshape(n, C * d, S) @ gamma).reshape(n, C, d * S)
     return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+
+
+def class_major_gram(G: torch.Tensor) -> torch.Tensor:
+    """A[c, c'] = ⟨G_c, G_c'⟩ per sample for per-class gradients held class-major, G of shape (C, n, …): (n, C, C)."""
+    C, n = G.shape[:2]
+    F_ = G.reshape(C, n, -1).transpose(0, 1)  # (n, C, features)
+    return F_ @ F_.transpose(1, 2)

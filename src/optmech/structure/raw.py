@@ -27,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._class_sink import ClassSink
+from .contract import class_major_gram
 
 __all__ = ["RawUse", "RawUses", "RawParameterGram"]
 
@@ -156,5 +157,4 @@ class RawParameterGram(ClassSink):
 
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        G = self.buffer.transpose(0, 1)  # (n, C, |P|)
-        return G @ G.transpose(1, 2)
+        return class_major_gram(self.buffer)  # (C, n, |P|)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._class_sink import ClassSink
-from .contract import contraction_costs, ghost_gram, materialised_gram
+from .contract import class_major_gram, contraction_costs, ghost_gram, materialised_gram
 from .grouped import GroupedConvGram
 from .layout import _is_channels_last
 from .patches import SHARED, layer_dims, layer_patches, out_features, workspace
@@ -127,9 +127,7 @@ class _LayerGram(ClassSink):
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
         if self.immediate:
-            C, n = self.buffer.shape[:2]
-            F_ = self.buffer.permute(1, 0, 2, 3).reshape(n, C, -1)  # (n, C, (K+1)·d_out)
-            return F_ @ F_.transpose(1, 2)
+            return class_major_gram(self.buffer)  # (C, n, K+1, d_out)
         a = self.a if self.a is not None else layer_patches(self.module, self.input, self.ones_row, owner=SHARED)
         if self.tapped:
             return self._tapped_result(a)
@@ -217,8 +215,7 @@ class _NormGram(ClassSink):
 
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        F_ = self.buffer.transpose(0, 1)  # (n, C, |γ| + |β|)
-        return F_ @ F_.transpose(1, 2)
+        return class_major_gram(self.buffer)  # (C, n, |γ| + |β|)
 
 
 class _EmbeddingGram(ClassSink):
