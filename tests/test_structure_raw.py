@@ -46,11 +46,26 @@ class Temperature(nn.Module):
         return self.fc(x) * self.t
 
 
-@pytest.mark.parametrize("case", ["vit", "temperature"])
+class SequenceFirstPositions(nn.Module):
+    """A positional embedding (L, 1, E) added to sequence-first activations (L, n, E): the samples lie along
+    the second dimension of the add's result (found by the backward check, as for sequence-first layers)."""
+
+    def __init__(self, L: int) -> None:
+        super().__init__()
+        self.fc, self.pos, self.head = nn.Linear(3, 4), nn.Parameter(torch.randn(L, 1, 4)), nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, L, 3)
+        return self.head(torch.tanh(self.fc(x.transpose(0, 1)) + self.pos).mean(0))
+
+
+@pytest.mark.parametrize("case", ["vit", "temperature", "sequence-first, L ≠ n", "sequence-first, L = n"])
 def test_direct_uses_are_exact_and_take_no_generic_path(case, generic):
     torch.manual_seed(0)
     if case == "vit":
         model, x = TinyViT(), torch.randn(8, 1, 8, 8)  # 8 samples, 5 tokens, 8 features
+    elif case.startswith("sequence-first"):
+        L = 5 if case.endswith("L = n") else 3
+        model, x = SequenceFirstPositions(L), torch.randn(5, L, 3)
     else:
         model, x = Temperature(), torch.randn(6, 4)
     model, x = model.double().eval(), x.double()

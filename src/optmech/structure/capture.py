@@ -26,7 +26,7 @@ from .passes import _one_pass, _stream_logit_jacobians
 from .patches import layer_dims
 from .plan import GraphUses, LayerPlan, _graph_uses, plan_layers
 from .pooled import PooledConvGram, pooled_cost, pooled_output
-from .raw import RawParameterGram, RawUse, RawUses
+from .raw import RawParameterGram, RawUses
 from .relu_tap import ReluTap, tapped_relu
 from .samples import SamplesMoved, candidate_dims, sample_dims
 from .sinks import _sink
@@ -238,16 +238,26 @@ class ForwardCapture:
                     generic(plan, "it is used outside its layer too")
                 else:
                     generic(plan, "no dimension of its layer's output has the batch's size")
-            # layers whose samples may lie along another dimension than the first (.samples): one backward tells
-            unsure = [p for p in fast if sample_dim[id(p)] != 0]
-            if unsure:
-                zs = [self.captured[id(p.module)][0][1] for p in unsure]
-                for plan, dim in zip(unsure, sample_dims(out, zs, [sample_dim[id(p)] for p in unsure])):
-                    sample_dim[id(plan)] = dim
+            raw = self._raw_uses(out, graph, by_name, reasons)  # parameters used directly (.raw): name -> (use, dims)
+            # layers and direct parameters whose samples may lie along another dimension than the first
+            # (.samples): one backward pass tells, for all of them
+            unsure = [(plan, self.captured[id(plan.module)][0][1], sample_dim[id(plan)]) for plan in fast if sample_dim[id(plan)] != 0]
+            unsure += [(name, use.out, dims) for name, (use, dims) in raw.items() if dims != [0]]
+            found = sample_dims(out, [z for _, z, _ in unsure], [dims for _, _, dims in unsure]) if unsure else []
+            for (key, _, _), dim in zip(unsure, found):
+                if isinstance(key, str):  # a direct parameter
                     if dim is None:
-                        fast.remove(plan)
-                        generic(plan, "which dimension of its layer's output holds the samples could not be told")
-            raw = self._raw_uses(out, graph, by_name, reasons)  # parameters used directly (.raw)
+                        del raw[key]
+                        reasons[key] = "which dimension of the result of its use holds the samples could not be told"
+                    else:
+                        raw[key] = (raw[key][0], [dim])
+                else:
+                    sample_dim[id(key)] = dim
+                    if dim is None:
+                        fast.remove(key)
+                        generic(key, "which dimension of its layer's output holds the samples could not be told")
+            for name in raw:
+                reasons.pop(name, None)
             slow_names = [name for name in slow_names if name not in raw]
             _log_generic(self.model, reasons)
             if not fast and not raw:
@@ -277,9 +287,9 @@ class ForwardCapture:
                         tap.slot = sink.slot
                     sinks.append(sink)
             names = [plan.name for plan in fast]
-            for name, use in raw.items():
+            for name, (use, (dim,)) in raw.items():
                 zs.append(use.out)
-                sinks.append(RawParameterGram(by_name[name], use, n_classes))
+                sinks.append(RawParameterGram(by_name[name], use, n_classes, dim))
                 names.append(layer_of(name))  # grouped as the generic path groups it
             _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
             return [(name, sink.result()) for name, sink in zip(names, sinks)], slow_names
@@ -288,10 +298,10 @@ class ForwardCapture:
             self.pools = []
             self.taps, self._z_nodes = {}, {}
 
-    def _raw_uses(self, out: torch.Tensor, graph: GraphUses, by_name: dict, reasons: dict[str, str]) -> dict[str, RawUse]:
-        """The parameters used directly whose one recorded use (.raw) the fast path takes, by name; the
-        reasons of those refused are updated (the others keep "no fast rule")."""
-        taken: dict[str, RawUse] = {}
+    def _raw_uses(self, out: torch.Tensor, graph: GraphUses, by_name: dict, reasons: dict[str, str]) -> dict[str, tuple]:
+        """The parameters used directly whose one recorded use (.raw) the fast path can take: name -> (the use,
+        the dimensions of its result that may hold the samples); the reasons of those refused are updated."""
+        taken: dict[str, tuple] = {}
         if self._raw is None:
             return taken
         n = out.shape[0]
@@ -303,11 +313,10 @@ class ForwardCapture:
                 reasons[name] = "its expanded copy is used elsewhere too"
             elif not (use.intact() and use.out.requires_grad):
                 reasons[name] = "the result of its use was modified in place"
-            elif use.sample_dims(by_name[name], n) != [0]:
-                reasons[name] = "the samples' dimension of the result of its use is not the first alone"
+            elif not (dims := use.sample_dims(by_name[name], n)):
+                reasons[name] = "no dimension of the result of its use has the batch's size with the parameter broadcast along it"
             else:
-                taken[name] = use
-                reasons.pop(name, None)
+                taken[name] = (use, dims)
         return taken
 
     def add_parts(

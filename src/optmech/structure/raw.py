@@ -14,9 +14,10 @@ and A[c, c'] += ⟨g_c, g_c'⟩ per sample. Such ops leave no module to hook, so
 forward is not watched), a ``TorchFunctionMode`` (:class:`RawUses`) watches the torch calls whose operands
 include one of the parameters the layers did not claim and records these three patterns with
 their result. A parameter is then contracted this way when it has exactly one recorded use, the
-logits' graph consumes it exactly once (no other use went unseen), and the result's first
-dimension is the only one that can hold the samples (of the batch's size, the parameter broadcast
-along it); otherwise it goes to the generic path, as before. The mode only observes: every call runs as the model makes it.
+logits' graph consumes it exactly once (no other use went unseen), and the samples' dimension of
+the result is known: the only one of the batch's size with the parameter broadcast along it when
+that is the first, else the one the backward check of :mod:`.samples` finds among those (a
+sequence-first layout); otherwise it goes to the generic path, as before. The mode only observes: every call runs as the model makes it.
 """
 
 from __future__ import annotations
@@ -66,16 +67,13 @@ class RawUse:
         return [d for d in range(len(shape)) if shape[d] == n and aligned[d] == 1]
 
 
-def _broadcast_over_batch(p: torch.Tensor, shape: torch.Size) -> bool:
-    """p broadcasts to ``shape`` (the result's) without being of the batch's extent along its first dimension."""
-    if p.dim() > len(shape):
-        return False
+def _broadcasts_to(p: torch.Tensor, shape: torch.Size) -> bool:
+    """p broadcasts to ``shape`` (the result's); along which dimension the samples lie is checked later
+    (:meth:`RawUse.sample_dims`: one of the batch's size along which p is broadcast)."""
     try:
-        if torch.broadcast_shapes(p.shape, shape) != shape:
-            return False
+        return p.dim() <= len(shape) and torch.broadcast_shapes(p.shape, shape) == shape
     except RuntimeError:
         return False
-    return p.dim() < len(shape) or p.shape[0] == 1
 
 
 class RawUses(TorchFunctionMode):
@@ -112,7 +110,7 @@ class RawUses(TorchFunctionMode):
         plain = len(args) == 2 and len(tensors) == 2 and len(mine) == 1 and set(kwargs) <= {"alpha"} and kwargs.get("alpha", 1) == 1
         if plain and isinstance(out, torch.Tensor) and (name in _ADD or name in _MUL):
             h = tensors[1] if tensors[0] is mine[0] else tensors[0]
-            if h.shape == out.shape and _broadcast_over_batch(mine[0], out.shape):
+            if h.shape == out.shape and _broadcasts_to(mine[0], out.shape):
                 other = h.detach() if name in _MUL else None
                 versions = (out._version, other._version if other is not None else 0)
                 self.uses.setdefault(param, []).append(RawUse("add" if name in _ADD else "mul", out, other, versions=versions))
@@ -138,12 +136,12 @@ class RawParameterGram(ClassSink):
 
     strategy = "raw"
 
-    def __init__(self, param: torch.Tensor, use: RawUse, n_classes: int) -> None:
-        self.use, self.n_classes, self.count = use, n_classes, 0
+    def __init__(self, param: torch.Tensor, use: RawUse, n_classes: int, dim: int = 0) -> None:
+        self.use, self.n_classes, self.count, self.dim = use, n_classes, 0, dim  # dim: the samples' dimension of out
         out, shape = use.out, use.shape()
         aligned = (1,) * (len(shape) - param.dim()) + tuple(param.shape)  # P's shape, padded on the left
-        self.reduce = tuple(d for d in range(1, len(shape)) if aligned[d] == 1 and shape[d] != 1)
-        self.buffer = torch.empty(n_classes, shape[0], param.numel(), dtype=out.dtype, device=out.device)
+        self.reduce = tuple(d for d in range(len(shape)) if d != dim and aligned[d] == 1 and shape[d] != 1)
+        self.buffer = torch.empty(n_classes, shape[dim], param.numel(), dtype=out.dtype, device=out.device)
 
     def add(self, b: torch.Tensor) -> None:
         if self.use.kind == "mul":
@@ -151,7 +149,7 @@ class RawParameterGram(ClassSink):
         elif self.use.kind == "cat":
             dim, start, length = self.use.piece
             b = b.narrow(dim, start, length)
-        g = b.sum(self.reduce, keepdim=True) if self.reduce else b
+        g = (b.sum(self.reduce, keepdim=True) if self.reduce else b).movedim(self.dim, 0)
         self.buffer[self.count] = g.reshape(g.shape[0], -1)
         self.count += 1
 
