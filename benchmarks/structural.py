@@ -59,7 +59,7 @@ from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.attention import attention_plans  # noqa: E402
+from optmech.structure.attention import _arguments as _attention_arguments, _runs, attention_plans  # noqa: E402
 from optmech.structure.contract import contraction_costs  # noqa: E402
 from optmech.structure.layout import _to_channels_last  # noqa: E402
 from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
@@ -67,7 +67,7 @@ from optmech.structure.patches import layer_patches, out_features, release_works
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
-EXTRA_MODELS = ["sep", "tfm", "vit"]  # timed on request (--models sep tfm vit), not by default
+EXTRA_MODELS = ["sep", "tfm", "vit", "pool"]  # timed on request (--models sep tfm vit pool), not by default
 
 
 def separable_cnn() -> torch.nn.Module:
@@ -128,6 +128,21 @@ class SmallViT(torch.nn.Module):
         return self.head(self.norm(self.encoder(h))[:, 0])
 
 
+class AttentionPoolingTransformer(RowTransformer):
+    """``tfm`` with an attention-pooling head in place of the mean (not one of the paper's models;
+    cross-attention): a learned query, expanded over the batch, attends to the encoded rows
+    (``nn.MultiheadAttention``, 4 heads, key is value), then Linear(64→10)."""
+
+    def __init__(self, dim: int = 64, rows: int = 28) -> None:
+        super().__init__(dim, rows)
+        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pool = torch.nn.MultiheadAttention(dim, 4, batch_first=True)
+
+    def forward(self, x):
+        h = self.encoder(self.embed(x.flatten(1, 2)) + self.position)
+        return self.head(self.pool(self.query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0])
+
+
 def make_model(name: str) -> torch.nn.Module:
     if name == "sep":
         return separable_cnn()
@@ -135,6 +150,8 @@ def make_model(name: str) -> torch.nn.Module:
         return SmallViT()
     if name == "tfm":
         return RowTransformer()
+    if name == "pool":
+        return AttentionPoolingTransformer()
     if name.startswith("mlp"):
         return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
     return build_paper(name[0], depth=int(name[1:]), seed=0)
@@ -163,13 +180,21 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
     """(forward fn, one activation-backward fn, forward + C backward passes fn, the same in channels-last,
     forward + the C passes as one vmapped backward fn, cheapest contraction multiply-adds).
 
-    A MultiheadAttention's two projections are priced as Linear layers over its positions; the passes
-    go to the other fast layers' outputs (the projections' lie inside the attention call)."""
+    A MultiheadAttention's projections are priced as Linear layers over their positions, the in-projection
+    block by block as ``gram`` contracts it; the passes go to the other fast layers' outputs (the projections'
+    lie inside the attention call)."""
     named = trainable_parameters(model)
     plans, rest = plan_layers(model, named)
     attention = attention_plans(model, named, set(rest))
-    queries = {}  # MultiheadAttention module -> its query's shape (batch-first or not)
-    shape_hooks = [a.module.register_forward_pre_hook(lambda m, args: queries.__setitem__(m, args[0].shape)) for a in attention]
+    blocks = {}  # MultiheadAttention module -> [(positions, input width, output width)] of its in-projection blocks, and L_q
+
+    def record_blocks(module, args, kwargs):
+        a = _attention_arguments(module, args, kwargs)
+        seq = 1 if module.batch_first else 0
+        runs = _runs(a["query"], a["key"], a["value"], module._qkv_same_embed_dim)
+        blocks[module] = ([(x.shape[seq], x.shape[-1], len(roles) * module.embed_dim) for roles, x in runs], a["query"].shape[seq])
+
+    shape_hooks = [a.module.register_forward_pre_hook(record_blocks, with_kwargs=True) for a in attention]
 
     def captured_forward(channels_last=False):
         captured = {}
@@ -195,11 +220,11 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
     zs = [captured[p.module][1] for p in plans]
     macs = 0.0
     for a in attention:
-        shape, E = queries[a.module], a.module.embed_dim
-        L = shape[1] if a.module.batch_first else shape[0]
-        bias = a.module.in_proj_bias is not None
-        macs += min(contraction_costs(x.shape[0], N_CLASSES, L, E, 3 * E, bias).values())
-        macs += min(contraction_costs(x.shape[0], N_CLASSES, L, E, E, a.module.out_proj.bias is not None).values())
+        runs, Lq = blocks[a.module]
+        E, bias = a.module.embed_dim, a.module.in_proj_bias is not None
+        for L, d_in, d_out in runs:
+            macs += min(contraction_costs(x.shape[0], N_CLASSES, L, d_in, d_out, bias).values())
+        macs += min(contraction_costs(x.shape[0], N_CLASSES, Lq, E, E, a.module.out_proj.bias is not None).values())
     for p in plans:
         if isinstance(p.module, _NORM_TYPES):  # Σ_positions b_c ⊙ x̂ and Σ_positions b_c, then their Gram
             size = sum(t.numel() for t in (p.module.weight, p.module.bias) if t is not None)

@@ -55,6 +55,73 @@ class DirectAttention(nn.Module):
         return self.head(out + weights.sum((1, 2))[:, None] if self.use_weights else out)
 
 
+class CrossAttention(nn.Module):
+    """Queries from one projection, keys and values (``key is value``) from another, over another number of
+    positions (the first ``queries`` rows), batch-first: the in-projection as an E → E and an E → 2E block."""
+
+    def __init__(self, queries: int = 3) -> None:
+        super().__init__()
+        self.q, self.kv, self.att, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+        self.queries = queries
+
+    def forward(self, x):
+        kv = self.kv(x)
+        return self.head(self.att(self.q(x[:, : self.queries]), kv, kv, need_weights=False)[0].mean(1))
+
+
+class ThreeInputs(nn.Module):
+    """query, key and value all different tensors, sequence-first, a bool (L_q, L_k) mask and a key-padding
+    mask; with ``kdim``/``vdim`` the weights are three separate parameters (q/k/v_proj_weight)."""
+
+    def __init__(self, separate: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        kdim, vdim = (5, 2) if separate else (None, None)
+        self.q, self.k, self.v = nn.Linear(3, 4), nn.Linear(3, kdim or 4), nn.Linear(3, vdim or 4)
+        self.att, self.head = nn.MultiheadAttention(4, 2, kdim=kdim, vdim=vdim, bias=bias), nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, L, 3): queries from the first 3 positions, keys and values from all
+        h = x.transpose(0, 1)
+        Lq, Lk = 3, h.shape[0]
+        mask = torch.zeros(Lq, Lk, dtype=torch.bool)
+        mask[0, -1] = True
+        pad = x[:, :, 0] > 1.0  # some keys of some samples, from their own data
+        pad[:, 1] = False
+        y = self.att(self.q(h[:Lq]), torch.tanh(self.k(h)), self.v(h), attn_mask=mask, key_padding_mask=pad)[0]
+        return self.head(y.mean(0))
+
+
+class QueryIsKey(nn.Module):
+    """query is key, value another tensor: the packed weight as an E → 2E block and an E → E one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.att, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.MultiheadAttention(4, 1, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(self.att(h, h, torch.tanh(self.b(x)), need_weights=False)[0].mean(1))
+
+
+class Decoder(nn.Module):
+    """A sequence-first ``nn.TransformerDecoderLayer`` (causal self-attention, then cross-attention to an
+    encoded memory with its padding masked): both attention modules on the fast path."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.src, self.tgt = nn.Linear(3, dim), nn.Linear(3, dim)
+        self.layer = nn.TransformerDecoderLayer(dim, 2, 16, dropout=0.0)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (n, L, 3): the memory from all positions, the target from the first 4
+        memory = torch.tanh(self.src(x)).transpose(0, 1)
+        tgt = self.tgt(x[:, :4]).transpose(0, 1)
+        causal = nn.Transformer.generate_square_subsequent_mask(4, dtype=x.dtype)
+        pad = x[:, :, 0] > 1.5  # some memory positions of some samples, from their own data
+        pad[:, 0] = False
+        y = self.layer(tgt, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+        return self.head(y.mean(0))
+
+
 def tokens(n: int, L: int, seed: int = 0) -> torch.Tensor:
     t = torch.randint(1, 9, (n, L), generator=torch.Generator().manual_seed(seed))
     t[1, L - 2 :] = 0
@@ -67,6 +134,13 @@ CASES = {
     "sequence-first, L = n": lambda: (Encoder(batch_first=False), tokens(6, 6)),
     "causal, no biases": lambda: (Encoder(batch_first=True, causal=True, bias=False), tokens(4, 5)),
     "direct call, masks": lambda: (DirectAttention(), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "cross-attention, key is value": lambda: (CrossAttention(), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "cross-attention, L_k = n": lambda: (CrossAttention(2), torch.randn(5, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "three inputs, masks": lambda: (ThreeInputs(), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "separate q/k/v weights": lambda: (ThreeInputs(separate=True), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "separate q/k/v weights, no biases": lambda: (ThreeInputs(separate=True, bias=False), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "query is key": lambda: (QueryIsKey(), torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1))),
+    "decoder layer": lambda: (Decoder(), torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))),
 }
 
 
@@ -82,7 +156,8 @@ def test_attention_models_are_exact_and_take_no_generic_path(case, generic):
         A, groups = structural_matrix(model, x, method="gram", per_layer=True)
         assert rel_err(A, A_ref) < RTOL[torch.float64], f"{case}: {rel_err(A, A_ref):.2e}"
     assert generic == []
-    assert any(name.endswith("self_attn") or name.endswith("att") for name in groups)
+    attention_paths = {path for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    assert attention_paths <= set(groups) and {f"{p}.out_proj" for p in attention_paths} <= set(groups)
     for name, part in groups.items():  # the projections are grouped as the oracle groups them
         assert rel_err(part, groups_ref[name]) < RTOL[torch.float64], name
 
@@ -93,18 +168,6 @@ def test_float32_agrees_with_the_float64_oracle():
     A = structural_matrix(model.eval(), x, method="gram")
     A_ref = structural_oracle(model.double(), x)[0]
     assert rel_err(A.double(), A_ref) < 1e-4
-
-
-class CrossAttention(nn.Module):
-    """Queries from one projection, keys and values from another: not covered (query is not key)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q, self.kv, self.att, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
-
-    def forward(self, x):
-        kv = self.kv(x)
-        return self.head(self.att(self.q(x), kv, kv, need_weights=False)[0].mean(1))
 
 
 class BiasKV(nn.Module):
@@ -119,7 +182,6 @@ class BiasKV(nn.Module):
 @pytest.mark.parametrize(
     "make, generic_names",
     [
-        (CrossAttention, {"att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"}),
         (BiasKV, {"att.in_proj_weight", "att.in_proj_bias", "att.bias_k", "att.bias_v", "att.out_proj.weight", "att.out_proj.bias"}),
         # the model reads the attention weights: in_proj has a second path to the logits; out_proj has not
         (lambda: DirectAttention(use_weights=True), {"att.in_proj_weight", "att.in_proj_bias"}),
@@ -134,14 +196,69 @@ def test_uncovered_attention_goes_to_the_generic_path_and_stays_exact(make, gene
     assert len(generic) == 1 and set(generic[0]) == generic_names
 
 
+class OneKeyAttended(nn.Module):
+    """Cross-attention (key is value, L_k = n) whose padding mask leaves only key 0: the keys-and-values
+    block's gradient for sample 0 sits at position 0 alone, so its samples' dimension cannot be told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.att, self.head = nn.Linear(3, 4), nn.Linear(3, 4), nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, L, 3)
+        kv = self.kv(x)
+        pad = torch.ones(x.shape[:2], dtype=torch.bool)
+        pad[:, 0] = False
+        return self.head(self.att(self.q(x[:, :3]), kv, kv, key_padding_mask=pad)[0].mean(1))
+
+
+class ReadsInProjection(CrossAttention):
+    """Cross-attention whose packed weight the model also reads outside the call (a penalty on the logits)."""
+
+    def forward(self, x):
+        return super().forward(x) + self.att.in_proj_weight.square().sum()
+
+
+class ReadsQueryWeight(ThreeInputs):
+    """Separate q/k/v weights, the query's also read outside the call: the q block goes generic, and with it the
+    k and v blocks (they share the packed bias)."""
+
+    def __init__(self) -> None:
+        super().__init__(separate=True)
+
+    def forward(self, x):
+        return super().forward(x) + self.att.q_proj_weight.square().sum()
+
+
+@pytest.mark.parametrize("make, also", [
+    (OneKeyAttended, {"kv.weight", "kv.bias"}),  # the kv Linear's samples cannot be told either
+    (ReadsInProjection, set()),
+    (ReadsQueryWeight, {"att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight"}),
+])
+def test_an_in_projection_is_fast_only_as_a_whole(make, also, generic, caplog):
+    """Its blocks share the packed weight: when one block must go to the generic path, all do (a block
+    fast and another generic would count the weight's Gram in part twice, in part not at all)."""
+    torch.manual_seed(9)
+    model = make().double().eval()
+    x = torch.randn(5, 5, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    with caplog.at_level("INFO", logger="optmech.structure"):
+        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    A_ref, _ = structural_oracle(model, x)
+    assert rel_err(A, A_ref) < RTOL[torch.float64]
+    in_projection = {name for name, _ in model.att.named_parameters(prefix="att") if "in_proj_weight" in name or "in_proj_bias" in name}
+    assert len(generic) == 1 and set(generic[0]) == in_projection | also
+    _, groups_ref = structural_matrix(model, x, method="loop", per_layer=True)
+    assert rel_err(groups["att"], groups_ref["att"]) < RTOL[torch.float64]
+    assert "att.in_proj_bias" in caplog.text
+
+
 def test_a_recomputation_that_does_not_match_the_module_is_not_used(monkeypatch, generic):
     """The hook checks its output against the module's: one that ignores the padding mask is refused."""
-    original = attention.self_attention
+    original = attention.attention_steps
 
-    def no_padding_mask(module, x, key_padding_mask=None, attn_mask=None, is_causal=False, need_weights=False):
-        return original(module, x, None, attn_mask, is_causal, need_weights)
+    def no_padding_mask(module, query, key, value, key_padding_mask=None, attn_mask=None, is_causal=False, need_weights=False):
+        return original(module, query, key, value, None, attn_mask, is_causal, need_weights)
 
-    monkeypatch.setattr(attention, "self_attention", no_padding_mask)
+    monkeypatch.setattr(attention, "attention_steps", no_padding_mask)
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
     model = model.double().eval()
@@ -261,8 +378,46 @@ def test_self_attention_steps_match_the_functional_forward():
                {"attn_mask": bool_mask.double() * -1e9, "key_padding_mask": float_kpm},
                {"attn_mask": torch.randn(6, 4, 4, dtype=torch.float64)}):
         expected = m(x, x, x, need_weights=False, **kw)[0]
-        _, _, y = attention.self_attention(m, x, kw.get("key_padding_mask"), kw.get("attn_mask"))
+        _, _, y = attention.attention_steps(m, x, x, x, kw.get("key_padding_mask"), kw.get("attn_mask"))
         assert rel_err(y.detach(), expected.detach()) < 1e-13, kw
+
+
+@pytest.mark.parametrize("kdim", [None, 5])
+def test_cross_attention_steps_match_the_functional_forward(kdim):
+    """Queries over 3 positions, keys and values over 4 (key is value, then three tensors), packed and separate
+    weights, against the module itself, float64, every mask kind."""
+    torch.manual_seed(11)
+    m = nn.MultiheadAttention(6, 2, kdim=kdim, vdim=kdim, batch_first=True).double().eval()
+    q, kv = torch.randn(3, 3, 6, dtype=torch.float64), torch.randn(3, 4, kdim or 6, dtype=torch.float64)
+    v = torch.randn(3, 4, kdim or 6, dtype=torch.float64)
+    bool_mask = torch.zeros(3, 4, dtype=torch.bool)
+    bool_mask[0, 1:] = True
+    kpm = torch.tensor([[False, False, True, True]] * 3)
+    for key, value in ((kv, kv), (kv, v)):
+        for kw in ({}, {"attn_mask": bool_mask}, {"key_padding_mask": kpm}, {"attn_mask": bool_mask, "key_padding_mask": kpm},
+                   {"attn_mask": torch.randn(6, 3, 4, dtype=torch.float64)}):
+            expected = m(q, key, value, need_weights=False, **kw)[0]
+            blocks, _, y = attention.attention_steps(m, q, key, value, kw.get("key_padding_mask"), kw.get("attn_mask"))
+            assert rel_err(y.detach(), expected.detach()) < 1e-13, kw
+            assert [roles for roles, _, _ in blocks] == (["q", "kv"] if key is value and kdim is None else ["q", "k", "v"])
+
+
+def test_blocks_follow_the_identity_of_the_inputs():
+    a, b = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)
+    runs = attention._runs
+    assert [r for r, _ in runs(a, a, a, True)] == ["qkv"]
+    assert [r for r, _ in runs(a, b, b, True)] == ["q", "kv"]
+    assert [r for r, _ in runs(a, a, b, True)] == ["qk", "v"]
+    assert [r for r, _ in runs(a, b, a, True)] == ["q", "k", "v"]  # equal values, not adjacent rows: apart
+    assert [r for r, _ in runs(a, a, a, False)] == ["q", "k", "v"]  # separate weights: one block each
+
+
+def test_float32_decoder_agrees_with_the_float64_oracle(generic):
+    torch.manual_seed(0)
+    model, x = Decoder().eval(), torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))
+    A = structural_matrix(model, x, method="gram")
+    assert generic == []
+    assert rel_err(A.double(), structural_oracle(model.double(), x.double())[0]) < 1e-4
 
 
 def test_auto_takes_gram_on_a_covered_transformer_without_timing_jacobian(monkeypatch):

@@ -42,11 +42,11 @@ class EngineMethod(str, enum.Enum):
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
       the selected positions), a grouped or depthwise convolution the same way as a batch of its
-      groups; Embedding as a ghost Gram over token equality; ``nn.MultiheadAttention`` self-attention
-      as its two projections, Linear layers over positions (the call recomputed in steps that the
+      groups; Embedding as a ghost Gram over token equality; ``nn.MultiheadAttention`` (self- or
+      cross-attention) as its projections, Linear layers over positions (the call recomputed in steps that the
       backward passes reach, checked against the module's output); a parameter used directly and
       broadcast over the samples — added (a positional embedding), multiplied (a layer scale), or
-      expanded and concatenated (a class token) — from ∂f/∂ of that op's result; the affine
+      expanded (a class token, a learned query) — from ∂f/∂ of that op's result; the affine
       parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward
@@ -185,7 +185,7 @@ _AUTO_CHOICE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, EngineMethod]]" 
 def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per_layer: bool) -> tuple[EngineMethod, tuple | None]:
     """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
 
-    No fast layer (Linear, Conv, Embedding, norm, self-attention's projections): ``jacobian``. Every
+    No fast layer (Linear, Conv, Embedding, norm, attention's projections): ``jacobian``. Every
     parameter in one, on the CPU: ``gram`` (its arithmetic is a subset of ``jacobian``'s, and on the CPU arithmetic decides).
     Otherwise ``gram`` = those layers + ``jacobian`` on the other parameters, which can cost more
     than ``jacobian`` alone (that backward still runs through the whole network), and on a GPU
@@ -195,7 +195,7 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
     model, input shape and dtype times both and keeps the faster.
     """
     plans, rest = plan_layers(model, named)
-    covered = {name for a in attention_plans(model, named, set(rest)) for p in (a.in_proj, a.out_proj) for name in p.params}
+    covered = {name for a in attention_plans(model, named, set(rest)) for name in a.params}
     rest = [name for name in rest if name not in covered]
     if not plans and not covered:
         return EngineMethod.JACOBIAN, None

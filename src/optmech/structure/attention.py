@@ -1,29 +1,38 @@
-"""``nn.MultiheadAttention`` on the fast path: its two projections as Linear layers over positions.
+"""``nn.MultiheadAttention`` on the fast path: its projections as Linear layers over positions.
 
-A self-attention call y = MHA(x, x, x) (x of shape (n, L, E) batch-first, or (L, n, E)) is
+An attention call y = MHA(query, key, value) (inputs (n, L, ·) batch-first, or (L, n, ·)) is
 
-    P = x W_inᵀ + b_in                  (n, L, 3E)   the in-projection: q, k, v side by side
-    O = attention(q, k, v; masks)       (n, L, E)    no parameters
-    y = O W_outᵀ + b_out                (n, L, E)    the out-projection
+    q = query W_qᵀ + b_q, k = key W_kᵀ + b_k, v = value W_vᵀ + b_v     the in-projection
+    O = attention(q, k, v; masks)       (n, L_q, E)   no parameters
+    y = O W_outᵀ + b_out                (n, L_q, E)   the out-projection
 
-so in_proj_weight/in_proj_bias contribute like a Linear over positions with input x and output P,
-and out_proj.weight/out_proj.bias like one with input O and output y (:mod:`.gram`'s formula,
-Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'}) + the bias term). The module computes P and O inside
-``F.multi_head_attention_forward``, where no hook reaches them, so in the standalone ``gram`` call
-a forward hook recomputes the call in these three steps from the module's own parameters and
-arguments (``F.linear``, ``F.scaled_dot_product_attention`` with the module's masks merged as
+with [W_q; W_k; W_v] the packed ``in_proj_weight`` (or three weights ``q/k/v_proj_weight`` when
+``kdim``/``vdim`` differ from ``embed_dim``) and [b_q; b_k; b_v] ``in_proj_bias``. Each block of rows
+is a Linear over positions with its own input, so it contributes :mod:`.gram`'s formula
+Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'}) + the bias term; the blocks of one packed weight are disjoint
+rows of it, so the weight's Gram is the sum of theirs. Blocks with the same input tensor and
+adjacent rows are one Linear: self-attention (``query is key is value``) one E → 3E projection,
+cross-attention with ``key is value`` (a decoder's memory, an attention-pooling head) an E → E one
+for the queries and an E → 2E one for the keys and values. out_proj.weight/out_proj.bias contribute
+like a Linear over positions with input O and output y.
+
+The module computes these inside ``F.multi_head_attention_forward``, where no hook reaches them, so
+in the standalone ``gram`` call a forward hook recomputes the call in these steps from the module's
+own parameters and arguments (``F.linear`` per block, the weight split once,
+``F.scaled_dot_product_attention`` with the module's masks merged as
 ``F.multi_head_attention_forward`` merges them) and hands the model that output in place of the
-module's: the backward passes then reach P and y. The recomputed output is checked against the
-module's own (largest difference at most 1e-10 of the largest value in float64, 1e-4 in
-float32); a call that does not match, or that the recomputation does not cover, is left as the
-module made it, and its parameters go to the generic path (exact either way).
+module's: the backward passes then reach the blocks' outputs and y. The recomputed output is
+checked against the module's own (largest difference at most 1e-10 of the largest value in float64,
+1e-4 in float32); a call that does not match, or that the recomputation does not cover, is left as
+the module made it, and its parameters go to the generic path (exact either way).
 
-Covered: ``query is key is value`` (self-attention), 3-D inputs, one packed in-projection
-(``kdim = vdim = embed_dim``), no ``bias_k``/``bias_v``, no ``add_zero_attn``, with or without
-biases, ``batch_first`` either way, ``key_padding_mask`` and ``attn_mask`` (bool or float,
-2-D or 3-D), ``is_causal``, ``need_weights`` (the weights returned are the module's own: if the
-model uses them, the parameters have a second use and go to the generic path). Not in the
-training-step capture, which must leave the step's graph as the model builds it.
+Covered: any query/key/value (self-attention, cross-attention, all three different), 3-D inputs,
+a packed in-projection or separate q/k/v weights, with or without biases, ``batch_first`` either
+way, ``key_padding_mask`` and ``attn_mask`` (bool or float, 2-D or 3-D), ``is_causal``,
+``need_weights`` (the weights returned are the module's own: if the model uses them, the
+in-projection has a second use and goes to the generic path). Not covered (generic):
+``add_bias_kv``, ``add_zero_attn``. Not in the training-step capture, which must leave the step's
+graph as the model builds it.
 """
 
 from __future__ import annotations
@@ -38,48 +47,69 @@ from torch import nn
 
 from .plan import LayerPlan
 
-__all__ = ["AttentionPlan", "attention_plans", "self_attention"]
+__all__ = ["AttentionPlan", "attention_plans", "attention_steps"]
 
 #: largest |recomputed − module output| allowed, relative to the largest |module output|, per dtype
 _MATCH = {torch.float64: 1e-10, torch.float32: 1e-4}
 
-#: per MultiheadAttention module: the two stand-in Linear modules that its projections' plans and
-#: buffers are keyed by (made on the meta device: no memory), kept while the module lives
-_STAND_INS: "weakref.WeakKeyDictionary[nn.MultiheadAttention, tuple[nn.Linear, nn.Linear]]" = weakref.WeakKeyDictionary()
+#: per MultiheadAttention module: the stand-in Linear modules that its projections' plans and buffers
+#: are keyed by (made on the meta device: no memory), one per block kind, kept while the module lives
+_STAND_INS: "weakref.WeakKeyDictionary[nn.MultiheadAttention, dict[tuple, nn.Linear]]" = weakref.WeakKeyDictionary()
+
+_ROLES = "qkv"
+
+
+def _covered(module: nn.Module) -> bool:
+    """A MultiheadAttention whose parameters are its in-projection (packed or q/k/v) and out-projection."""
+    if not (type(module) is nn.MultiheadAttention and module.bias_k is None and module.bias_v is None and not module.add_zero_attn):
+        return False
+    packed = module._qkv_same_embed_dim and module.in_proj_weight is not None
+    separate = not module._qkv_same_embed_dim and all(
+        getattr(module, f"{r}_proj_weight", None) is not None for r in _ROLES
+    )
+    return (packed or separate) and type(module.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _in_projection(module: nn.MultiheadAttention) -> list[torch.Tensor]:
+    """The in-projection's parameters: [in_proj_weight] or [q_proj_weight, k_proj_weight, v_proj_weight], then in_proj_bias."""
+    weights = [module.in_proj_weight] if module._qkv_same_embed_dim else [getattr(module, f"{r}_proj_weight") for r in _ROLES]
+    return weights + ([module.in_proj_bias] if module.in_proj_bias is not None else [])
+
+
+def _stand_in(module: nn.MultiheadAttention, role: str, d_in: int, d_out: int, bias: bool) -> nn.Linear:
+    """A Linear module with one projection block's shape (meta tensors): what the layer accumulators read."""
+    kept = _STAND_INS.setdefault(module, {})
+    key = (role, d_in, d_out, bias)
+    if key not in kept:
+        kept[key] = nn.Linear(d_in, d_out, bias=bias, device="meta")
+    return kept[key]
 
 
 @dataclasses.dataclass
 class AttentionPlan:
-    """One MultiheadAttention module on the fast path: its module path and the plans of its two projections."""
+    """One MultiheadAttention module on the fast path: its module path, the θ names of its in-projection,
+    the plan of its out-projection, and (filled by each forward, :meth:`block`) the plans of the in-projection's blocks."""
 
     name: str
     module: nn.MultiheadAttention
-    in_proj: LayerPlan
+    in_names: list[str]
     out_proj: LayerPlan
+    blocks: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
 
+    @property
+    def params(self) -> list[str]:
+        return self.in_names + self.out_proj.params
 
-def _covered(module: nn.Module) -> bool:
-    """A MultiheadAttention whose parameters are exactly the packed in-projection and the out-projection."""
-    return (
-        type(module) is nn.MultiheadAttention
-        and module._qkv_same_embed_dim
-        and module.in_proj_weight is not None
-        and module.bias_k is None
-        and module.bias_v is None
-        and not module.add_zero_attn
-        and type(module.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-    )
-
-
-def _stand_ins(module: nn.MultiheadAttention) -> tuple[nn.Linear, nn.Linear]:
-    """Linear modules with the projections' shapes (meta tensors): what the layer accumulators read."""
-    if module not in _STAND_INS:
-        E = module.embed_dim
-        _STAND_INS[module] = (
-            nn.Linear(E, 3 * E, bias=module.in_proj_bias is not None, device="meta"),
-            nn.Linear(E, E, bias=module.out_proj.bias is not None, device="meta"),
-        )
-    return _STAND_INS[module]
+    def block(self, roles: str, d_in: int) -> LayerPlan:
+        """The plan of the in-projection block ``roles`` ("qkv", "q", "kv", …) with input width ``d_in``:
+        grouped under the module's path, like the generic path groups the in-projection."""
+        if roles not in self.blocks:
+            m = self.module
+            weights = self.in_names[:1] if m._qkv_same_embed_dim else [self.in_names[_ROLES.index(roles)]]
+            bias = self.in_names[-1:] if m.in_proj_bias is not None else []
+            stand_in = _stand_in(m, roles, d_in, len(roles) * m.embed_dim, m.in_proj_bias is not None)
+            self.blocks[roles] = LayerPlan(self.name or "(root)", stand_in, weights + bias)
+        return self.blocks[roles]
 
 
 def attention_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], names: set[str]) -> list[AttentionPlan]:
@@ -91,18 +121,14 @@ def attention_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor
     for path, module in model.named_modules():
         if not _covered(module):
             continue
-        own = [module.in_proj_weight, module.in_proj_bias, module.out_proj.weight, module.out_proj.bias]
-        params = [by_id.get(id(p)) for p in own if p is not None]
-        if any(n is None or n not in names for n in params):
+        own_in = [by_id.get(id(p)) for p in _in_projection(module)]
+        own_out = [by_id.get(id(p)) for p in (module.out_proj.weight, module.out_proj.bias) if p is not None]
+        if any(n is None or n not in names for n in own_in + own_out):
             continue  # a frozen or shared parameter: the generic path
-        k = 1 + (module.in_proj_bias is not None)
         prefix = f"{path}." if path else ""
-        stand_in, stand_out = _stand_ins(module)
-        plans.append(AttentionPlan(
-            path, module,
-            LayerPlan(path or "(root)", stand_in, params[:k]),
-            LayerPlan(f"{prefix}out_proj", stand_out, params[k:]),
-        ))
+        E = module.embed_dim
+        stand_out = _stand_in(module, "out", E, E, module.out_proj.bias is not None)
+        plans.append(AttentionPlan(path, module, own_in, LayerPlan(f"{prefix}out_proj", stand_out, own_out)))
     return plans
 
 
@@ -127,56 +153,88 @@ def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def self_attention(
-    module: nn.MultiheadAttention, x: torch.Tensor, key_padding_mask=None, attn_mask=None, is_causal: bool = False,
-    need_weights: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, O, y) of the self-attention call on batch-first x (n, L, E): the in-projection's output, the
-    attention output (the out-projection's input) and the out-projection's output, as in the module docstring."""
-    n, L, E = x.shape
-    H = module.num_heads
-    P = F.linear(x, module.in_proj_weight, module.in_proj_bias)
-    q, k, v = P.unflatten(-1, (3, H, E // H)).permute(2, 0, 3, 1, 4)  # each (n, H, L, E/H)
+def _runs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packed: bool) -> list[tuple[str, torch.Tensor]]:
+    """The in-projection's blocks as (roles, input): adjacent roles with the same input tensor share one
+    block of a packed weight ("qkv" for self-attention, "q" and "kv" when key is value); separate weights: one each."""
+    runs: list[tuple[str, torch.Tensor]] = []
+    for role, x in zip(_ROLES, (query, key, value)):
+        if packed and runs and runs[-1][1] is x:
+            runs[-1] = (runs[-1][0] + role, x)
+        else:
+            runs.append((role, x))
+    return runs
+
+
+def attention_steps(
+    module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask=None,
+    attn_mask=None, is_causal: bool = False, need_weights: bool = False,
+) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """([(roles, input, output) of each in-projection block], O, y) of the call on batch-first inputs
+    (query (n, L_q, E), key and value (n, L_k, ·)): the blocks as :func:`_runs` groups them, the
+    attention output (the out-projection's input, (n, L_q, E)) and the out-projection's output."""
+    n, Lq, E = query.shape
+    Lk, H = key.shape[1], module.num_heads
+    packed = module._qkv_same_embed_dim
+    runs = _runs(query, key, value, packed)
+    b = module.in_proj_bias
+    if packed and len(runs) == 1:
+        weights, biases = [module.in_proj_weight], [b]
+    elif packed:  # one split of the packed weight: the parameter keeps a single use in the graph
+        sizes = [len(roles) * E for roles, _ in runs]
+        weights = module.in_proj_weight.split(sizes)
+        biases = b.split(sizes) if b is not None else [None] * len(runs)
+    else:
+        weights = [getattr(module, f"{r}_proj_weight") for r in _ROLES]
+        biases = b.chunk(3) if b is not None else [None] * 3
+    blocks, heads = [], []
+    for (roles, x), w, bias in zip(runs, weights, biases):
+        P = F.linear(x, w, bias)
+        blocks.append((roles, x, P))
+        heads += P.unflatten(-1, (len(roles), H, E // H)).permute(2, 0, 3, 1, 4).unbind(0)  # each (n, H, L, E/H)
+    q, k, v = heads
     if is_causal and key_padding_mask is None and not need_weights:
         mask, causal = None, True  # as F.multi_head_attention_forward: the hint stands for attn_mask
     else:
         mask, causal = None, False
         if attn_mask is not None:
-            mask = _float_mask(attn_mask, x.dtype)
-            mask = mask.view(n, H, L, L) if mask.dim() == 3 else mask
+            mask = _float_mask(attn_mask, query.dtype)
+            mask = mask.view(n, H, Lq, Lk) if mask.dim() == 3 else mask
         if key_padding_mask is not None:
-            kpm = _float_mask(key_padding_mask, x.dtype).view(n, 1, 1, L)
+            kpm = _float_mask(key_padding_mask, query.dtype).view(n, 1, 1, Lk)
             mask = kpm if mask is None else mask + kpm
     O = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=causal)
-    O = O.transpose(1, 2).reshape(n, L, E)
-    return P, O, F.linear(O, module.out_proj.weight, module.out_proj.bias)
+    O = O.transpose(1, 2).reshape(n, Lq, E)
+    return blocks, O, F.linear(O, module.out_proj.weight, module.out_proj.bias)
 
 
 def recompute(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) -> tuple | None:
-    """((x, P), (O, y), the output to hand on) for a covered self-attention call, or None (leave the call alone).
+    """([(roles, input, output) per in-projection block], (O, y), the output to hand on) for a covered
+    call, or None (leave the call alone).
 
-    x, P, O, y are batch-first (n, L, ·); the output handed on has the module's layout and its
-    attention weights.
+    Inputs, outputs, O and y are batch-first (n, L, ·); the output handed on has the module's layout
+    and its attention weights.
     """
     a = _arguments(module, args, kwargs)
     if a is None or set(a) - {"self", "query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
                               "average_attn_weights", "is_causal"}:
         return None
-    query = a["query"]
-    if not (query is a["key"] is a["value"] and isinstance(output, tuple) and len(output) == 2):
+    query, key, value = a["query"], a["key"], a["value"]
+    if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(t, torch.Tensor) for t in (query, key, value))):
         return None
     own = output[0]
-    if query.dim() != 3 or query.dtype not in _MATCH or own.shape != query.shape or (module.training and module.dropout > 0):
+    if (any(t.dim() != 3 or t.dtype != query.dtype for t in (key, value)) or query.dim() != 3 or query.dtype not in _MATCH
+            or own.shape != query.shape or (module.training and module.dropout > 0)):
         return None
-    x = query if module.batch_first else query.transpose(0, 1)
+    batch_first: dict[int, torch.Tensor] = {}  # one transposed view per distinct input: the blocks follow identity
+    inputs = [batch_first.setdefault(id(t), t if module.batch_first else t.transpose(0, 1)) for t in (query, key, value)]
     kpm, mask = a["key_padding_mask"], a["attn_mask"]
     if (kpm is not None and kpm.dim() != 2) or (mask is not None and mask.dim() not in (2, 3)):
         return None
-    P, O, y = self_attention(module, x, kpm, mask, bool(a["is_causal"]), bool(a["need_weights"]))
+    blocks, O, y = attention_steps(module, *inputs, kpm, mask, bool(a["is_causal"]), bool(a["need_weights"]))
     mine = y if module.batch_first else y.transpose(0, 1)
     with torch.no_grad():
         scale = own.abs().nan_to_num(0.0).max().clamp_min(torch.finfo(own.dtype).tiny)
         both_nan = mine.isnan() & own.isnan()
         if (mine - own).abs().masked_fill(both_nan, 0.0).max().nan_to_num(float("inf")) > _MATCH[own.dtype] * scale:
             return None
-    return (x, P), (O, y), (mine, output[1])
+    return blocks, (O, y), (mine, output[1])

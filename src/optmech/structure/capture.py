@@ -95,7 +95,7 @@ class ForwardCapture:
         self.plans, self.rest = plan_layers(model, named_params)
         # MultiheadAttention's projections, recomputed by a hook where the backward passes can reach them (.attention)
         self.attention = attention_plans(model, named_params, set(self.rest)) if attention else []
-        taken = {name for a in self.attention for p in (a.in_proj, a.out_proj) for name in p.params}
+        taken = {name for a in self.attention for name in a.params}
         self.rest = [name for name in self.rest if name not in taken]
         # the parameters left: watched during the forward for direct uses the fast path knows (.raw)
         left = set(self.rest) if direct else set()
@@ -115,6 +115,8 @@ class ForwardCapture:
         self._handles: list = []
 
     def __enter__(self) -> "ForwardCapture":
+        for a in self.attention:
+            a.blocks = {}  # the in-projection's blocks as this forward's calls group them
         self.captured = {id(p.module): [] for p in self._layer_plans()}
         self.pools = []
         self.taps, self._z_nodes = {}, {}
@@ -160,9 +162,11 @@ class ForwardCapture:
             got = recompute(module, args, kwargs, output)
             if got is None:  # not covered, or not a match: the module's output stands, its parameters go generic
                 return None
-            (x, P), (O, y), handed = got
+            blocks, (O, y), handed = got
             plan = by_module[id(module)]
-            self.captured[id(plan.in_proj.module)].append((x.detach(), P, P._version))
+            for roles, x, P in blocks:
+                block = plan.block(roles, x.shape[-1])
+                self.captured.setdefault(id(block.module), []).append((x.detach(), P, P._version))
             self.captured[id(plan.out_proj.module)].append((O.detach(), y, y._version))
             return handed
 
@@ -180,8 +184,8 @@ class ForwardCapture:
         return self
 
     def _layer_plans(self) -> list[LayerPlan]:
-        """The fast layers' plans, MultiheadAttention's projections included."""
-        return self.plans + [p for a in self.attention for p in (a.in_proj, a.out_proj)]
+        """The fast layers' plans, MultiheadAttention's projections included (the in-projection's blocks of this forward)."""
+        return self.plans + [p for a in self.attention for p in (*a.blocks.values(), a.out_proj)]
 
     def __exit__(self, *exc) -> None:
         if self._raw is not None:
@@ -256,9 +260,10 @@ class ForwardCapture:
                     if dim is None:
                         fast.remove(key)
                         generic(key, "which dimension of its layer's output holds the samples could not be told")
+            self._whole_in_projections(fast, slow_names, reasons)
             for name in raw:
                 reasons.pop(name, None)
-            slow_names = [name for name in slow_names if name not in raw]
+            slow_names = [name for name in dict.fromkeys(slow_names) if name not in raw]
             _log_generic(self.model, reasons)
             if not fast and not raw:
                 return [], slow_names
@@ -298,6 +303,25 @@ class ForwardCapture:
             self.pools = []
             self.taps, self._z_nodes = {}, {}
 
+    def _whole_in_projections(self, fast: list[LayerPlan], slow_names: list[str], reasons: dict[str, str]) -> None:
+        """An attention module's in-projection is fast only as a whole: its blocks share the packed weight
+        (or the packed bias), so one block on the generic path takes the others there too (``fast``,
+        ``slow_names`` and ``reasons`` updated in place); a module whose call was not recomputed has no block."""
+        for att in self.attention:
+            blocks = list(att.blocks.values())
+            ids = {id(p) for p in fast}
+            if blocks and all(id(p) in ids for p in blocks):
+                continue
+            for p in blocks:
+                if id(p) in ids:
+                    fast.remove(p)
+                p.strategy = "func"
+            reason = "its layer did not run exactly once: unused, reused, or an attention call not covered"
+            if blocks:
+                reason = next((reasons[n] for n in att.in_names if n in reasons), "another block of its in-projection is generic")
+            slow_names.extend(att.in_names)
+            reasons.update((n, reason) for n in att.in_names)
+
     def _raw_uses(self, out: torch.Tensor, graph: GraphUses, by_name: dict, reasons: dict[str, str]) -> dict[str, tuple]:
         """The parameters used directly whose one recorded use (.raw) the fast path can take: name -> (the use,
         the dimensions of its result that may hold the samples); the reasons of those refused are updated."""
@@ -309,8 +333,6 @@ class ForwardCapture:
             use = uses[0]
             if len(uses) != 1 or name in self._raw.unknown or graph.leaves.get(id(by_name[name]), 0) != 1:
                 reasons[name] = "used directly in more than one place, or in a way the fast path does not follow"
-            elif use.kind == "cat" and graph.consumers.get(id(use.expanded.grad_fn), 0) != 1:
-                reasons[name] = "its expanded copy is used elsewhere too"
             elif not (use.intact() and use.out.requires_grad):
                 reasons[name] = "the result of its use was modified in place"
             elif not (dims := use.sample_dims(by_name[name], n)):

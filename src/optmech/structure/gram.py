@@ -8,9 +8,10 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - Conv (unfolded patches a_s):     A[c, c'] += Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'}) + bias term
   (grouped or depthwise: the same per group, summed; :mod:`.grouped`)
 - Embedding (token ids):           A[c, c'] += Σ_{t,t'} [tok_t = tok_t'](b_{c,t}·b_{c',t'})
-- MultiheadAttention (self-attention): its in- and out-projection as two Linear layers over positions,
-  their inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
-- a parameter P used directly, broadcast over the samples (out = h + P, h ⊙ P, or cat(…, P.expand(n, …), …)):
+- MultiheadAttention: its in-projection as Linear layers over positions, one per block of rows with its
+  own input (q·k·v for self-attention, q and k·v when key is value, …), and its out-projection, their
+  inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
+- a parameter P used directly, broadcast over the samples (out = h + P, h ⊙ P, or P.expand(n, …)):
                                    A[c, c'] += ⟨g_c, g_c'⟩, g_c = Σ_broadcast b_c [⊙ h] (:mod:`.raw`)
 - BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩

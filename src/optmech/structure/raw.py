@@ -1,5 +1,5 @@
 """Parameters the forward uses directly, not through a layer: a positional embedding added to the
-activations, a layer scale multiplying them, a class token expanded over the batch and concatenated.
+activations, a layer scale multiplying them, a class token or a learned query expanded over the batch.
 
 For a parameter P (shape broadcast against the batch's activations h, of size 1 or absent along
 the samples' dimension) the per-sample gradient of f_c is a sum of b_c = ∂f_c/∂out over the
@@ -7,7 +7,9 @@ dimensions along which P is broadcast, out being the op's result (DESIGN §3, li
 
 - out = h + P:                               g_c = Σ_broadcast b_c
 - out = h ⊙ P:                               g_c = Σ_broadcast b_c ⊙ h
-- out = cat(…, P.expand(n, …), …) along d:   g_c = Σ_broadcast (b_c restricted to P's slice along d)
+- out = P.expand(n, …):                      g_c = Σ_broadcast b_c
+  (a class token then concatenated to the patches, a learned query handed to an attention layer:
+  b_c = ∂f_c/∂out gathers every use of the expanded tensor)
 
 and A[c, c'] += ⟨g_c, g_c'⟩ per sample. Such ops leave no module to hook, so while the standalone
 ``gram`` call's forward runs (not the probe's training-step capture: the user's own training
@@ -34,35 +36,27 @@ __all__ = ["RawUse", "RawUses", "RawParameterGram"]
 
 _ADD = {"add", "__add__", "__radd__"}
 _MUL = {"mul", "__mul__", "__rmul__"}
-_CAT = {"cat", "concat", "concatenate"}
 #: calls that only read metadata (shape, size, dtype, device, … and attribute reads): not a use
 _METADATA = {"__get__", "size", "dim", "numel", "__len__", "stride", "is_contiguous", "element_size", "nelement", "ndimension"}
 
 
 @dataclasses.dataclass
 class RawUse:
-    """One recorded use of a parameter: ``kind`` add / mul / cat, its result ``out``, the other operand
-    (mul) or the slice (dim, start, length) of out that holds the expanded parameter (cat), the expanded
-    tensor (cat), and the version counters of out and the other operand when recorded."""
+    """One recorded use of a parameter: ``kind`` add / mul / expand, its result ``out``, the other operand
+    (mul), and the version counters of out and the other operand when recorded."""
 
     kind: str
     out: torch.Tensor
     other: torch.Tensor | None = None
-    piece: tuple[int, int, int] | None = None
-    expanded: torch.Tensor | None = None
     versions: tuple[int, int] = (0, 0)
 
     def intact(self) -> bool:
         """Neither the result nor the saved operand was modified in place after the op."""
         return (self.out._version, self.other._version if self.other is not None else 0) == self.versions
 
-    def shape(self) -> torch.Size:
-        """The shape of the part of the result the parameter reaches: all of it, or its slice (cat)."""
-        return self.out.shape if self.kind != "cat" else self.out.narrow(self.piece[0], 0, self.piece[2]).shape
-
     def sample_dims(self, param: torch.Tensor, n: int) -> list[int]:
         """The dimensions that may hold the n samples: of size n, and the parameter broadcast along them."""
-        shape = self.shape()
+        shape = self.out.shape
         aligned = (1,) * (len(shape) - param.dim()) + tuple(param.shape)
         return [d for d in range(len(shape)) if shape[d] == n and aligned[d] == 1]
 
@@ -77,14 +71,13 @@ def _broadcasts_to(p: torch.Tensor, shape: torch.Size) -> bool:
 
 
 class RawUses(TorchFunctionMode):
-    """Records, during one forward, the add / mul / expand-and-cat uses of the given parameters (by id)."""
+    """Records, during one forward, the add / mul / expand uses of the given parameters (by id)."""
 
     def __init__(self, params: dict[int, str]) -> None:
         super().__init__()
         self.params = params
         self.uses: dict[str, list[RawUse]] = {}
         self.unknown: set[str] = set()  # parameters seen in a call that is none of the patterns
-        self._expanded: dict[int, tuple[str, torch.Tensor]] = {}  # id(P.expand(...)) -> (name, the expanded tensor)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -96,15 +89,11 @@ class RawUses(TorchFunctionMode):
     def _record(self, name: str, args: tuple, kwargs: dict, out) -> None:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         mine = [a for a in tensors if id(a) in self.params]
-        if name in _CAT:
-            seq = args[0] if args else kwargs.get("tensors", ())
-            self._record_cat(seq, args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
-            return
         if not mine or name in _METADATA:
             return
         param = self.params[id(mine[0])]
-        if name == "expand" and len(mine) == 1 and args[0] is mine[0] and isinstance(out, torch.Tensor):
-            self._expanded[id(out)] = (param, out)
+        if name == "expand" and len(mine) == 1 and args[0] is mine[0] and isinstance(out, torch.Tensor) and _broadcasts_to(mine[0], out.shape):
+            self.uses.setdefault(param, []).append(RawUse("expand", out, versions=(out._version, 0)))
             return
         # two tensor operands, one of them the parameter; no out= (nor an alpha other than 1)
         plain = len(args) == 2 and len(tensors) == 2 and len(mine) == 1 and set(kwargs) <= {"alpha"} and kwargs.get("alpha", 1) == 1
@@ -117,18 +106,6 @@ class RawUses(TorchFunctionMode):
                 return
         self.unknown.update(self.params[id(t)] for t in mine)
 
-    def _record_cat(self, seq, dim, out) -> None:
-        if not isinstance(out, torch.Tensor) or not isinstance(dim, int):
-            return
-        dim = dim % out.dim()
-        start = 0
-        for t in seq:
-            hit = self._expanded.get(id(t))
-            if hit is not None and hit[1] is t and dim != 0:
-                use = RawUse("cat", out, piece=(dim, start, t.shape[dim]), expanded=t, versions=(out._version, 0))
-                self.uses.setdefault(hit[0], []).append(use)
-            start += t.shape[dim]
-
 
 class RawParameterGram(ClassSink):
     """One directly used parameter's share of A_x: the per-sample gradients g_c (n, |P|) of the module
@@ -138,7 +115,7 @@ class RawParameterGram(ClassSink):
 
     def __init__(self, param: torch.Tensor, use: RawUse, n_classes: int, dim: int = 0) -> None:
         self.use, self.n_classes, self.count, self.dim = use, n_classes, 0, dim  # dim: the samples' dimension of out
-        out, shape = use.out, use.shape()
+        out, shape = use.out, use.out.shape
         aligned = (1,) * (len(shape) - param.dim()) + tuple(param.shape)  # P's shape, padded on the left
         self.reduce = tuple(d for d in range(len(shape)) if d != dim and aligned[d] == 1 and shape[d] != 1)
         self.buffer = torch.empty(n_classes, shape[dim], param.numel(), dtype=out.dtype, device=out.device)
@@ -146,9 +123,6 @@ class RawParameterGram(ClassSink):
     def add(self, b: torch.Tensor) -> None:
         if self.use.kind == "mul":
             b = b * self.use.other
-        elif self.use.kind == "cat":
-            dim, start, length = self.use.piece
-            b = b.narrow(dim, start, length)
         g = (b.sum(self.reduce, keepdim=True) if self.reduce else b).movedim(self.dim, 0)
         self.buffer[self.count] = g.reshape(g.shape[0], -1)
         self.count += 1
