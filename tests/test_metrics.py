@@ -320,3 +320,44 @@ def test_measure_takes_the_logits_from_the_engine_forward_when_it_has_one(method
         assert seen == [5] and m.method == "gram"
     else:
         assert seen[-1] == 5 and len(seen) > 1
+
+
+def test_capture_measures_on_its_own_forward_when_the_training_forward_would_go_generic(generic, caplog, monkeypatch):
+    """A transformer: the training capture cannot recompute attention (it must leave the step's graph alone) nor
+    watch direct uses, so it would hand those parameters to the generic path; the probe measures on a forward
+    of its own instead, where they are fast, and leaves the training forward unhooked and its graph intact."""
+    from optmech.structure import capture as capture_module
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+                          nn.Flatten(), nn.Linear(8 * 4, 3)).double().train()
+    x = torch.randn(5, 4, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    probe = Probe(model, check=True)
+    expected = probe.measure(x, y)
+    hooked = []
+    original = capture_module.ForwardCapture.__enter__
+    monkeypatch.setattr(capture_module.ForwardCapture, "__enter__", lambda self: (hooked.append(self.attention == []), original(self))[1])
+    with caplog.at_level("INFO", logger="optmech.probe"):
+        with probe.capture() as step:
+            logits = model(x)
+        m = step.measure(x, y, logits)
+    assert hooked == [False]  # only the standalone call's capture (attention on), not the training forward's
+    assert generic == []
+    assert torch.allclose(m.gradient_norm, expected.gradient_norm, rtol=1e-12)
+    assert "forward of its own" in caplog.text
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_capture_reuses_the_forward_when_every_parameter_is_in_a_fast_layer():
+    model = build("snet", depth=1, skip=True, input_shape=(1, 8, 8), seed=0, dtype=torch.float64).train()
+    x, y = _batch(5)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    probe = Probe(model)
+    with probe.capture() as step:
+        logits = model(x)
+    assert step.reuse
+    step.measure(x, y, logits)
+    assert calls == [1]  # the training forward only
