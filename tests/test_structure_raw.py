@@ -85,11 +85,64 @@ class AttentionPooling(nn.Module):
         return self.head(self.att(self.query.expand(x.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0])
 
 
+class PlainAttention(nn.Module):
+    """Multi-head self-attention written with Linear layers and matmuls (no nn.MultiheadAttention), pre-norm."""
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(dim)
+        self.to_qkv, self.to_out = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n, L, d = x.shape
+        q, k, v = (t.reshape(n, L, self.heads, -1).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
+        attn = (q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5).softmax(-1)
+        return self.to_out((attn @ v).transpose(1, 2).reshape(n, L, d))
+
+
+class SlicedPositionsViT(nn.Module):
+    """A ViT written the way many research codebases write it: the class token reshaped and expanded (as
+    ``einops.repeat`` does), concatenated, then ``x += pos[:, :(L + 1)]`` (a slice of a longer positional
+    embedding, added in place), a residual pre-norm attention block, the class token's row to the head."""
+
+    def __init__(self, dim: int = 8, max_tokens: int = 9) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.cls_token = nn.Parameter(torch.randn(dim) * 0.5)
+        self.pos_embedding = nn.Parameter(torch.randn(1, max_tokens, dim) * 0.5)
+        self.attn, self.norm, self.head = PlainAttention(dim), nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):  # (n, L, 4), L + 1 ≤ max_tokens
+        h = self.embed(x)
+        n, L, d = h.shape
+        h = torch.cat((self.cls_token.reshape(1, 1, d).expand(n, -1, -1), h), dim=1)
+        h += self.pos_embedding[:, : L + 1]
+        h = h + self.attn(h)
+        return self.head(self.norm(h)[:, 0])
+
+
+class SlicedScale(nn.Module):
+    """A per-position scale read through a transpose and a slice, multiplied (out of place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.scale, self.head = nn.Linear(3, 4), nn.Parameter(torch.rand(4, 6) + 0.5), nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, L, 3), L ≤ 6
+        return self.head((torch.tanh(self.fc(x)) * self.scale.t()[: x.shape[1]]).mean(1))
+
+
 @pytest.mark.parametrize("case", ["vit", "temperature", "sequence-first, L ≠ n", "sequence-first, L = n", "expanded twice",
-                                  "attention pooling", "attention pooling, L = n"])
+                                  "attention pooling", "attention pooling, L = n", "sliced positions, in place",
+                                  "sliced scale"])
 def test_direct_uses_are_exact_and_take_no_generic_path(case, generic):
     torch.manual_seed(0)
-    if case == "expanded twice":
+    if case == "sliced positions, in place":
+        model, x = SlicedPositionsViT(), torch.randn(6, 3, 4)  # 4 tokens: as many as samples would leave the last
+        # layers ambiguous (only the class token reaches the head; see test_structure_attention)
+    elif case == "sliced scale":
+        model, x = SlicedScale(), torch.randn(5, 4, 3)
+    elif case == "expanded twice":
         model, x = ExpandedTwice(), torch.randn(5, 3, 4)
     elif case.startswith("attention pooling"):
         model, x = AttentionPooling(), torch.randn(5, 5 if case.endswith("L = n") else 3, 3)
@@ -188,8 +241,58 @@ class ExpandedOverPositions(nn.Module):
         return torch.tanh(self.fc(x) + self.p.expand(x.shape[1], -1)).mean(1)
 
 
+class TensorIndexed(nn.Module):
+    """Positions picked with a tensor of indices (advanced indexing may repeat entries): not followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(1, 6, 4))
+
+    def forward(self, x):  # (n, 3, 4)
+        return torch.tanh(self.fc(x) + self.p[:, torch.tensor([0, 2, 2])]).mean(1)
+
+
+class ViewUsedTwice(nn.Module):
+    """A slice added, and the same slice read again through a custom autograd Function (unseen)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):  # (n, 4)
+        v = self.p[2]
+        return torch.tanh(self.fc(x) + v) * _Square.apply(v).sum()
+
+
+class ScaledInPlace(nn.Module):
+    """x *= scale in place: the product's gradient needs x as it was before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        h = self.fc(x) + 1.0
+        h *= self.p
+        return torch.tanh(h)
+
+
+class AddedIntoAView(nn.Module):
+    """x[:, 1:].add_(P): the target is a view of x (the logits read x, not the view's new version)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.p = nn.Linear(4, 4), nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):  # (n, 3, 4)
+        h = self.fc(x)
+        h[:, 1:].add_(self.p)
+        return torch.tanh(h).mean(1)
+
+
 @pytest.mark.parametrize("make, shape", [
     (Twice, (5, 4)), (InPlaceAfter, (5, 4)), (UnseenUse, (5, 4)), (Subtracted, (5, 4)), (ExpandedOverPositions, (5, 3, 4)),
+    (TensorIndexed, (5, 3, 4)), (ViewUsedTwice, (5, 4)), (ScaledInPlace, (5, 4)), (AddedIntoAView, (5, 3, 4)),
     (ScaledAdd, (5, 4)),
 ])
 def test_uses_the_fast_path_does_not_follow_go_to_the_generic_path(make, shape, generic):

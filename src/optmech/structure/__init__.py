@@ -44,9 +44,9 @@ class EngineMethod(str, enum.Enum):
       the selected positions), a grouped or depthwise convolution the same way as a batch of its
       groups; Embedding as a ghost Gram over token equality; ``nn.MultiheadAttention`` (self- or
       cross-attention) as its projections, Linear layers over positions (the call recomputed in steps that the
-      backward passes reach, checked against the module's output); a parameter used directly and
-      broadcast over the samples — added (a positional embedding), multiplied (a layer scale), or
-      expanded (a class token, a learned query) — from ∂f/∂ of that op's result; the affine
+      backward passes reach, checked against the module's output); a parameter used directly (or a
+      view of it: a slice, a reshape) and broadcast over the samples — added (a positional embedding,
+      in place too), multiplied (a layer scale), or expanded (a class token, a learned query) — from ∂f/∂ of that op's result; the affine
       parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward

@@ -294,7 +294,7 @@ class ForwardCapture:
             names = [plan.name for plan in fast]
             for name, (use, (dim,)) in raw.items():
                 zs.append(use.out)
-                sinks.append(RawParameterGram(by_name[name], use, n_classes, dim))
+                sinks.append(RawParameterGram(use, n_classes, dim))
                 names.append(layer_of(name))  # grouped as the generic path groups it
             _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
             return [(name, sink.result()) for name, sink in zip(names, sinks)], slow_names
@@ -333,9 +333,11 @@ class ForwardCapture:
             use = uses[0]
             if len(uses) != 1 or name in self._raw.unknown or graph.leaves.get(id(by_name[name]), 0) != 1:
                 reasons[name] = "used directly in more than one place, or in a way the fast path does not follow"
+            elif any(graph.consumers.get(id(v.grad_fn), 0) != 1 for v in use.chain):
+                reasons[name] = "a view of it is used elsewhere too"
             elif not (use.intact() and use.out.requires_grad):
                 reasons[name] = "the result of its use was modified in place"
-            elif not (dims := use.sample_dims(by_name[name], n)):
+            elif not (dims := use.sample_dims(n)):
                 reasons[name] = "no dimension of the result of its use has the batch's size with the parameter broadcast along it"
             else:
                 taken[name] = (use, dims)

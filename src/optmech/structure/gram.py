@@ -11,7 +11,8 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - MultiheadAttention: its in-projection as Linear layers over positions, one per block of rows with its
   own input (q·k·v for self-attention, q and k·v when key is value, …), and its out-projection, their
   inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
-- a parameter P used directly, broadcast over the samples (out = h + P, h ⊙ P, or P.expand(n, …)):
+- a parameter P used directly, or a view V of it (a slice, a reshape), broadcast over the samples
+  (out = h + V, h ⊙ V, or V.expand(n, …)):
                                    A[c, c'] += ⟨g_c, g_c'⟩, g_c = Σ_broadcast b_c [⊙ h] (:mod:`.raw`)
 - BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
