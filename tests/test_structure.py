@@ -249,8 +249,52 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
 
     model, x = unusual_models()["grouped_partly_frozen"]
     plans, rest = plan_layers(model, trainable_parameters(model))
-    assert [p.name for p in plans] == ["conv", "twice", "out"]  # the reflect-padded conv and the half-frozen fc go generic
-    assert set(rest) == {"reflect.weight", "reflect.bias", "fc.weight"}
+    assert [p.name for p in plans] == ["conv", "reflect", "twice", "out"]  # the half-frozen fc goes generic
+    assert set(rest) == {"fc.weight"}
+
+
+class Paddings(nn.Module):
+    """Every kind of convolution padding: "same" with an even kernel and dilation (one more on the far side),
+    "valid", reflect, replicate and circular modes, a grouped "same" conv, a Conv1d "same" with an even kernel;
+    a "same" conv → ReLU → MaxPool chain (contracted at the pool's output on the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.same = nn.Conv2d(2, 4, (4, 3), padding="same", dilation=(2, 1))
+        self.pooled = nn.Conv2d(4, 4, 2, padding="same")
+        self.reflect = nn.Conv2d(4, 4, 3, padding=(1, 2), padding_mode="reflect")
+        self.replicate = nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="replicate", bias=False)
+        self.circular = nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", groups=2)
+        self.valid = nn.Conv2d(4, 3, 2, padding="valid")
+        self.seq = nn.Conv1d(3, 2, 4, padding="same", padding_mode="reflect")
+        self.pool, self.head = nn.MaxPool2d(3, stride=1, padding=1), nn.Linear(2 * 6, 3)
+
+    def forward(self, x):  # (n, 2, 7, 8)
+        h = torch.tanh(self.same(x))
+        h = self.pool(torch.relu(self.pooled(h)))
+        h = torch.tanh(self.replicate(torch.tanh(self.reflect(h))))  # (n, 4, 4, 5)
+        h = torch.tanh(self.valid(torch.tanh(self.circular(h))))  # (n, 3, 3, 4)
+        return self.head(torch.tanh(self.seq(h.flatten(2)[:, :, :6])).flatten(1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
+def test_every_convolution_padding_is_fast_and_exact(monkeypatch, generic, strategy):
+    from optmech.structure import sinks
+
+    torch.manual_seed(3)
+    model = Paddings().double()
+    x = torch.randn(3, 2, 7, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    if strategy is not None:
+        original = sinks.contraction_costs
+        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, **k: {strategy: original(*a, **k)[strategy]})
+    for _ in range(2):  # kept padded buffers on the second call
+        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        assert rel_err(A, reference) < 1e-12
+    assert generic == []
+    for name, part in groups.items():
+        assert rel_err(part, ref_groups[name]) < 1e-12, name
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])

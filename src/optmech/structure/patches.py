@@ -2,8 +2,10 @@
 
 A Linear layer's input over positions t is (n, K = in_features, S = positions); a Conv1d/Conv2d
 layer's is its unfolded patches (n, K = c_in·kernel, S = output positions), built as a strided
-view of the zero-padded input and copied once (the values of ``F.unfold``, about 3× faster on
-CPU). Buffers of tens of MB are kept per (module, role) between calls: the probe calls the engine
+view of the padded input and copied once (the values of ``F.unfold``, about 3× faster on
+CPU). The padding is the layer's own: integer, ``"valid"`` or ``"same"`` (the odd one of an even
+total on the far side, as torch pads), zeros or the layer's ``padding_mode`` (reflect, replicate,
+circular: the input the convolution's weights actually saw). Buffers of tens of MB are kept per (module, role) between calls: the probe calls the engine
 every step with the same shapes, and fresh buffers of that size cost page faults worth about 3× the
 copy into them. ``release_workspace()`` frees them.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["layer_patches", "layer_dims", "out_features", "workspace", "SHARED", "release_workspace"]
@@ -54,16 +57,32 @@ def release_workspace() -> None:
     _WORKSPACE.clear()
 
 
+def _conv_pads(module: nn.Module, k: tuple[int, int], d: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) padding of a Conv1d/Conv2d (seen as 2-D, height 1 for Conv1d).
+
+    ``"same"``: a total of d·(k − 1) per dimension, ⌊total/2⌋ before and the rest after (as torch's
+    ``_ConvNd`` computes it); ``"valid"``: none; integers: symmetric.
+    """
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0, 0, 0, 0)
+        th, tw = d[0] * (k[0] - 1), d[1] * (k[1] - 1)
+        return (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+    ph, pw = (0, module.padding[0]) if isinstance(module, nn.Conv1d) else module.padding
+    return (ph, ph, pw, pw)
+
+
 def _conv_geometry(module: nn.Module, a: torch.Tensor):
-    """(input as (n, c, h, w), kernel, dilation, padding, stride, output (ho, wo)) of a Conv1d/Conv2d."""
+    """(input as (n, c, h, w), kernel, dilation, pads (top, bottom, left, right), stride, output (ho, wo)) of a Conv1d/Conv2d."""
     if isinstance(module, nn.Conv1d):
         a = a.unsqueeze(-2)
-        k, d, p, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (0, module.padding[0]), (1, module.stride[0])
+        k, d, s = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
     else:
-        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+        k, d, s = module.kernel_size, module.dilation, module.stride
+    p = _conv_pads(module, k, d)
     h, w = a.shape[-2:]
-    ho = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    wo = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    ho = (h + p[0] + p[1] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + p[2] + p[3] - d[1] * (k[1] - 1) - 1) // s[1] + 1
     return a, k, d, p, s, (ho, wo)
 
 
@@ -76,7 +95,12 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     """
     a, k, d, p, s, (ho, wo) = _conv_geometry(module, a)
     n, c = a.shape[:2]
-    padded = _zero_padded(a, p) if (p[0] or p[1]) else a
+    if not any(p):
+        padded = a
+    elif module.padding_mode == "zeros":
+        padded = _zero_padded(a, p)
+    else:  # what the layer's forward convolves: F.pad with its mode, then no padding
+        padded = F.pad(a, (p[2], p[3], p[0], p[1]), mode=module.padding_mode)
     sn, sc, sh, sw = padded.stride()
     view = padded.as_strided((n, c, k[0], k[1], ho, wo), (sn, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]))
     K = c * k[0] * k[1]
@@ -87,15 +111,16 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     return out
 
 
-def _zero_padded(a: torch.Tensor, p: tuple[int, int]) -> torch.Tensor:
-    """``F.pad(a, (p1, p1, p0, p0))`` in a buffer kept between calls whose zero border is written once.
+def _zero_padded(a: torch.Tensor, p: tuple[int, int, int, int]) -> torch.Tensor:
+    """``F.pad(a, (left, right, top, bottom))`` (p = (top, bottom, left, right)) in a buffer kept between
+    calls whose zero border is written once.
 
     Shared by every layer with the same padded shape and padding (the interior, always fully
     overwritten, is then the same region). Saves ``F.pad``'s fresh allocation and fill each call.
     """
     n, c, h, w = a.shape
-    out = workspace(SHARED, f"padded{p}", (n, c, h + 2 * p[0], w + 2 * p[1]), a.dtype, a.device, zeroed=True)
-    out[:, :, p[0] : p[0] + h, p[1] : p[1] + w].copy_(a)
+    out = workspace(SHARED, f"padded{p}", (n, c, h + p[0] + p[1], w + p[2] + p[3]), a.dtype, a.device, zeroed=True)
+    out[:, :, p[0] : p[0] + h, p[2] : p[2] + w].copy_(a)
     return out
 
 

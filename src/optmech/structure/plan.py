@@ -39,12 +39,9 @@ def _is_fast_layer(module: nn.Module) -> bool:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return module.running_mean is not None and module.running_var is not None
         return True
-    if type(module) not in _FAST_TYPES:  # exact types only: subclasses may change forward
-        return False
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):  # grouped ones too (:mod:`.grouped`)
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return False
-    return True
+    # exact types only (subclasses may change forward); Conv1d/Conv2d grouped ones too (:mod:`.grouped`), with
+    # any padding and padding mode (:mod:`.patches`)
+    return type(module) in _FAST_TYPES
 
 
 @dataclasses.dataclass
