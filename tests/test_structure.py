@@ -503,3 +503,30 @@ def test_gram_says_once_which_parameters_go_through_the_generic_path_and_why(cap
     assert len(said) == 1, said
     assert "enc.weight, enc.bias (it is used outside its layer too)" in said[0]
     assert "shared.weight" in said[0] and "did not run exactly once" in said[0]
+
+
+class RMSNormNet(nn.Module):
+    """RMSNorm over the last dimension (sequence-first: the samples along dim 1) and over the last two dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(3, 4), nn.RMSNorm(4, eps=1e-6)
+        self.norm2, self.head = nn.RMSNorm((5, 4)), nn.Linear(4, 2)
+
+    def forward(self, x):  # (n, 5, 3)
+        h = self.norm(torch.nn.functional.silu(self.fc(x.transpose(0, 1))))  # (5, n, 4)
+        return self.head(self.norm2(h.transpose(0, 1)).mean(1))
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm needs torch ≥ 2.4")
+@pytest.mark.parametrize("n", [4, 5])  # n = 5: as many samples as positions (the samples' dimension is found)
+def test_rmsnorm_is_fast_and_exact(n, generic):
+    torch.manual_seed(7)
+    model = RMSNormNet().double()
+    x = torch.randn(n, 5, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    assert rel_err(A, reference) < RTOL[torch.float64] and generic == []
+    assert {"norm", "norm2"} <= set(groups)
+    for name, part in groups.items():
+        assert rel_err(part, ref_groups[name]) < RTOL[torch.float64], name

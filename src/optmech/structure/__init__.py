@@ -47,7 +47,7 @@ class EngineMethod(str, enum.Enum):
       backward passes reach, checked against the module's output); a parameter used directly (or a
       view of it: a slice, a reshape) and broadcast over the samples — added (a positional embedding,
       in place too), multiplied (a layer scale), or expanded (a class token, a learned query) — from ∂f/∂ of that op's result; the affine
-      parameters of BatchNorm (running statistics), LayerNorm and GroupNorm as
+      parameters of BatchNorm (running statistics), LayerNorm, RMSNorm and GroupNorm as
       Σ_positions b_c ⊙ x̂ and Σ_positions b_c.
       On the CPU the model runs on channels-last Conv2d outputs (faster convolution backward
       passes; a forward that cannot take them is rerun as given, from then on).

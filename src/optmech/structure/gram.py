@@ -14,7 +14,7 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - a parameter P used directly, or a view V of it (a slice, a reshape), broadcast over the samples
   (out = h + V, h ⊙ V, or V.expand(n, …)):
                                    A[c, c'] += ⟨g_c, g_c'⟩, g_c = Σ_broadcast b_c [⊙ h] (:mod:`.raw`)
-- BatchNorm (running statistics), LayerNorm, GroupNorm, z = x̂ ⊙ γ + β:
+- BatchNorm (running statistics), LayerNorm, RMSNorm, GroupNorm, z = x̂ ⊙ γ + β:
                                    A[c, c'] += ⟨Σ_pos b_c ⊙ x̂, Σ_pos b_c' ⊙ x̂⟩ + ⟨Σ_pos b_c, Σ_pos b_c'⟩
 
 Each position-summed term is computed either in "ghost" form (the S×S Gram of the patches) or

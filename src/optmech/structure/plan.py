@@ -19,7 +19,9 @@ from torch import nn
 __all__ = ["LayerPlan", "GraphUses", "plan_layers"]
 
 _FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+#: layers that normalise over trailing feature dimensions (``nn.RMSNorm`` from torch 2.4 on)
+_FEATURE_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm) + _FEATURE_NORMS
 
 
 @dataclasses.dataclass

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from ._class_sink import ClassSink
+from .plan import _FEATURE_NORMS
 
 __all__ = ["candidate_dims", "sample_dims", "SamplesMoved"]
 
 #: layers that act on any leading dimensions (their samples may lie along another one)
-_POSITION_WISE = (nn.Linear, nn.LayerNorm, nn.Embedding)
+_POSITION_WISE = (nn.Linear, nn.Embedding) + _FEATURE_NORMS
 
 
 def candidate_dims(module: nn.Module, z: torch.Tensor, n: int) -> list[int]:
@@ -33,7 +34,7 @@ def candidate_dims(module: nn.Module, z: torch.Tensor, n: int) -> list[int]:
     dimensions of size n; for the others, the first if its size is n."""
     if not isinstance(module, _POSITION_WISE):
         return [0] if z.dim() >= 1 and z.shape[0] == n else []
-    features = len(module.normalized_shape) if isinstance(module, nn.LayerNorm) else 1
+    features = len(module.normalized_shape) if isinstance(module, _FEATURE_NORMS) else 1
     return [d for d in range(z.dim() - features) if z.shape[d] == n]
 
 

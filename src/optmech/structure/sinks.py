@@ -3,7 +3,7 @@ the layer's share of A_x, (n, C, C).
 
 - :class:`_LayerGram`: Linear, Conv1d and ungrouped Conv2d, in ghost or materialised form (:mod:`.contract`),
   the b_c buffered, contracted as they arrive, or written into the buffer by a ReLU tap (:mod:`.relu_tap`);
-- :class:`_NormGram`: BatchNorm on running statistics, LayerNorm, GroupNorm;
+- :class:`_NormGram`: BatchNorm on running statistics, LayerNorm, RMSNorm, GroupNorm;
 - :class:`_EmbeddingGram`: Embedding, through the token-equality Gram;
 - grouped convolutions: :class:`.grouped.GroupedConvGram`; a conv contracted at its pool's output: :mod:`.pooled`.
 
@@ -21,7 +21,7 @@ from .contract import class_major_gram, contraction_costs, ghost_gram, materiali
 from .grouped import GroupedConvGram
 from .layout import _is_channels_last
 from .patches import SHARED, layer_dims, layer_patches, out_features, workspace
-from .plan import _NORM_TYPES, LayerPlan
+from .plan import _FEATURE_NORMS, _NORM_TYPES, LayerPlan
 
 #: materialised layers whose patches have at most this many rows per output channel contract each class at once
 _IMMEDIATE_RATIO = 2
@@ -165,13 +165,13 @@ class _LayerGram(ClassSink):
 
 
 class _NormGram(ClassSink):
-    """One normalisation layer's contribution (BatchNorm on running statistics, LayerNorm, GroupNorm).
+    """One normalisation layer's contribution (BatchNorm on running statistics, LayerNorm, RMSNorm, GroupNorm).
 
-    z = x̂ ⊙ γ + β elementwise, with x̂ the normalised input (a function of the input alone, per
-    sample: running statistics, or statistics over the sample's own features). So
+    z = x̂ ⊙ γ + β elementwise (RMSNorm: no β), with x̂ the normalised input (a function of the input
+    alone, per sample: running statistics, or statistics over the sample's own features). So
     ∂f_c/∂γ = Σ_positions b_c ⊙ x̂ and ∂f_c/∂β = Σ_positions b_c, each class contracted as it arrives
     into G (C, n, |γ| + |β|), and A[c, c'] = ⟨G_c, G_c'⟩. BatchNorm/GroupNorm: γ per channel (dim 1),
-    positions = the spatial dims; LayerNorm: γ over the normalised trailing dims, positions = the rest.
+    positions = the spatial dims; LayerNorm/RMSNorm: γ over the normalised trailing dims, positions = the rest.
     """
 
     strategy = "elementwise"
@@ -179,8 +179,11 @@ class _NormGram(ClassSink):
     def __init__(self, plan: LayerPlan, a: torch.Tensor, n_classes: int) -> None:
         plan.strategy = self.strategy
         m = self.module = plan.module
-        if isinstance(m, nn.LayerNorm):
-            self.xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+        if isinstance(m, _FEATURE_NORMS):
+            if isinstance(m, nn.LayerNorm):
+                self.xhat = F.layer_norm(a, m.normalized_shape, None, None, m.eps)
+            else:
+                self.xhat = F.rms_norm(a, m.normalized_shape, None, m.eps)
             self.reduce = tuple(range(1, a.dim() - len(m.normalized_shape)))  # leading positions
         else:
             if isinstance(m, nn.GroupNorm):
@@ -188,8 +191,9 @@ class _NormGram(ClassSink):
             else:
                 self.xhat = F.batch_norm(a, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
             self.reduce = tuple(range(2, a.dim()))  # spatial positions
-        self.has = (m.weight is not None, m.bias is not None)
-        size = m.weight.numel() if m.weight is not None else m.bias.numel()
+        bias = getattr(m, "bias", None)
+        self.has = (m.weight is not None, bias is not None)
+        size = m.weight.numel() if m.weight is not None else bias.numel()
         self.buffer = torch.empty(n_classes, a.shape[0], size * sum(self.has), dtype=a.dtype, device=a.device)
         self.n_classes, self.count = n_classes, 0
 
