@@ -150,12 +150,12 @@ def test_auto_reports_the_method_and_falls_back_exactly():
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 2)
-            self.scale = nn.Parameter(torch.tensor([1.5, 0.5]))  # not a Linear/Conv: generic path
+            self.shift = nn.Parameter(torch.tensor([1.5, 0.5]))  # subtracted: no fast rule, the generic path
 
         def forward(self, x):
             if float(x.sum()) > 1e9:  # data-dependent Python control flow: vmap cannot run this
                 return self.fc(x) * 2
-            return self.fc(x) * self.scale
+            return self.fc(x) - self.shift
 
     model = NotVmappable().double()
     x = torch.randn(4, 3, dtype=torch.float64)
@@ -334,6 +334,18 @@ def test_per_layer_shares_sum_to_A_and_agree_across_methods(case):
     assert ran in ("gram", "jacobian") and rel_err(A, A_loop) < RTOL[torch.float64]
 
 
+class Shifted(nn.Module):
+    """A free parameter subtracted after a Linear: a use the fast path does not follow (generic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.shift = nn.Parameter(torch.tensor([1.5, 0.5, -1.0]))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) - self.shift
+
+
 @pytest.mark.parametrize("slow", ["gram", "jacobian"])
 def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_fast_layers(monkeypatch, caplog, slow):
     """A free parameter makes gram = fast layers + jacobian on the rest: auto measures both, keeps the faster."""
@@ -341,16 +353,16 @@ def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_
 
     from optmech import structure
 
-    model, x = Scaled(with_linear=True).double(), torch.randn(5, 3, dtype=torch.float64)
+    model, x = Shifted().double(), torch.randn(5, 3, dtype=torch.float64)
     calls = []
     for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
         original = structure._METHODS[method]
 
-        def timed(*args, _method=method, _original=original):
+        def timed(*args, _method=method, _original=original, **kw):
             calls.append(_method.value)
             if _method.value == slow:
                 time_module.sleep(0.2)  # the slower one by a margin no machine noise covers
-            return _original(*args)
+            return _original(*args, **kw)
 
         monkeypatch.setitem(structure._METHODS, method, timed)
     reference = structural_matrix(model, x, method="loop")
@@ -364,6 +376,20 @@ def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_
     assert calls == [fast] and ran == fast and rel_err(A, reference) < RTOL[torch.float64]
     structural_matrix(model, x[:2])  # another shape: measured again
     assert calls == [fast, "gram", "jacobian"]
+
+
+def test_auto_does_not_time_jacobian_when_gram_found_every_parameter_a_fast_rule(monkeypatch, caplog):
+    """A parameter used directly (a scale after a Linear) is known to be fast only once gram's forward has run:
+    then jacobian is not timed on the CPU, and the choice is remembered."""
+    from optmech import structure
+
+    model, x = Scaled(with_linear=True).double(), torch.randn(5, 3, dtype=torch.float64)
+    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a, **k: pytest.fail("jacobian ran"))
+    with caplog.at_level("INFO", logger="optmech.structure"):
+        A, ran = structural_matrix(model, x, return_method=True)
+    assert ran == "gram" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert "gram took every parameter on its fast path" in caplog.text
+    assert structure._AUTO_CHOICE[model] and set(structure._AUTO_CHOICE[model].values()) == {EngineMethod.GRAM}
 
 
 def test_auto_does_not_measure_when_every_parameter_is_in_a_fast_layer(monkeypatch):

@@ -209,6 +209,10 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
 def _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key) -> tuple[torch.Tensor, dict | None, EngineMethod]:
     """Run ``gram`` and ``jacobian``, timed; remember the faster; return its result.
 
+    On the CPU, when ``gram``'s forward found every parameter a fast rule (parameters used directly,
+    attention, found only during a forward), ``jacobian`` is not run: ``gram``'s arithmetic is then a
+    subset of its, as when every parameter sits in a fast layer (:func:`_auto_choice`).
+
     On a GPU, where a call takes milliseconds, each runs three times with the device synchronised
     around each run, and the faster of the last two counts: the first also pays for kernel
     selection and allocations, and one run alone can meet a pause (a garbage collection, another
@@ -216,7 +220,13 @@ def _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key) 
     """
     results, seconds = {}, {}
     cuda = x.device.type == "cuda"
+    generic: list[str] = []  # the parameters gram's forward left to the generic path
     for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
+        if method is EngineMethod.JACOBIAN and not cuda and not generic:
+            _AUTO_CHOICE.setdefault(model, {})[key] = EngineMethod.GRAM
+            log.info("structural_matrix(method='auto'): gram took every parameter on its fast path (%.1f ms on batch %s); "
+                     "using gram for this model and shape", 1e3 * seconds[EngineMethod.GRAM], tuple(x.shape))
+            return (*results[EngineMethod.GRAM], EngineMethod.GRAM)
         runs = []
         for _ in range(3 if cuda else 1):
             groups = {} if per_layer else None
@@ -224,7 +234,10 @@ def _auto_trial(model, x, named, n_classes, chunk_size, per_layer, logits, key) 
             if cuda:
                 torch.cuda.synchronize(x.device)
             start = time.perf_counter()
-            A = _METHODS[method](model, x, named, n_classes, chunk_size, groups, run_logits)
+            extra = {"generic": generic} if method is EngineMethod.GRAM else {}
+            if method is EngineMethod.GRAM:
+                generic.clear()
+            A = _METHODS[method](model, x, named, n_classes, chunk_size, groups, run_logits, **extra)
             if cuda:
                 torch.cuda.synchronize(x.device)
             runs.append(time.perf_counter() - start)
@@ -246,7 +259,7 @@ _METHODS: dict[EngineMethod, Callable[..., torch.Tensor]] = {
     EngineMethod.JACOBIAN: lambda model, x, named, n_classes, chunk, groups, logits: structural_matrix_jacobian(
         model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups
     ),
-    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk, groups, logits: structural_matrix_gram(
-        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups, logits=logits
+    EngineMethod.GRAM: lambda model, x, named, n_classes, chunk, groups, logits, generic=None: structural_matrix_gram(
+        model, x, named, n_classes=n_classes, chunk_size=chunk, groups=groups, logits=logits, generic=generic
     ),
 }

@@ -92,6 +92,7 @@ def structural_matrix_gram(
     chunk_size: int | None = None,
     groups: dict[str, torch.Tensor] | None = None,
     logits: list[torch.Tensor] | None = None,
+    generic: list[str] | None = None,
 ) -> torch.Tensor:
     """A (batch, C, C) by per-layer Gram contractions, the rest through torch.func.
 
@@ -103,6 +104,7 @@ def structural_matrix_gram(
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
         logits: if a list, receives the detached logits of each chunk's forward.
+        generic: if a list, receives the names of the parameters that went through the generic path (each once).
 
     On the CPU the forward runs on channels-last Conv2d outputs (see :func:`.layout._to_channels_last`);
     if it raises a RuntimeError that way, it is rerun in the model's own layout, which the model
@@ -140,6 +142,8 @@ def structural_matrix_gram(
                 capture.channels_last = False
                 log.info("gram: %s does not run on channels-last convolution outputs (%s); using its own layout", type(model).__name__, err)
         capture.add_parts(parts, slow_names, out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
+        if generic is not None:
+            generic.extend(name for name in slow_names if name not in generic)
         if logits is not None:
             logits.append(out.detach())
         del out
