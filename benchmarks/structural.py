@@ -227,7 +227,7 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
         macs += min(contraction_costs(x.shape[0], N_CLASSES, Lq, E, E, a.module.out_proj.bias is not None).values())
     for p in plans:
         if isinstance(p.module, _NORM_TYPES):  # Σ_positions b_c ⊙ x̂ and Σ_positions b_c, then their Gram
-            size = sum(t.numel() for t in (p.module.weight, p.module.bias) if t is not None)
+            size = sum(t.numel() for t in (p.module.weight, getattr(p.module, "bias", None)) if t is not None)
             macs += N_CLASSES * captured[p.module][1].numel() + x.shape[0] * N_CLASSES**2 * size
             continue
         a = layer_patches(p.module, captured[p.module][0])
