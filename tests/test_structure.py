@@ -556,3 +556,39 @@ def test_rmsnorm_is_fast_and_exact(n, generic):
     assert {"norm", "norm2"} <= set(groups)
     for name, part in groups.items():
         assert rel_err(part, ref_groups[name]) < RTOL[torch.float64], name
+
+
+class Volumes(nn.Module):
+    """Conv3d: strided and dilated with "same"-free integer padding, grouped with "same" padding (odd total on the
+    far side), replicate-padded without bias; then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv3d(2, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 2), dilation=(2, 1, 1))
+        self.b = nn.Conv3d(4, 4, (2, 3, 3), padding="same", groups=2)
+        self.c = nn.Conv3d(4, 3, 3, padding=1, padding_mode="replicate", bias=False)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):  # (n, 2, 5, 6, 4)
+        h = self.c(torch.tanh(self.b(torch.relu(self.a(x)))))
+        return self.head(torch.tanh(h).mean((2, 3, 4)))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
+def test_conv3d_is_fast_and_exact(monkeypatch, generic, strategy):
+    from optmech.structure import sinks
+
+    torch.manual_seed(9)
+    model = Volumes().double()
+    x = torch.randn(3, 2, 5, 6, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    if strategy is not None:
+        original = sinks.contraction_costs
+        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, **k: {strategy: original(*a, **k)[strategy]})
+    for _ in range(2):
+        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        assert rel_err(A, reference) < 1e-12
+    assert generic == []
+    for name, part in groups.items():
+        assert rel_err(part, ref_groups[name]) < 1e-12, name

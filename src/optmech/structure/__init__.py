@@ -38,7 +38,7 @@ class EngineMethod(str, enum.Enum):
     - ``GRAM``: layer-wise (DESIGN §3). One forward with hooks, C batched backward passes for
       B_c = ∂f_c/∂z at every fast layer's output (one vmapped pass for all C on a GPU without
       convolutions, and on the CPU when no convolution backward is on the way and the layer
-      outputs are small), then per Linear/Conv1d/Conv2d the cheaper of the
+      outputs are small), then per Linear/Conv1d/Conv2d/Conv3d the cheaper of the
       ghost Gram (Σ_{s,s'} (a_s·a_s')(b_{c,s}·b_{c',s'})) or the materialised per-class weight
       gradient (on the CPU, a Conv2d feeding only [ReLU →] MaxPool2d: at the pool's output, over
       the selected positions), a grouped or depthwise convolution the same way as a batch of its

@@ -1,6 +1,6 @@
 """A grouped convolution's share of A_x (``groups`` = g > 1, depthwise included), as g convolutions of its own.
 
-A Conv1d/Conv2d with g groups maps input channels [j·c_in/g, (j+1)·c_in/g) to output channels
+A Conv1d/Conv2d/Conv3d with g groups maps input channels [j·c_in/g, (j+1)·c_in/g) to output channels
 [j·d_out/g, (j+1)·d_out/g) with weights of their own, so its share of A_x is the sum over j of the
 shares of g ordinary convolutions (:mod:`.contract`):
 
@@ -25,7 +25,7 @@ __all__ = ["GroupedConvGram"]
 
 
 class GroupedConvGram(ClassSink):
-    """Accumulates a grouped Conv1d/Conv2d's contribution: ``add(b_c)`` per class (or all at once), then ``result()``.
+    """Accumulates a grouped convolution's contribution: ``add(b_c)`` per class (or all at once), then ``result()``.
 
     b_c = ∂f_c/∂z has the layer output's shape (n, d_out, *spatial); it is copied into a buffer
     (n, g, C, d_out/g, S), which is the (n·g, C, d_out/g, S) operand of the per-group contraction.

@@ -37,7 +37,7 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
     unless the model has a convolution layer (or the backward runs attention's fused kernel).
     """
     if out.device.type != "cpu":
-        return not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d)) for p in fast) and not _backward_runs(out, zs, graph, _ATTENTION)
+        return not any(isinstance(p.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for p in fast) and not _backward_runs(out, zs, graph, _ATTENTION)
     if any(getattr(s, "tapped", False) for s in sinks):
         return False
     per_class = sum(z.numel() * z.element_size() for z in zs)

@@ -1,7 +1,7 @@
 """Which parameters ``gram`` takes layer by layer, and the facts of the logits' graph it relies on.
 
 A layer is *fast* when its type is one whose contribution to A_x has a closed form (Linear, Conv1d,
-Conv2d, grouped ones included, Embedding, the normalisation layers on per-sample statistics: see
+Conv2d, Conv3d, grouped ones included, Embedding, the normalisation layers on per-sample statistics: see
 :mod:`.gram`) and all its trainable parameters are in θ; a parameter claimed by two modules (tied
 weights) is left to the generic path. After the forward, :func:`_graph_uses` counts how many graph
 edges consume each parameter and node, so that a weight used outside its module, or a layer output
@@ -18,7 +18,7 @@ from torch import nn
 
 __all__ = ["LayerPlan", "GraphUses", "plan_layers"]
 
-_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: layers that normalise over trailing feature dimensions (``nn.RMSNorm`` from torch 2.4 on)
 _FEATURE_NORMS = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm) + _FEATURE_NORMS
@@ -41,7 +41,7 @@ def _is_fast_layer(module: nn.Module) -> bool:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return module.running_mean is not None and module.running_var is not None
         return True
-    # exact types only (subclasses may change forward); Conv1d/Conv2d grouped ones too (:mod:`.grouped`), with
+    # exact types only (subclasses may change forward); convolutions grouped ones too (:mod:`.grouped`), with
     # any padding and padding mode (:mod:`.patches`)
     return type(module) in _FAST_TYPES
 
