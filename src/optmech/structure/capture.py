@@ -101,11 +101,11 @@ class ForwardCapture:
         left = set(self.rest) if direct else set()
         self._raw_params = {id(p): name for name, p in named_params if name in left}
         self._raw: RawUses | None = None
+        convs = any(type(p.module) is nn.Conv2d for p in self.plans)
         # hand the model its Conv2d outputs in channels-last (see _to_channels_last)
-        self.channels_last = channels_last and any(type(p.module) is nn.Conv2d for p in self.plans)
+        self.channels_last = channels_last and convs
         self.captured: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         self.pools: list[tuple[torch.Tensor, int]] = []  # (output, version) of every MaxPool2d call
-        convs = any(type(p.module) is nn.Conv2d for p in self.plans)
         self._pool_modules = [m for m in model.modules() if type(m) is nn.MaxPool2d] if convs else []
         # ReLU modules that may tap a convolution's output (see .relu_tap); the C-pass backward runs only with convolutions
         tappable = any(_tappable_conv(p.module) for p in self.plans)
@@ -114,12 +114,16 @@ class ForwardCapture:
         self._z_nodes: dict[int, tuple[nn.Module, object]] = {}  # id of a recorded conv output's graph node -> (module, the node, kept alive)
         self._handles: list = []
 
-    def __enter__(self) -> "ForwardCapture":
+    def _forget_forward(self) -> None:
+        """Drop what the hooks recorded of a forward (before the next one, and once its parts are computed)."""
         for a in self.attention:
-            a.blocks = {}  # the in-projection's blocks as this forward's calls group them
+            a.blocks = {}  # the in-projection's blocks as a forward's calls group them
         self.captured = {id(p.module): [] for p in self._layer_plans()}
         self.pools = []
         self.taps, self._z_nodes = {}, {}
+
+    def __enter__(self) -> "ForwardCapture":
+        self._forget_forward()
         self._raw = RawUses(self._raw_params) if self._raw_params else None
 
         def hook(module, args, output):
@@ -299,9 +303,7 @@ class ForwardCapture:
             _stream_logit_jacobians(out, zs, n_classes, sinks, _one_pass(out, zs, fast, sinks, graph), keep_graph)
             return [(name, sink.result()) for name, sink in zip(names, sinks)], slow_names
         finally:
-            self.captured = {id(p.module): [] for p in self._layer_plans()}
-            self.pools = []
-            self.taps, self._z_nodes = {}, {}
+            self._forget_forward()
 
     def _whole_in_projections(self, fast: list[LayerPlan], slow_names: list[str], reasons: dict[str, str]) -> None:
         """An attention module's in-projection is fast only as a whole: its blocks share the packed weight
