@@ -37,3 +37,19 @@ def passes(monkeypatch):
 
     monkeypatch.setattr(capture, "_stream_logit_jacobians", spy)
     return seen
+
+
+@pytest.fixture
+def contraction(monkeypatch):
+    """``force(strategy)``: every layer accumulator (ungrouped and grouped convolutions, Linear) contracts in
+    ``"ghost"`` or ``"materialise"`` form whatever the cost model says; ``force(None)`` gives the choice back."""
+    from optmech.structure import grouped, sinks
+
+    originals = {module: module.contraction_costs for module in (sinks, grouped)}
+
+    def force(strategy: str | None) -> None:
+        for module, original in originals.items():
+            chosen = original if strategy is None else (lambda *a, _o=original, **k: {strategy: _o(*a, **k)[strategy]})
+            monkeypatch.setattr(module, "contraction_costs", chosen)
+
+    return force

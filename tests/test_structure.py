@@ -277,28 +277,8 @@ class Paddings(nn.Module):
         return self.head(torch.tanh(self.seq(h.flatten(2)[:, :, :6])).flatten(1))
 
 
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-@pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
-def test_every_convolution_padding_is_fast_and_exact(monkeypatch, generic, strategy):
-    from optmech.structure import sinks
-
-    torch.manual_seed(3)
-    model = Paddings().double()
-    x = torch.randn(3, 2, 7, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    if strategy is not None:
-        original = sinks.contraction_costs
-        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, **k: {strategy: original(*a, **k)[strategy]})
-    for _ in range(2):  # kept padded buffers on the second call
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
-        assert rel_err(A, reference) < 1e-12
-    assert generic == []
-    for name, part in groups.items():
-        assert rel_err(part, ref_groups[name]) < 1e-12, name
-
-
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
-def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, immediate_ratio):
+def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, contraction, immediate_ratio):
     """Ghost, materialised-buffered and materialised-per-class forms, with and without bias, Conv1d/Conv2d/Linear."""
     from optmech.structure import sinks
 
@@ -311,10 +291,8 @@ def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monk
     x = torch.randn(3, 2, 9, 6, generator=g, dtype=torch.float64)
     reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
     for strategy in ("ghost", "materialise"):
-        original = sinks.contraction_costs
-        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, s=strategy, **k: {s: original(*a, **k)[s]})
+        contraction(strategy)
         A, groups = structural_matrix(model, x, method="gram", per_layer=True)
-        monkeypatch.setattr(sinks, "contraction_costs", original)
         assert rel_err(A, reference) < 1e-12, strategy
         for name, part in groups.items():
             assert rel_err(part, ref_groups[name]) < 1e-12, (strategy, name)
@@ -574,19 +552,23 @@ class Volumes(nn.Module):
         return self.head(torch.tanh(h).mean((2, 3, 4)))
 
 
+CONVOLUTIONS = {  # model, input shape, seeds
+    "paddings": (Paddings, (3, 2, 7, 8), 3),
+    "conv3d": (Volumes, (3, 2, 5, 6, 4), 9),
+}
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
-def test_conv3d_is_fast_and_exact(monkeypatch, generic, strategy):
-    from optmech.structure import sinks
-
-    torch.manual_seed(9)
-    model = Volumes().double()
-    x = torch.randn(3, 2, 5, 6, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+@pytest.mark.parametrize("case", list(CONVOLUTIONS))
+def test_every_padding_and_convolution_dimension_is_fast_and_exact(contraction, generic, case, strategy):
+    make, shape, seed = CONVOLUTIONS[case]
+    torch.manual_seed(seed)
+    model = make().double()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    if strategy is not None:
-        original = sinks.contraction_costs
-        monkeypatch.setattr(sinks, "contraction_costs", lambda *a, **k: {strategy: original(*a, **k)[strategy]})
-    for _ in range(2):
+    contraction(strategy)
+    for _ in range(2):  # kept padded buffers on the second call
         A, groups = structural_matrix(model, x, method="gram", per_layer=True)
         assert rel_err(A, reference) < 1e-12
     assert generic == []
