@@ -140,6 +140,38 @@ class InplaceReLU(nn.Module):
         return self.out(self.act(self.fc(self.act(self.conv(x)).flatten(1))))
 
 
+class Parametrized(nn.Module):
+    """Weights through ``torch.nn.utils.parametrizations``: spectral norm on a Conv2d, weight norm on a Linear,
+    an orthogonal square Linear (the trainable tensors are the parametrizations' originals)."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        P = nn.utils.parametrizations
+        self.conv = P.spectral_norm(nn.Conv2d(1, 3, 3))
+        self.fc = P.weight_norm(nn.Linear(3 * 4 * 4, 5))
+        self.square = P.orthogonal(nn.Linear(5, 5))
+        self.out = nn.Linear(5, n_classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.out(torch.tanh(self.square(torch.tanh(self.fc(h)))))
+
+
+class RecurrentClassifier(nn.Module):
+    """(n, L, 3) -> a two-layer bidirectional LSTM -> a sequence-first GRU -> the last step -> logits."""
+
+    def __init__(self, n_classes: int = 3) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(8, 4)
+        self.head = nn.Linear(4, n_classes)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        h, _ = self.gru(h.transpose(0, 1))
+        return self.head(h[-1])
+
+
 def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     """name -> (float64 model, float64/integer inputs)."""
     g = torch.Generator().manual_seed(0)
@@ -159,6 +191,8 @@ def unusual_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "inplace_relu": (InplaceReLU().double(), torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
         "grouped_partly_frozen": (GroupedAndPartlyFrozen().double(), torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)),
         "transformer_seq_first": (SequenceFirstTransformer().double(), _tokens_with_padding(g)),
+        "parametrized": (Parametrized().double(), torch.randn(4, 1, 6, 6, generator=g, dtype=torch.float64)),
+        "recurrent": (RecurrentClassifier().double(), torch.randn(4, 5, 3, generator=g, dtype=torch.float64)),
     }
 
 

@@ -145,7 +145,7 @@ class Scaled(nn.Module):
         return torch.tanh(self.fc(x)) * self.scale
 
 
-def test_auto_reports_the_method_and_falls_back_exactly():
+def test_auto_reports_the_method_and_falls_back_exactly(monkeypatch, caplog):
     class NotVmappable(nn.Module):
         def __init__(self):
             super().__init__()
@@ -159,10 +159,22 @@ def test_auto_reports_the_method_and_falls_back_exactly():
 
     model = NotVmappable().double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.warns(RuntimeWarning, match="falling back"):
+    with caplog.at_level(logging.INFO, logger="optmech.structure"):
         A, ran = structural_matrix(model, x, return_method=True)
-    assert ran == "loop"
+    assert ran in ("gram", "jacobian") and "cannot vmap" in caplog.text  # the generic path went sample by sample
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    # a method that fails on the model for another reason: the loop, said in a warning
+    from optmech import structure
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("an op this method cannot run")
+
+    monkeypatch.setitem(structure._METHODS, structure.EngineMethod.GRAM, failing)
+    model = Scaled(with_linear=True).double()
+    with pytest.warns(RuntimeWarning, match="falling back to the exact but slower 'loop'"):
+        A, ran = structural_matrix(model, x, return_method=True)
+    assert ran == "loop" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    monkeypatch.undo()
     _, ran = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), return_method=True)
     assert ran == "gram"
     _, ran = structural_matrix(nn.Sequential(nn.LayerNorm(3), nn.Tanh()), torch.randn(2, 3), return_method=True)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._context import check_outputs, prepare_inputs, probing, trainable_parameters
 from .attention import attention_plans
+from .recurrent import recurrent_plans
 from .gram import plan_layers, structural_matrix_gram
 from .jacobian import structural_matrix_jacobian
 from .loop import jacobian_rows_loop, structural_matrix_loop
@@ -196,6 +197,7 @@ def _auto_choice(model: nn.Module, x: torch.Tensor, named: list, chunk_size, per
     """
     plans, rest = plan_layers(model, named)
     covered = {name for a in attention_plans(model, named, set(rest)) for name in a.params}
+    covered |= {name for r in recurrent_plans(model, named, set(rest)) for name in r.params}
     rest = [name for name in rest if name not in covered]
     if not plans and not covered:
         return EngineMethod.JACOBIAN, None

@@ -19,6 +19,7 @@ from torch import nn
 
 from ._context import add_group, layer_of
 from .attention import attention_plans, recompute
+from .recurrent import GradientScaled, recompute_recurrent, recurrent_plans
 from .contract import contraction_costs
 from .jacobian import structural_matrix_jacobian
 from .layout import _tappable_layout, _to_channels_last
@@ -89,13 +90,15 @@ class ForwardCapture:
 
     def __init__(
         self, model: nn.Module, named_params: list[tuple[str, torch.Tensor]], channels_last: bool = False, relu_taps: bool = False,
-        attention: bool = False, direct: bool = False,
+        attention: bool = False, direct: bool = False, recurrent: bool = False,
     ) -> None:
         self.model, self.named_params = model, named_params
         self.plans, self.rest = plan_layers(model, named_params)
         # MultiheadAttention's projections, recomputed by a hook where the backward passes can reach them (.attention)
         self.attention = attention_plans(model, named_params, set(self.rest)) if attention else []
-        taken = {name for a in self.attention for name in a.params}
+        # LSTM/GRU/RNN modules, recomputed step by step by a hook: their weights are Linear layers over time (.recurrent)
+        self.recurrent = recurrent_plans(model, named_params, set(self.rest)) if recurrent else []
+        taken = {name for a in self.attention for name in a.params} | {name for r in self.recurrent for name in r.params}
         self.rest = [name for name in self.rest if name not in taken]
         # the parameters left: watched during the forward for direct uses the fast path knows (.raw)
         left = set(self.rest) if direct else set()
@@ -121,6 +124,7 @@ class ForwardCapture:
         self.captured = {id(p.module): [] for p in self._layer_plans()}
         self.pools = []
         self.taps, self._z_nodes = {}, {}
+        self.gradient_scales: dict[int, torch.Tensor] = {}  # stand-in module id -> the factor on its b_c (GRU's hh)
 
     def __enter__(self) -> "ForwardCapture":
         self._forget_forward()
@@ -174,6 +178,19 @@ class ForwardCapture:
             self.captured[id(plan.out_proj.module)].append((O.detach(), y, y._version))
             return handed
 
+        def recurrent_hook(module, args, kwargs, output):
+            got = recompute_recurrent(module, args, kwargs, output)
+            if got is None:  # not covered, or not a match: the module's output stands, its parameters go generic
+                return None
+            steps, handed = got
+            plan = by_recurrent[id(module)]
+            for step in steps:
+                stand_in = plan.parts[step.key].module
+                self.captured[id(stand_in)].append((step.a, step.u, step.u._version))
+                if step.scale is not None:
+                    self.gradient_scales[id(stand_in)] = step.scale
+            return handed
+
         def pool_hook(module, args, output):
             if isinstance(output, torch.Tensor):  # not with return_indices=True
                 self.pools.append((output, output._version))
@@ -183,13 +200,17 @@ class ForwardCapture:
         self._handles += [m.register_forward_hook(relu_hook) for m in self._relu_modules]
         by_module = {id(a.module): a for a in self.attention}
         self._handles += [a.module.register_forward_hook(attention_hook, with_kwargs=True) for a in self.attention]
+        by_recurrent = {id(r.module): r for r in self.recurrent}
+        self._handles += [r.module.register_forward_hook(recurrent_hook, with_kwargs=True) for r in self.recurrent]
         if self._raw is not None:
             self._raw.__enter__()
         return self
 
     def _layer_plans(self) -> list[LayerPlan]:
-        """The fast layers' plans, MultiheadAttention's projections included (the in-projection's blocks of this forward)."""
-        return self.plans + [p for a in self.attention for p in (*a.blocks.values(), a.out_proj)]
+        """The fast layers' plans, MultiheadAttention's projections (the in-projection's blocks of this forward) and
+        the recurrent modules' Linear layers over time included."""
+        return (self.plans + [p for a in self.attention for p in (*a.blocks.values(), a.out_proj)]
+                + [p for r in self.recurrent for p in r.plans])
 
     def __exit__(self, *exc) -> None:
         if self._raw is not None:
@@ -277,7 +298,9 @@ class ForwardCapture:
                 dim = sample_dim[id(plan)]
                 if dim:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
                     zs.append(z)
-                    sinks.append(SamplesMoved(_sink(plan, a.movedim(dim, 0), n_classes), dim))
+                    sink = SamplesMoved(_sink(plan, a.movedim(dim, 0), n_classes), dim)
+                    scale = self.gradient_scales.get(id(plan.module))  # in z's layout
+                    sinks.append(sink if scale is None else GradientScaled(sink, scale))
                     continue
                 pooled = self._foldable_pool(plan, a, z, n_classes, graph)
                 if pooled is not None:  # contract at the pool's output: the backward passes stop there
@@ -294,7 +317,8 @@ class ForwardCapture:
                     sink = _sink(plan, a, n_classes, tap_z=z if tap is not None else None)
                     if tap is not None and getattr(sink, "tapped", False):
                         tap.slot = sink.slot
-                    sinks.append(sink)
+                    scale = self.gradient_scales.get(id(plan.module))
+                    sinks.append(sink if scale is None else GradientScaled(sink, scale))
             names = [plan.name for plan in fast]
             for name, (use, (dim,)) in raw.items():
                 zs.append(use.out)

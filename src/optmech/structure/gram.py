@@ -75,6 +75,9 @@ _RELU_TAPS = True
 #: the standalone ``gram`` call recomputes covered ``nn.MultiheadAttention`` calls so that their projections are fast (:mod:`.attention`)
 _ATTENTION = True
 
+#: ... and covered ``nn.LSTM``/``nn.GRU``/``nn.RNN`` calls step by step, so that their weights are fast (:mod:`.recurrent`)
+_RECURRENT = True
+
 #: the standalone ``gram`` call watches its forward for parameters used directly (:mod:`.raw`)
 _DIRECT = True
 
@@ -116,7 +119,7 @@ def structural_matrix_gram(
     cpu = inputs.device.type == "cpu"
     capture = ForwardCapture(
         model, named_params, channels_last=_CHANNELS_LAST and model not in _NO_CHANNELS_LAST, relu_taps=_RELU_TAPS and cpu,
-        attention=_ATTENTION, direct=_DIRECT,
+        attention=_ATTENTION, direct=_DIRECT, recurrent=_RECURRENT,
     )
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
