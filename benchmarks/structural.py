@@ -63,11 +63,12 @@ from optmech.structure.attention import _arguments as _attention_arguments, _run
 from optmech.structure.contract import contraction_costs  # noqa: E402
 from optmech.structure.layout import _to_channels_last  # noqa: E402
 from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
+from optmech.structure.recurrent import recurrent_plans  # noqa: E402
 from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10
 MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
-EXTRA_MODELS = ["sep", "tfm", "vit", "pool"]  # timed on request (--models sep tfm vit pool), not by default
+EXTRA_MODELS = ["sep", "tfm", "vit", "pool", "lstm"]  # timed on request (--models sep tfm vit pool lstm), not by default
 
 
 def separable_cnn() -> torch.nn.Module:
@@ -143,6 +144,20 @@ class AttentionPoolingTransformer(RowTransformer):
         return self.head(self.pool(self.query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0])
 
 
+class RowLSTM(torch.nn.Module):
+    """A recurrent classifier over the image's rows (not one of the paper's models; ``nn.LSTM``): the 28 rows
+    as 28 steps of 28 pixels, a two-layer LSTM of width 64 (batch-first), the last step's output, Linear(64→10)."""
+
+    def __init__(self, hidden: int = 64, rows: int = 28) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = torch.nn.LSTM(rows, hidden, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(hidden, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.lstm(x.flatten(1, 2))[0][:, -1])
+
+
 def make_model(name: str) -> torch.nn.Module:
     if name == "sep":
         return separable_cnn()
@@ -152,6 +167,8 @@ def make_model(name: str) -> torch.nn.Module:
         return RowTransformer()
     if name == "pool":
         return AttentionPoolingTransformer()
+    if name == "lstm":
+        return RowLSTM()
     if name.startswith("mlp"):
         return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
     return build_paper(name[0], depth=int(name[1:]), seed=0)
@@ -182,10 +199,17 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
 
     A MultiheadAttention's projections are priced as Linear layers over their positions, the in-projection
     block by block as ``gram`` contracts it; the passes go to the other fast layers' outputs (the projections'
-    lie inside the attention call)."""
+    lie inside the attention call). A recurrent module (LSTM/GRU/RNN) runs its own fused kernel: the passes
+    go through it to its input, and its weights are priced as ``gram``'s Linear layers over time."""
     named = trainable_parameters(model)
     plans, rest = plan_layers(model, named)
     attention = attention_plans(model, named, set(rest))
+    recurrent = recurrent_plans(model, named, set(rest))
+    steps = {}  # recurrent module -> its number of steps
+
+    def recurrent_input(module, args):  # the module's input as a leaf that the passes reach
+        steps[module] = args[0].shape[1 if module.batch_first else 0]
+        return (args[0].detach().requires_grad_(), *args[1:])
     blocks = {}  # MultiheadAttention module -> [(positions, input width, output width)] of its in-projection blocks, and L_q
 
     def record_blocks(module, args, kwargs):
@@ -205,7 +229,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
             captured[module] = (args[0].detach(), output)
             return output
 
+        def pre_hook(module, args):
+            args = recurrent_input(module, args)
+            captured[module] = (None, args[0])
+            return args
+
         hooks = [p.module.register_forward_hook(hook) for p in plans]
+        hooks += [r.module.register_forward_pre_hook(pre_hook) for r in recurrent]
         try:
             with torch.enable_grad():
                 out = model(x)
@@ -217,8 +247,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
     out, captured = captured_forward()
     for h in shape_hooks:
         h.remove()
-    zs = [captured[p.module][1] for p in plans]
+    layers = [p.module for p in plans] + [r.module for r in recurrent]
+    zs = [captured[m][1] for m in layers]
     macs = 0.0
+    for r in recurrent:
+        for part in r.plans:
+            stand_in = part.module
+            macs += min(contraction_costs(x.shape[0], N_CLASSES, steps[r.module], stand_in.in_features, stand_in.out_features, False).values())
     for a in attention:
         runs, Lq = blocks[a.module]
         E, bias = a.module.embed_dim, a.module.in_proj_bias is not None
@@ -244,13 +279,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
 
     def forward_and_backwards(channels_last=False):
         fresh, cap = captured_forward(channels_last)
-        targets = [cap[p.module][1] for p in plans]
+        targets = [cap[m][1] for m in layers]
         for c in range(N_CLASSES):
             torch.autograd.grad(fresh[:, c].sum(), targets, retain_graph=c < N_CLASSES - 1)
 
     def forward_and_one_vmapped_backward():
         fresh, cap = captured_forward()
-        targets = [cap[p.module][1] for p in plans]
+        targets = [cap[m][1] for m in layers]
         eye = torch.eye(N_CLASSES, dtype=fresh.dtype, device=fresh.device).unsqueeze(1).expand(N_CLASSES, *fresh.shape)
         torch.autograd.grad(fresh, targets, grad_outputs=eye, is_grads_batched=True)
 

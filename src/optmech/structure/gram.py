@@ -11,6 +11,9 @@ layer's parameters contribute to A_x (DESIGN §3; Opacus' "ghost norm" generalis
 - MultiheadAttention: its in-projection as Linear layers over positions, one per block of rows with its
   own input (q·k·v for self-attention, q and k·v when key is value, …), and its out-projection, their
   inputs and outputs recomputed by a hook where the backward passes reach them (:mod:`.attention`)
+- LSTM, GRU, RNN: W_ih and W_hh as Linear layers over the time steps (inputs x_t and h_{t−1}, output
+  gradient ∂f_c/∂(W_ih x_t + b_ih), times [1, 1, r_t] for GRU's W_hh), the call recomputed step by
+  step by a hook (:mod:`.recurrent`)
 - a parameter P used directly, or a view V of it (a slice, a reshape), broadcast over the samples
   (out = h + V, h ⊙ V, or V.expand(n, …)):
                                    A[c, c'] += ⟨g_c, g_c'⟩, g_c = Σ_broadcast b_c [⊙ h] (:mod:`.raw`)
@@ -44,7 +47,7 @@ the generic path (:mod:`.samples`). Never an inexact answer.
 
 Where each part lives: which layers are fast and what the graph says about them, :mod:`.plan`; the
 forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention`, :mod:`.raw` and
-:mod:`.samples`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
+:mod:`.samples`, :mod:`.recurrent`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
 :mod:`.relu_tap`, the contractions in :mod:`.contract` and the patches in :mod:`.patches`); the
 backward passes, :mod:`.passes`. This module is the entry point.
 """
