@@ -39,22 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .plan import LayerPlan
+from .stand_in import MATCH, matches, stand_in
 
 __all__ = ["AttentionPlan", "attention_plans", "attention_steps"]
-
-#: largest |recomputed − module output| allowed, relative to the largest |module output|, per dtype
-_MATCH = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-#: per MultiheadAttention module: the stand-in Linear modules that its projections' plans and buffers
-#: are keyed by (made on the meta device: no memory), one per block kind, kept while the module lives
-_STAND_INS: "weakref.WeakKeyDictionary[nn.MultiheadAttention, dict[tuple, nn.Linear]]" = weakref.WeakKeyDictionary()
 
 _ROLES = "qkv"
 
@@ -74,15 +67,6 @@ def _in_projection(module: nn.MultiheadAttention) -> list[torch.Tensor]:
     """The in-projection's parameters: [in_proj_weight] or [q_proj_weight, k_proj_weight, v_proj_weight], then in_proj_bias."""
     weights = [module.in_proj_weight] if module._qkv_same_embed_dim else [getattr(module, f"{r}_proj_weight") for r in _ROLES]
     return weights + ([module.in_proj_bias] if module.in_proj_bias is not None else [])
-
-
-def _stand_in(module: nn.MultiheadAttention, role: str, d_in: int, d_out: int, bias: bool) -> nn.Linear:
-    """A Linear module with one projection block's shape (meta tensors): what the layer accumulators read."""
-    kept = _STAND_INS.setdefault(module, {})
-    key = (role, d_in, d_out, bias)
-    if key not in kept:
-        kept[key] = nn.Linear(d_in, d_out, bias=bias, device="meta")
-    return kept[key]
 
 
 @dataclasses.dataclass
@@ -107,8 +91,8 @@ class AttentionPlan:
             m = self.module
             weights = self.in_names[:1] if m._qkv_same_embed_dim else [self.in_names[_ROLES.index(roles)]]
             bias = self.in_names[-1:] if m.in_proj_bias is not None else []
-            stand_in = _stand_in(m, roles, d_in, len(roles) * m.embed_dim, m.in_proj_bias is not None)
-            self.blocks[roles] = LayerPlan(self.name or "(root)", stand_in, weights + bias)
+            block = stand_in(m, roles, d_in, len(roles) * m.embed_dim, m.in_proj_bias is not None)
+            self.blocks[roles] = LayerPlan(self.name or "(root)", block, weights + bias)
         return self.blocks[roles]
 
 
@@ -127,7 +111,7 @@ def attention_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor
             continue  # a frozen or shared parameter: the generic path
         prefix = f"{path}." if path else ""
         E = module.embed_dim
-        stand_out = _stand_in(module, "out", E, E, module.out_proj.bias is not None)
+        stand_out = stand_in(module, "out", E, E, module.out_proj.bias is not None)
         plans.append(AttentionPlan(path, module, own_in, LayerPlan(f"{prefix}out_proj", stand_out, own_out)))
     return plans
 
@@ -222,7 +206,7 @@ def recompute(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) 
     if not (isinstance(output, tuple) and len(output) == 2 and all(isinstance(t, torch.Tensor) for t in (query, key, value))):
         return None
     own = output[0]
-    if (any(t.dim() != 3 or t.dtype != query.dtype for t in (key, value)) or query.dim() != 3 or query.dtype not in _MATCH
+    if (any(t.dim() != 3 or t.dtype != query.dtype for t in (key, value)) or query.dim() != 3 or query.dtype not in MATCH
             or own.shape != query.shape or (module.training and module.dropout > 0)):
         return None
     batch_first: dict[int, torch.Tensor] = {}  # one transposed view per distinct input: the blocks follow identity
@@ -232,9 +216,6 @@ def recompute(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) 
         return None
     blocks, O, y = attention_steps(module, *inputs, kpm, mask, bool(a["is_causal"]), bool(a["need_weights"]))
     mine = y if module.batch_first else y.transpose(0, 1)
-    with torch.no_grad():
-        scale = own.abs().nan_to_num(0.0).max().clamp_min(torch.finfo(own.dtype).tiny)
-        both_nan = mine.isnan() & own.isnan()
-        if (mine - own).abs().masked_fill(both_nan, 0.0).max().nan_to_num(float("inf")) > _MATCH[own.dtype] * scale:
-            return None
+    if not matches(own, mine):
+        return None
     return blocks, (O, y), (mine, output[1])

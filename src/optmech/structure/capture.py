@@ -298,9 +298,7 @@ class ForwardCapture:
                 dim = sample_dim[id(plan)]
                 if dim:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
                     zs.append(z)
-                    sink = SamplesMoved(_sink(plan, a.movedim(dim, 0), n_classes), dim)
-                    scale = self.gradient_scales.get(id(plan.module))  # in z's layout
-                    sinks.append(sink if scale is None else GradientScaled(sink, scale))
+                    sinks.append(self._scaled(plan, SamplesMoved(_sink(plan, a.movedim(dim, 0), n_classes), dim)))
                     continue
                 pooled = self._foldable_pool(plan, a, z, n_classes, graph)
                 if pooled is not None:  # contract at the pool's output: the backward passes stop there
@@ -317,8 +315,7 @@ class ForwardCapture:
                     sink = _sink(plan, a, n_classes, tap_z=z if tap is not None else None)
                     if tap is not None and getattr(sink, "tapped", False):
                         tap.slot = sink.slot
-                    scale = self.gradient_scales.get(id(plan.module))
-                    sinks.append(sink if scale is None else GradientScaled(sink, scale))
+                    sinks.append(self._scaled(plan, sink))
             names = [plan.name for plan in fast]
             for name, (use, (dim,)) in raw.items():
                 zs.append(use.out)
@@ -328,6 +325,11 @@ class ForwardCapture:
             return [(name, sink.result()) for name, sink in zip(names, sinks)], slow_names
         finally:
             self._forget_forward()
+
+    def _scaled(self, plan: LayerPlan, sink):
+        """``sink``, handed b_c ⊙ m where the forward recorded a factor m on the layer's output gradient (GRU's hh, in z's layout)."""
+        scale = self.gradient_scales.get(id(plan.module))
+        return sink if scale is None else GradientScaled(sink, scale)
 
     def _whole_in_projections(self, fast: list[LayerPlan], slow_names: list[str], reasons: dict[str, str]) -> None:
         """An attention module's in-projection is fast only as a whole: its blocks share the packed weight

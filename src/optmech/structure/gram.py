@@ -47,7 +47,7 @@ the generic path (:mod:`.samples`). Never an inexact answer.
 
 Where each part lives: which layers are fast and what the graph says about them, :mod:`.plan`; the
 forward's hooks and the per-layer parts, :mod:`.capture` (with :mod:`.attention`, :mod:`.raw` and
-:mod:`.samples`, :mod:`.recurrent`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
+:mod:`.samples`, :mod:`.recurrent`, their shared :mod:`.stand_in`); the accumulators, :mod:`.sinks` (with :mod:`.grouped`, :mod:`.pooled`,
 :mod:`.relu_tap`, the contractions in :mod:`.contract` and the patches in :mod:`.patches`); the
 backward passes, :mod:`.passes`. This module is the entry point.
 """

@@ -34,23 +34,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._class_sink import ClassSink
-from .attention import _MATCH
 from .plan import LayerPlan
+from .stand_in import MATCH, matches, stand_in
 
 __all__ = ["RecurrentPlan", "recurrent_plans", "recompute_recurrent", "GradientScaled"]
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
-
-#: per recurrent module: its stand-in Linear modules (meta tensors) keyed by (kind, layer, direction)
-_STAND_INS: "weakref.WeakKeyDictionary[nn.RNNBase, dict[tuple, nn.Linear]]" = weakref.WeakKeyDictionary()
-
 
 def _covered(module: nn.Module) -> bool:
     return type(module) in _GATES and getattr(module, "proj_size", 0) == 0
@@ -110,14 +105,11 @@ def recurrent_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor
         owned = [[by_id.get(id(getattr(module, attr))) for attr in attrs] for _, _, _, attrs, _ in parts]
         if any(n is None or n not in names for ns in owned for n in ns):
             continue  # a frozen or shared parameter: the generic path
-        kept = _STAND_INS.setdefault(module, {})
         G, H = _GATES[type(module)], module.hidden_size
         layer_plans = {}
         for (kind, layer, direction, _, width), ns in zip(parts, owned):
             key = (kind, layer, direction)
-            if key not in kept:
-                kept[key] = nn.Linear(width, G * H, bias=False, device="meta")
-            layer_plans[key] = LayerPlan(path or "(root)", kept[key], ns)
+            layer_plans[key] = LayerPlan(path or "(root)", stand_in(module, key, width, G * H, False), ns)
         plans.append(RecurrentPlan(path, module, layer_plans))
     return plans
 
@@ -218,9 +210,9 @@ def _arguments(args: tuple, kwargs: dict):
 def _state_ok(hx, module: nn.RNNBase, x: torch.Tensor, n: int) -> bool:
     D = 2 if module.bidirectional else 1
     shape = (D * module.num_layers, n, module.hidden_size)
-    states = hx if type(module) is nn.LSTM else (hx,)
     if type(module) is nn.LSTM and not (isinstance(hx, tuple) and len(hx) == 2):
         return False
+    states = hx if type(module) is nn.LSTM else (hx,)
     return all(isinstance(s, torch.Tensor) and tuple(s.shape) == shape and s.dtype == x.dtype for s in states)
 
 
@@ -231,7 +223,7 @@ def recompute_recurrent(module: nn.RNNBase, args: tuple, kwargs: dict, output) -
     if got is None or not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor)):
         return None
     x, hx = got
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in _MATCH or x.shape[-1] != module.input_size:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype not in MATCH or x.shape[-1] != module.input_size:
         return None  # a PackedSequence, an unbatched sequence, an unexpected width
     xb = x if module.batch_first else x.transpose(0, 1)
     if hx is not None and not _state_ok(hx, module, x, xb.shape[0]):
@@ -242,13 +234,8 @@ def recompute_recurrent(module: nn.RNNBase, args: tuple, kwargs: dict, output) -
     mine = y if module.batch_first else y.transpose(0, 1)
     own_states = output[1] if isinstance(output[1], tuple) else (output[1],)
     my_states = state if isinstance(state, tuple) else (state,)
-    with torch.no_grad():
-        for own, new in zip((output[0], *own_states), (mine, *my_states)):
-            if own.shape != new.shape:
-                return None
-            scale = own.abs().nan_to_num(0.0).max().clamp_min(torch.finfo(own.dtype).tiny)
-            if (new - own).abs().max().nan_to_num(float("inf")) > _MATCH[own.dtype] * scale:
-                return None
+    if not all(matches(own, new) for own, new in zip((output[0], *own_states), (mine, *my_states))):
+        return None
     return steps, (mine, state)
 
 
