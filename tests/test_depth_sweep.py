@@ -34,9 +34,13 @@ def test_plot_depth_sweep_on_synthetic_records(tmp_path):
             for seed in range(3):
                 U = -1.0 / (depth + 1) - seed * 0.01
                 rows.append(dict(model=model, family=family, skip=skip, depth=depth, seed=seed, init="pytorch",
-                                 U=U if depth != 3 or model != "b" else np.inf, L=U - 1, G=1.0))
+                                 U=U if depth != 3 or model != "b" else np.inf, L=U - 1, G=1.0, n_params=1000 * (depth + 1),
+                                 log_gradient_norm=-depth if model == "a" else 2.0))
     fig = plot_depth_sweep(pd.DataFrame(rows))
-    assert [ax.get_ylabel() for ax in fig.axes] == ["U (bits)", "L (bits)", "G (bits)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["U (bits)", "L (bits)", "G (bits)", "log₂‖g‖² (bits)"] * 2
+    assert fig.axes[4].get_xscale() == "log" and "|θ|" in fig.axes[4].get_xlabel()  # the bottom row: against |θ|
+    np.testing.assert_allclose(fig.axes[4].get_lines()[0].get_xdata(), [1000, 2000, 3000, 4000])
+    np.testing.assert_allclose(fig.axes[3].get_lines()[0].get_ydata(), [0, -1, -2, -3])  # a's gradient norm by depth
     assert "3 inf dropped" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
     paths = save_figure(fig, tmp_path / "fig5")
     assert all(p.stat().st_size > 1000 for p in paths)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from optmech.experiments.claims import combine
-from optmech.experiments.claims_training import first_sustained_high, onset, structural_convergence
+from optmech.experiments.claims_training import convergences, onsets, sustained_high
 from optmech.experiments.reproduce_config import ClaimSettings
 from optmech.report.figures import (
     plot_depth_pearson,
@@ -77,23 +77,31 @@ def _series(run):
     return run.groupby("step")[["log_fitting_error", "lower", "upper", "U", "L", "G", "log_gradient_norm"]].median()
 
 
+def _rows(ser):
+    """One image's series as the (1, n_records) arrays the per-image statistics take."""
+    return {c: ser[c].to_numpy()[None, :] for c in ser.columns} | {"steps": ser.index.to_numpy(dtype=float)}
+
+
 def test_onset_and_structural_convergence_on_known_series():
     s = ClaimSettings(smooth=5, onset_drop_bits=0.5, converge_tol_bits=0.25)
-    ser = _series(_run(drop_at=40))
+    d = _rows(_series(_run(drop_at=40)))
     # the fall of 0.05 bit per step passes 0.5 bit ten steps after 40; the 5-record median lags by 2
-    assert 50 <= onset(ser, s) <= 53
-    assert structural_convergence(ser, s) == 40.0
-    assert onset(_series(_run(drop_at=1000)), s) is None  # never falls: no onset
+    assert 50 <= onsets(d["log_fitting_error"], d["steps"], s, never=-1)[0] <= 53
+    assert convergences(d["G"], d["steps"], s)[0] == 40.0
+    flat = _rows(_series(_run(drop_at=1000)))
+    assert onsets(flat["log_fitting_error"], flat["steps"], s, never=-1)[0] == -1  # never falls: no onset
+    assert np.isnan(convergences(flat["G"], flat["steps"], s)[0])  # G never moved: no convergence to locate
 
 
 def test_first_sustained_high_correlation():
     s = ClaimSettings(window=10, r_high=0.9)
-    ser = _series(_run(drop_at=30))
-    t = first_sustained_high(ser, s)
-    assert t is not None and 30 <= t <= 45
+    d = _rows(_series(_run(drop_at=30)))
+    t = sustained_high(d["log_fitting_error"], d["upper"], d["lower"], d["steps"], s, never=-1)[0]
+    assert 30 <= t <= 45
     flat = _series(_run(drop_at=1000))  # pure noise: E_f and its bounds move together exactly (same offsets)
     flat["upper"] = np.random.default_rng(0).normal(size=len(flat))
-    assert first_sustained_high(flat, s) is None
+    f = _rows(flat)
+    assert sustained_high(f["log_fitting_error"], f["upper"], f["lower"], f["steps"], s, never=-1)[0] == -1
 
 
 @pytest.mark.parametrize("passes, exact, verdict", [

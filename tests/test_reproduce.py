@@ -53,7 +53,7 @@ def test_presets_load_and_say_how_to_run_them():
 def test_overrides_and_errors():
     config = load_preset("quick", overrides=["seeds=[1, 2]", "train.n_probe=4", "dataset=digits", "sweep.inits=['pytorch']"])
     assert config.seeds == [1, 2] and config.train["n_probe"] == 4 and config.dataset == "digits"
-    assert len(config.train_runs()) == 2 * (4 + 2 * 6 - 2)
+    assert len(config.train_runs()) == 2 * (4 + 2 * 6 * 2 - 2)  # a and b at k = 1 are Figs 2–4 runs of the main arm too
     with pytest.raises(PresetError, match="unknown preset 'nope'"):
         load_preset("nope")
     with pytest.raises(PresetError, match="expected key=value"):
@@ -67,7 +67,18 @@ def test_reproduction_writes_every_claim_and_figure(tiny_run):
     claims = json.loads((out / "claims.json").read_text())
     ids = {c["id"] for c in claims["claims"]}
     assert READING_CLAIMS <= ids
-    assert all(c["verdict"] in ("holds", "fails", "inconclusive") for c in claims["claims"])
+    assert all(c["verdict"] in ("holds", "fails", "inconclusive", "not measurable") for c in claims["claims"])
+    assert all(c["kind"] in ("empirical", "identity", "theory", "derived", "descriptive") for c in claims["claims"])
+    for c in claims["claims"]:  # every empirical claim states its effect, minimum and null false-pass rate
+        if c["kind"] == "empirical":
+            assert c["effect"]["threshold"] and c["effect"]["null"] and "null_false_pass_rate" in c["effect"], c["id"]
+            assert c["reason"], c["id"]
+            if c["verdict"] == "holds":
+                assert c["effect"]["null_false_pass_rate"] <= 0.05
+    runs = claims["runs"]  # every training run's final held-out accuracy and loss
+    assert len(runs) == len(load_preset(TINY).train_runs())
+    assert all(0 <= r["heldout_accuracy"] <= 1 and r["heldout_loss"] > 0 and isinstance(r["learned"], bool) for r in runs.values())
+    assert set(claims["counts"]) >= {"empirical", "identity", "theory"} and "empirical:" in claims["summary"]
     by_id = {c["id"]: c for c in claims["claims"]}
     # exact statements are exact here too: Theorem 3 on every row, eᵀAe = autograd on every checked row
     assert by_id["X.Thm3"]["verdict"] == by_id["C2.1"]["verdict"] == by_id["X.gAe"]["verdict"] == "holds"
@@ -77,7 +88,7 @@ def test_reproduction_writes_every_claim_and_figure(tiny_run):
     for spec in FIGURES:
         assert (out / "figures" / f"{spec.id}.png").stat().st_size > 5000
         assert (out / "figures" / f"{spec.id}.svg").is_file()
-    for needle in ("Claims", "Caveats", "Environment", "Timings", "reconstructed"):
+    for needle in ("The answer first", "Training runs", "Claims", "Caveats", "Environment", "Timings", "reconstructed", "null"):
         assert needle in report
     assert "report:" in output and "hold" in output  # the CLI prints the verdict table and the report's path
 
@@ -234,9 +245,9 @@ def test_presets_for_user_data_run_from_a_data_dir(tmp_path, preset, write, pair
     result = CliRunner().invoke(app, args + [a for s in _SHRINK for a in ("--set", s)])
     assert result.exit_code == 0, result.output
     rep = read_reproduction(out)
-    assert sorted(rep.train) == [("a", 1, 1), ("d", 1, 1)]
-    assert rep.train_meta[("a", 1, 1)]["data"]["published_pair"] == pair
-    assert rep.train[("a", 1, 1)]["bound_holds"].all() and (out / "report.html").is_file()
+    assert sorted(rep.train) == [("a", 1, 1, "he_normal"), ("d", 1, 1, "he_normal")]
+    assert rep.train_meta[("a", 1, 1, "he_normal")]["data"]["published_pair"] == pair
+    assert rep.train[("a", 1, 1, "he_normal")]["bound_holds"].all() and (out / "report.html").is_file()
 
 
 def test_a_stored_config_without_fields_added_later_still_resumes(tiny_run):

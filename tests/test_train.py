@@ -63,7 +63,7 @@ def _cli(*args, env=None):
 
 def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     common = ["--model", "c", "--dataset", "digits", "--n-probe", "4", "--records-per-part", "3",
-              "--batch-size", "16", "--max-steps", "40", "--dropout", "0.2", "--quiet"]
+              "--batch-size", "16", "--max-steps", "40", "--dropout", "0.2", "--eval-every", "7", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_cli("--out", str(tmp_path / "full"), *common), check=True, env=env, capture_output=True)
 
@@ -84,8 +84,36 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     subprocess.run(_cli("--out", str(victim), *common, "--resume"), check=True, env=env, capture_output=True)
     full, resumed = read_records(tmp_path / "full"), read_records(victim)
     pd.testing.assert_frame_equal(full, resumed)
+    evals = [pd.read_parquet(d / "evals.parquet") for d in (tmp_path / "full", victim)]
+    pd.testing.assert_frame_equal(*evals)  # the held-out curve too: no evaluation lost or repeated
+    assert evals[0]["step"].tolist() == [0, 7, 14, 21, 28, 35, 40]
     meta = json.loads((victim / "run.json").read_text())
     assert meta["status"] == "complete" and len(meta["resumed_at_steps"]) == 1
+
+
+def test_steps_pass_over_the_data_repeatedly_and_record_held_out_curves(tmp_path):
+    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", steps=50, eval_every=20, eval_samples=100, n_probe=2, probe_every=23)
+    result = train(cfg, tmp_path / "r")
+    meta = json.loads((result.run_dir / "run.json").read_text())
+    assert meta["steps"] == {"total": 50, "per_epoch": 23} and result.summary["steps"] == 50
+    rows = read_records(result.run_dir)
+    assert rows["step"].unique().tolist() == [0, 23, 46] and rows["epoch"].unique().tolist() == [0, 1, 2]  # 23 per pass
+    evals = pd.read_parquet(result.run_dir / "evals.parquet")
+    assert evals["step"].tolist() == [0, 20, 40, 50] and evals["n_images"].tolist() == [100, 100, 100, 359]
+    assert result.summary["heldout_accuracy"] == evals["heldout_accuracy"].iloc[-1] > 0.3  # the final one on all 359
+    assert result.summary["chance_accuracy"] == 0.1 and result.summary["heldout_loss"] == evals["heldout_loss"].iloc[-1]
+    with pytest.raises(ValueError, match="either steps"):
+        TrainConfig(steps=10, epochs=2)
+
+
+def test_divergence_ends_the_run_when_asked(tmp_path):
+    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", max_steps=30, lr=1e6, momentum=0.0, n_probe=2)
+    with pytest.raises(FloatingPointError, match="became non-finite|training loss became"):
+        train(cfg, tmp_path / "raise")
+    result = train(cfg.model_copy(update={"stop_on_divergence": True}), tmp_path / "stop")
+    at = result.summary["diverged_at_step"]
+    assert at is not None and result.summary["steps"] == at + 1 < 30
+    assert json.loads((result.run_dir / "run.json").read_text())["status"] == "complete"
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):

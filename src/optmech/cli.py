@@ -59,7 +59,9 @@ def train(
     momentum: float = typer.Option(0.9, help="SGD momentum."),
     batch_size: int = typer.Option(64, help="Training batch size."),
     epochs: int = typer.Option(1, help="Epochs."),
+    steps: Optional[int] = typer.Option(None, help="Train exactly this many steps, repeating passes over the data (replaces --epochs)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    eval_every: int = typer.Option(100, help="Held-out loss and accuracy before every n-th step and after the last."),
     seed: int = typer.Option(1, help="Seed for initialisation, data order and probe choice."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
     device: str = typer.Option("cpu", help="Where the model, the batches and the probe run: cpu, cuda, cuda:1, ..."),
@@ -86,7 +88,7 @@ def train(
         config = TrainConfig(
             model=model, depth=depth, skip=skip, mapping=mapping, init=init, dropout=dropout, dataset=dataset,
             data_dir=data_dir, loss=loss, alpha=alpha, label_smoothing=label_smoothing, optimizer=optimizer, lr=lr,
-            momentum=momentum, batch_size=batch_size, epochs=epochs, max_steps=max_steps, seed=seed, dtype=dtype, device=device,
+            momentum=momentum, batch_size=batch_size, epochs=epochs, steps=steps, max_steps=max_steps, eval_every=eval_every, seed=seed, dtype=dtype, device=device,
             probe_every=probe_every, n_probe=n_probe, probe_split=probe_split, probe_train_batch=probe_train_batch, published_pair=published_pair,
             method=method, check=check, per_layer=per_layer, records_per_part=records_per_part,
         )
@@ -130,7 +132,9 @@ def _print_summary(result) -> None:
     table.add_row("Theorem 3 violations", f"[{style}]{s['theorem3_violations']} of {s['rows']} probe rows[/]")
     table.add_row("rank-deficient rows (U = +inf)", str(s["rank_deficient_rows"]))
     table.add_row("final training loss", f"{s['final_train_loss']:.4f}")
-    table.add_row("held-out accuracy", f"{100 * s['heldout_accuracy']:.2f} %")
+    table.add_row("held-out accuracy / loss", f"{100 * s['heldout_accuracy']:.2f} % / {s['heldout_loss']:.4f}")
+    if s.get("diverged_at_step") is not None:
+        table.add_row("diverged", f"[bold red]training loss non-finite at step {s['diverged_at_step']}[/]")
     table.add_row("engine method", str(s["engine_method"]))
     fl = s.get("first_last_medians") or {}
     if fl:
@@ -173,15 +177,33 @@ def reproduce(
     progress = Progress(TextColumn("[bold]reproduce[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
                         TimeElapsedColumn(), console=console, disable=quiet)
 
-    task = None
+    task, job_bars = None, {}
+    plain = quiet is False and not console.is_terminal  # a file or a pipe: plain lines instead of bars
 
     def on_event(info: dict) -> None:
         nonlocal task
-        if task is None:
+        if info["event"] == "progress":
+            key = info["key"]
+            if plain:
+                if info["step"] == info["steps"] or info["step"] % max(1, info["steps"] // 4) < max(1, info["steps"] // 100):
+                    console.print(f"{key}: step {info['step']}/{info['steps']}", highlight=False)
+                return
+            if task is None:
+                return
+            if key not in job_bars:
+                job_bars[key] = progress.add_task("job", total=info["steps"], last=key)
+            progress.update(job_bars[key], completed=info["step"])
+            return
+        if task is None and not plain:
             progress.start()
             task = progress.add_task("jobs", total=info["total"], last="")
         if info["event"] in ("done", "skip"):
-            progress.update(task, completed=info["done"], last=f"{info['event']}: {info['key']}")
+            if plain and info["event"] == "done":
+                console.print(f"[{info['done']}/{info['total']}] done: {info['key']} ({info.get('wall_s', 0):.0f} s)", highlight=False)
+            elif task is not None:
+                progress.update(task, completed=info["done"], last=f"{info['event']}: {info['key']}")
+                if info["key"] in job_bars:
+                    progress.remove_task(job_bars.pop(info["key"]))
         elif info["event"] == "failed":
             progress.console.print(f"[bold red]failed[/] {info['key']}: {info['error']}", highlight=False)
 
@@ -211,23 +233,43 @@ def report(run_dir: Path = typer.Argument(..., help="A directory written by `opt
         _fail(str(exc))
 
 
-def _report(run_dir: Path) -> None:
-    from .experiments.claims import evaluate_claims, write_claims
-    from .records import read_reproduction
-    from .report.html import build_report, units_summary
+def _measured(claim: dict) -> str:
+    """One cell: the effect against its threshold and the null's false-pass rate, or the units' summary."""
+    from .report.html import units_summary
 
-    claims = evaluate_claims(read_reproduction(run_dir))
-    write_claims(claims, run_dir / "claims.json")
+    e = claim.get("effect")
+    if claim["verdict"] == "not measurable" or not e or e.get("value") is None:
+        return units_summary(claim)
+    rate = e.get("null_false_pass_rate")
+    null = f", null {100 * rate:.0f} %" if rate is not None else ""
+    return f"{e['value']:.3g} (needs {e['threshold']}{null}); {units_summary(claim)}"
+
+
+def _report(run_dir: Path) -> None:
+    from .experiments.claims import evaluate_claims, run_table, write_claims
+    from .records import read_reproduction
+    from .report.html import build_report
+
+    rep = read_reproduction(run_dir)
+    claims = evaluate_claims(rep)
+    runs = run_table(rep)
+    write_claims(claims, run_dir / "claims.json", runs)
     path = build_report(run_dir)
     table = Table(title="claims (READING.md §2, §5)", title_justify="left")
-    for column in ("id", "source", "verdict", "measured"):
+    for column in ("id", "kind", "verdict", "measured"):
         table.add_column(column)
-    style = {"holds": "green", "fails": "bold red", "inconclusive": "yellow"}
+    style = {"holds": "green", "fails": "bold red", "inconclusive": "yellow", "not measurable": "dim"}
     for c in claims:
-        table.add_row(c.id, c.source, f"[{style[c.verdict]}]{c.verdict}[/]", units_summary(c.to_json()))
+        table.add_row(c.id, c.kind, f"[{style[c.verdict]}]{c.verdict}[/]", _measured(c.to_json()))
     console.print(table)
-    counts = {v: sum(c.verdict == v for c in claims) for v in style}
-    console.print(f"{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive — claims: [bold]{run_dir / 'claims.json'}[/]")
+    learned = [r for r in runs.values() if r["learned"]]
+    if runs:
+        accs = [r["heldout_accuracy"] for r in runs.values() if r["heldout_accuracy"] is not None]
+        console.print(f"training runs: {len(learned)} of {len(runs)} learned (final held-out accuracy {min(accs):.3f}–{max(accs):.3f}); "
+                      "the others' claims are not measurable")
+    from .experiments.claims import count_verdicts, summary_line
+
+    console.print(f"{summary_line(count_verdicts(claims))} — claims: [bold]{run_dir / 'claims.json'}[/]")
     console.print(f"report: [bold]{path}[/]")
 
 

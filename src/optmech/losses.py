@@ -34,7 +34,12 @@ __all__ = [
     "available_losses",
     "to_distribution",
     "check_logits",
+    "NonFiniteLogitsError",
 ]
+
+
+class NonFiniteLogitsError(ValueError):
+    """The logits hold NaN or inf (a diverged model, or bad inputs)."""
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -52,7 +57,7 @@ def check_logits(logits: torch.Tensor, name: str = "logits") -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {logits.dtype} instead. Cast with .float().")
     if _readable(logits) and not bool(torch.isfinite(logits).all()):
         bad = (~torch.isfinite(logits)).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(
+        raise NonFiniteLogitsError(
             f"{name}: expected finite values, got NaN or inf in rows {bad[:10]}{'…' if len(bad) > 10 else ''}. "
             "Check the model's forward pass (learning rate, input normalisation) before computing the loss."
         )

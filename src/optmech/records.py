@@ -5,6 +5,7 @@ Layout of a run directory::
     run.json                     resolved config, versions, seed, status, timings, summary
     records/part-SSSSSSSS-EEEEEEEE.parquet   rows of records with steps S…E (inclusive)
     steps.parquet                per-step aggregates over the probe samples (written when the run completes)
+    evals.parquet                held-out loss and accuracy along training (rewritten with every checkpoint)
     checkpoint.pt                model, optimiser, RNG state and the step to continue from
 
 Every file is written to a temporary name in the same folder and renamed (atomic on POSIX), so a
@@ -200,8 +201,9 @@ class Reproduction:
     Attributes:
         run_dir: the directory.
         meta: ``reproduce.json`` (config, versions, per-job timings).
-        train: {(model, depth, seed): per-sample records of that training run}.
-        train_meta: {(model, depth, seed): that run's run.json}.
+        train: {(model, depth, seed, init): per-sample records of that training run}.
+        train_meta: {(model, depth, seed, init): that run's run.json, with its held-out evaluations along
+            training under "evals" (a DataFrame read from evals.parquet)}.
         sweep: the depth-sweep rows of every initialisation arm (column ``init``).
         theory: {name: table} of the theory experiments.
     """
@@ -228,8 +230,10 @@ def read_reproduction(run_dir: str | os.PathLike) -> Reproduction:
         if info.get("status") != "complete":
             continue
         cfg = info["config"]
-        key = (cfg["model"], int(cfg["depth"]), int(cfg["seed"]))
+        key = (cfg["model"], int(cfg["depth"]), int(cfg["seed"]), cfg.get("init", "pytorch"))
         train[key], train_meta[key] = read_records(sub.parent), info
+        evals = sub.parent / "evals.parquet"
+        info["evals"] = _read_parquet(evals) if evals.is_file() else pd.DataFrame()
     theory = {p.stem: _read_parquet(p) for p in sorted((run_dir / "theory").glob("*.parquet"))}
     return Reproduction(run_dir=run_dir, meta=meta, train=train, train_meta=train_meta,
                         sweep=read_parquet_folder(run_dir / "sweep"), theory=theory)

@@ -5,12 +5,19 @@
 
 Each :class:`Claim` carries the paper's statement, our operationalisation with its thresholds
 (from the preset's ``[claims]`` table, fixed before the run), the measured values per unit (a
-model, seed, depth or grid point) and a verdict:
+model, seed, depth or grid point), a verdict and its reason. Claims come in kinds, counted apart:
 
-- exact and deterministic claims: ``holds`` when no unit fails, ``fails`` otherwise;
-- trends and Monte Carlo claims over several units: ``holds`` when every unit passes, ``fails``
-  when more than half fail, ``inconclusive`` when the units disagree otherwise or nothing could be
-  measured (for example no onset of the fitting error's fall within the run).
+- ``empirical``: what the paper reads off its experiments. An effect size against a stated minimum,
+  units gated on learning and on a non-degenerate structure, calibrated on a null from the same
+  records (:mod:`optmech.experiments.calibration`); ``holds`` needs a null false-pass rate ≤ 5 %.
+- ``identity``: exact statements (Theorem 3, ‖g‖² = eᵀAe, F1, Lemma 1, …) checked numerically on
+  every row; they hold by mathematics, so they confirm the software, not the paper's reading of data.
+- ``theory``: Monte Carlo and exact checks of the paper's theorems on random matrices.
+- ``derived``: conjunctions of other claims (Sec. 5.3.2's bullets, the initialisation contrast).
+- ``descriptive``: values reported without a test.
+
+Identities and exact checks hold when no unit fails; Monte Carlo claims hold when every unit passes,
+fail when more than half fail, and are inconclusive otherwise.
 """
 
 from __future__ import annotations
@@ -22,14 +29,21 @@ from pathlib import Path
 from ..records import Reproduction, write_json_atomic
 from .reproduce_config import ReproduceConfig
 
-__all__ = ["Claim", "evaluate_claims", "write_claims", "VERDICTS", "VERDICT_RULE", "combine"]
+__all__ = ["Claim", "evaluate_claims", "write_claims", "VERDICTS", "KINDS", "VERDICT_RULE", "combine", "count_verdicts",
+           "summary_line", "run_table"]
 
-VERDICTS = ("holds", "fails", "inconclusive")
+VERDICTS = ("holds", "fails", "inconclusive", "not measurable")
+KINDS = ("empirical", "identity", "theory", "derived", "descriptive")
 
 #: How a verdict follows from the units of a claim (printed in claims.json and the report).
 VERDICT_RULE = (
-    "Exact claims hold when no unit fails. Trends and Monte Carlo claims hold when every unit passes, fail when "
-    "more than half of the units fail, and are inconclusive otherwise or when nothing could be measured."
+    "Empirical claims: a unit whose run did not learn (final held-out accuracy below chance + the preset's margin) or "
+    "whose structural matrix is degenerate (A_x ≈ I: median G below the preset's threshold) is not measurable and "
+    "counts for nothing. The measurable units' effect sizes are compared with the claim's minimum effect: the claim "
+    "holds when every measurable unit passes and the same test, run on null draws from the same records, holds in at "
+    "most 5 % of them; it fails when more than half of the measurable units fail; it is inconclusive otherwise "
+    "(including a pass that the null reproduces too often) and not measurable when no unit is. Identities and exact "
+    "checks hold when no unit fails. Monte Carlo checks hold when every unit passes and fail when more than half fail."
 )
 
 
@@ -42,10 +56,13 @@ class Claim:
     source: str  # where the claim is stated: "Fig. 2", "Sec. 5.3.2", "Theorem 3", ...
     statement: str  # the paper's claim, in its words where possible
     operationalisation: str  # how we test it, thresholds included
-    kind: str  # "exact", "probabilistic" or "trend"
+    kind: str  # one of KINDS
     units: dict
     verdict: str
     note: str = ""
+    reason: str = ""  # the verdict's reason, in a sentence
+    effect: dict | None = None  # empirical claims: effect size, threshold, null and its false-pass rate
+    caveats: tuple = ()  # ids of optmech.report caveats that qualify this claim
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,12 +105,21 @@ def clean(value):
 
 
 def make_claim(id: str, source: str, statement: str, operationalisation: str, kind: str, units: dict, note: str = "",
-               verdict: str | None = None) -> Claim:
-    """A Claim whose verdict follows from its units (unless given)."""
+               verdict: str | None = None, *, exact: bool = False, reason: str | None = None, effect: dict | None = None,
+               caveats: tuple = ()) -> Claim:
+    """A Claim whose verdict follows from its units (unless given); ``exact``: any failing unit fails it."""
+    if kind not in KINDS:
+        raise AssertionError(f"claim kind {kind!r} not in {KINDS}")
+    passes = unit_passes(units)
     if verdict is None:
-        verdict = combine(unit_passes(units), exact=(kind == "exact"))
+        verdict = combine(passes, exact=exact)
+    if reason is None:
+        known = [p for p in passes if p is not None]
+        reason = (f"{sum(bool(p) for p in known)} of {len(passes)} units pass" + (f", {len(passes) - len(known)} not measurable"
+                  if len(known) < len(passes) else "") + "." if passes else "")
     return Claim(id=id, source=source, statement=statement, operationalisation=operationalisation, kind=kind,
-                 units=clean(units), verdict=verdict, note=note)
+                 units=clean(units), verdict=verdict, note=note, reason=reason, effect=clean(effect) if effect else None,
+                 caveats=tuple(caveats))
 
 
 def evaluate_claims(rep: Reproduction) -> list[Claim]:
@@ -105,7 +131,39 @@ def evaluate_claims(rep: Reproduction) -> list[Claim]:
     return training_claims(rep, config) + theory_claims(rep, config)
 
 
-def write_claims(claims: list[Claim], path: str | Path) -> None:
-    """claims.json: {"claims": [...], "counts": {verdict: n}}, written atomically."""
-    counts = {v: sum(c.verdict == v for c in claims) for v in VERDICTS}
-    write_json_atomic(path, {"counts": counts, "rule": VERDICT_RULE, "claims": [c.to_json() for c in claims]})
+def run_table(rep: Reproduction) -> dict:
+    """Every training run's outcome: {"a k01 s1 he_normal": {final held-out accuracy and loss, chance, learned, ...}}."""
+    from .gates import learned
+
+    config = ReproduceConfig(**rep.meta["config"])
+    out = {}
+    for (m, k, s, init), meta in sorted(rep.train_meta.items()):
+        summary = meta.get("summary", {})
+        ok, why = learned(meta, config.claims)
+        out[f"{m} k{k} s{s} {init}"] = {
+            "model": m, "depth": k, "seed": s, "init": init, "steps": summary.get("steps"),
+            "heldout_accuracy": summary.get("heldout_accuracy"), "heldout_loss": summary.get("heldout_loss"),
+            "chance_accuracy": summary.get("chance_accuracy"), "learned": ok, "diverged_at_step": summary.get("diverged_at_step"),
+            "why": why,
+        }
+    return out
+
+
+def count_verdicts(claims) -> dict:
+    """{kind: {verdict: n}} for the kinds present (claims as Claim objects or their JSON dicts)."""
+    get = lambda c, k: c[k] if isinstance(c, dict) else getattr(c, k)  # noqa: E731
+    kinds = [k for k in KINDS if any(get(c, "kind") == k for c in claims)]
+    return {k: {v: sum(get(c, "kind") == k and get(c, "verdict") == v for c in claims) for v in VERDICTS} for k in kinds}
+
+
+def summary_line(counts: dict) -> str:
+    """'empirical: 3 hold, 2 fail, …; identity: …' from :func:`count_verdicts`."""
+    words = {"holds": "hold", "fails": "fail", "inconclusive": "inconclusive", "not measurable": "not measurable"}
+    return "; ".join(f"{kind}: " + ", ".join(f"{n} {words[v]}" for v, n in per.items() if n) for kind, per in counts.items())
+
+
+def write_claims(claims: list[Claim], path: str | Path, runs: dict | None = None) -> None:
+    """claims.json: {"counts": {kind: {verdict: n}}, "rule", "runs": every training run's final held-out
+    accuracy and loss, "claims": [...]}, written atomically."""
+    write_json_atomic(path, {"counts": count_verdicts(claims), "summary": summary_line(count_verdicts(claims)),
+                             "rule": VERDICT_RULE, "runs": clean(runs or {}), "claims": [c.to_json() for c in claims]})

@@ -34,9 +34,9 @@ class Experiment:
     jobs: Callable[[ReproduceConfig], list[Job]]
 
 
-def train_job(model: str, depth: int, seed: int) -> Job:
-    cost = 1.0 + 0.35 * depth if model in ("a", "b") else 0.4
-    return Job("train", f"train/{model}-k{depth:02d}-s{seed}", (model, depth, seed), 10 * cost)
+def train_job(model: str, depth: int, seed: int, init: str) -> Job:
+    cost = 1.0 + 0.35 * depth if model in ("a", "b") else 0.1
+    return Job("train", f"train/{model}-k{depth:02d}-s{seed}-{init}", (model, depth, seed, init), 10 * cost)
 
 
 def sweep_jobs(config: ReproduceConfig, inits: list[str]) -> list[Job]:
@@ -45,12 +45,14 @@ def sweep_jobs(config: ReproduceConfig, inits: list[str]) -> list[Job]:
 
 
 EXPERIMENTS: list[Experiment] = [
-    Experiment("bounds", "Figs 2–4: models a–d at k = 1, trained one epoch, probed on a schedule",
-               ("fig2", "fig3", "fig4", "published"), ("C2.1", "C2.2", "C2.3", "C3.1", "C3.2", "C4.1", "C4.2", "A.pairing", "N.GIC"),
-               lambda c: [train_job(m, c.bounds_depth, s) for m in c.bounds_models for s in c.seeds]),
-    Experiment("depth-training", "Figs 6–9: models a and b at k = 0…5, trained one epoch",
-               ("fig6", "fig7", "fig8", "fig9"), ("C6.1", "C6.2", "C6.3", "C7.1", "C7.2", "C8/9.1", "C8/9.2"),
-               lambda c: [train_job(m, k, s) for m in c.depth_models for k in c.depths for s in c.seeds]),
+    Experiment("bounds", "Figs 2–4: models a–d at k = 1, trained (main initialisation arm), probed on a schedule",
+               ("fig2", "fig3", "fig4", "published", "learning"),
+               ("C2.1", "C2.2", "C2.3", "C3.1", "C3.2", "C4.1", "C4.2", "A.pairing", "N.GIC"),
+               lambda c: [train_job(m, c.bounds_depth, s, c.main_init) for m in c.bounds_models for s in c.seeds]),
+    Experiment("depth-training", "Figs 6–9: models a and b at k = 0…5, trained, in every initialisation arm",
+               ("fig6", "fig7", "fig8", "fig9", "fig6-alt", "fig7-alt", "learning-depth"),
+               ("C6.1", "C6.2", "C6.3", "C7.1", "C7.2", "C8/9.1", "C8/9.2"),
+               lambda c: [train_job(m, k, s, i) for m in c.depth_models for k in c.depths for s in c.seeds for i in c.train_inits]),
     Experiment("depth-sweep", "Fig. 5: models a–d at initialisation against depth (first initialisation arm)",
                ("fig5",), ("C5.1", "C5.2", "C5.3"), lambda c: sweep_jobs(c, c.sweep.inits[:1])),
     Experiment("init-sensitivity", "Fig. 5 under the other initialisation arms (He normal)",

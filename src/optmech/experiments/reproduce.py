@@ -6,7 +6,7 @@
 The run directory::
 
     reproduce.json                 config, versions, status, per-job wall times
-    train/<model>-k<kk>-s<seed>/   one training run each (Figs 2–4, 6–9), see experiments.train
+    train/<model>-k<kk>-s<seed>-<init>/   one training run each (Figs 2–4, 6–9), see experiments.train
     sweep/<init>/depth_sweep/      Fig. 5 depth sweep at initialisation, one arm per scheme
     theory/<name>.parquet          the theory experiments (experiments.theory_runs)
 
@@ -65,19 +65,27 @@ def job_done(job: Job, run_dir: Path, config: ReproduceConfig) -> bool:
     return (run_dir / f"{job.key}.parquet").is_file()
 
 
-def run_job(job: Job, run_dir: str, config_json: dict, threads: int | None = None) -> tuple[str, float]:
-    """Run (or continue) one job; returns (key, wall seconds). Top-level so worker processes can call it."""
+def run_job(job: Job, run_dir: str, config_json: dict, threads: int | None = None, progress=None) -> tuple[str, float]:
+    """Run (or continue) one job; returns (key, wall seconds). Top-level so worker processes can call it.
+
+    ``progress``: anything with ``put((key, step, total))`` (a multiprocessing queue across processes),
+    told about a training job's steps about a hundred times per run."""
     if threads:
         torch.set_num_threads(threads)
     config = ReproduceConfig(**config_json)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     if job.kind == "train":
-        model, depth, seed = job.params
+        model, depth, seed, init = job.params
         out = run_dir / job.key
         if out.exists() and not (out / "run.json").is_file():
             shutil.rmtree(out)  # killed before its run.json: nothing to keep
-        train(config.train_config(model, depth, seed), out, resume=(out / "run.json").is_file())
+        on_step = None
+        if progress is not None:
+            def on_step(info: dict) -> None:
+                if info["step"] % max(1, info["total"] // 100) == 0 or info["step"] == info["total"]:
+                    progress.put((job.key, info["step"], info["total"]))
+        train(config.train_config(model, depth, seed, init), out, resume=(out / "run.json").is_file(), on_step=on_step)
     elif job.kind == "sweep":
         init, model = job.params
         depth_sweep(_sweep_config(config, init, model), run_dir / "sweep" / init)
@@ -152,7 +160,8 @@ def reproduce(
     ``reproduce`` under ``if __name__ == "__main__":`` there (the CLI does). Re-running with the same
     config continues the reproduction; a different config is refused
     unless ``overwrite``. ``on_event`` receives {"event": "start"|"queued"|"done"|"skip"|"failed", "key",
-    "done", "total"} ("start" when run in this process, "queued" when handed to a worker). A failed
+    "done", "total"} ("start" when run in this process, "queued" when handed to a worker), and
+    {"event": "progress", "key", "step", "steps"} as a training job advances. A failed
     job does not stop the others; :class:`ReproduceError` lists the failures at the end.
     Each worker uses ``cpu_count // jobs`` torch threads.
     """
@@ -183,35 +192,53 @@ def reproduce(
     config_json = config.model_dump(mode="json")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     failures: dict[str, str] = {}
+    class _Emitter:  # run_job's progress sink when the job runs in this process
+        def put(self, item) -> None:
+            emit({"event": "progress", "key": item[0], "step": item[1], "steps": item[2]})
+
     if jobs == 1 or len(todo) <= 1:
         for job in todo:
             emit({"event": "start", "key": job.key, "done": n_done, "total": total})
             try:
-                finished(*run_job(job, str(run_dir), config_json))
+                finished(*run_job(job, str(run_dir), config_json, progress=_Emitter()))
             except Exception as exc:  # noqa: BLE001 - one failed job must not stop the others
                 failures[job.key] = f"{type(exc).__name__}: {exc}"
                 emit({"event": "failed", "key": job.key, "done": n_done, "total": total, "error": failures[job.key]})
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
         pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+        manager = ctx.Manager()
+        queue = manager.Queue()
+
+        def drain() -> None:
+            while not queue.empty():
+                key, step, steps = queue.get_nowait()
+                emit({"event": "progress", "key": key, "step": step, "steps": steps})
+
         try:
             futures = {}
             for job in todo:
-                futures[pool.submit(run_job, job, str(run_dir), config_json, threads)] = job
+                futures[pool.submit(run_job, job, str(run_dir), config_json, threads, queue)] = job
                 emit({"event": "queued", "key": job.key, "done": n_done, "total": total})
-            for fut in cf.as_completed(futures):
-                try:
-                    finished(*fut.result())
-                except Exception as exc:  # noqa: BLE001 - the other jobs go on; failures are reported at the end
-                    key = futures[fut].key
-                    failures[key] = f"{type(exc).__name__}: {exc}"
-                    emit({"event": "failed", "key": key, "done": n_done, "total": total, "error": failures[key]})
+            pending = set(futures)
+            while pending:
+                ready, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+                drain()
+                for fut in ready:
+                    try:
+                        finished(*fut.result())
+                    except Exception as exc:  # noqa: BLE001 - the other jobs go on; failures are reported at the end
+                        key = futures[fut].key
+                        failures[key] = f"{type(exc).__name__}: {exc}"
+                        emit({"event": "failed", "key": key, "done": n_done, "total": total, "error": failures[key]})
         except BaseException:  # interrupted: stop the workers now (their finished parts and checkpoints are kept)
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
+            manager.shutdown()
             raise
         pool.shutdown(wait=True)
+        manager.shutdown()
     wall = time.perf_counter() - started
     meta["sessions"].append({"ran": [j.key for j in todo], "wall_s": round(wall, 3), "jobs": jobs,
                              "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

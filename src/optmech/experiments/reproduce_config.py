@@ -26,7 +26,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["ReproduceConfig", "SweepSettings", "TheorySettings", "ClaimSettings", "available_presets", "load_preset", "PresetError"]
 
 #: TrainConfig fields a preset's [train] table may set (model, depth and seed come from the experiments)
-_TRAIN_KEYS = set(TrainConfig.model_fields) - {"model", "depth", "seed", "skip", "dataset", "data_dir", "mapping"}
+_TRAIN_KEYS = set(TrainConfig.model_fields) - {"model", "depth", "seed", "skip", "dataset", "data_dir", "mapping", "init"}
 
 
 class PresetError(ValueError):
@@ -72,7 +72,10 @@ class TheorySettings(_Frozen):
 
 
 class ClaimSettings(_Frozen):
-    """Pre-registered thresholds of the claims checker (READING.md §2; each is printed in claims.json)."""
+    """Pre-registered thresholds of the claims checker (READING.md §2; each is printed in claims.json).
+
+    Windows and iteration counts are in optimiser steps or records as named; with a record every
+    ``probe_every`` steps, a window of w records spans w·probe_every iterations."""
 
     window: int = Field(50, ge=3, description="local Pearson window, in records")
     growing_from: Optional[int] = Field(None, ge=2, description="the authors' variant: windows grow from this record until full (they used 2)")
@@ -85,7 +88,19 @@ class ClaimSettings(_Frozen):
     edge_iters: int = Field(100, ge=1, description="C2.2: the first / last this many iterations (at most a quarter of the run)")
     big_gap_bits: float = Field(2.0, gt=0, description="C5.3: G at least this large counts as U ≫ L")
     near_zero_fraction: float = Field(0.25, gt=0, lt=1, description="C5.1: at the largest depth, at most this fraction of the k = 0 value")
-    rank_threshold: float = Field(0.5, gt=0, le=1, description="a trend: Spearman ρ at least this large in the stated direction")
+    rank_threshold: float = Field(0.85, gt=0, le=1, description="a trend: Spearman ρ at least this large in the stated direction "
+                                  "(0.83 is the one-sided 5 % critical value for 6 depths)")
+    min_effect_bits: float = Field(0.25, gt=0, description="smallest change of a log₂ quantity (G, U, L) that counts as an effect")
+    min_effect_r: float = Field(0.1, gt=0, description="smallest change of a local Pearson r that counts as an effect")
+    min_effect_iters: int = Field(50, ge=1, description="smallest difference of two onsets (iterations) that counts as an effect")
+    min_ratio_bits: float = Field(1.0, gt=0, description="C4.2: log₂ of the early/late ratio of |ΔG| (1 = twice as large)")
+    skip_gain_bits: float = Field(1.0, gt=0, description="C5.grad: log₂‖g‖² with skip connections at least this much larger")
+    learn_margin: float = Field(0.2, ge=0, lt=1, description="a run learned when its final held-out accuracy ≥ chance + this")
+    degenerate_G_bits: float = Field(0.01, gt=0, description="a run or model is degenerate (A_x ≈ I) when its median G is below this")
+    min_depths: int = Field(3, ge=2, description="a depth trend needs at least this many measurable depths")
+    null_draws: int = Field(200, ge=0, description="null draws per claim for its false-pass rate")
+    null_seed: int = Field(0, description="seed of the null draws (claims.json is reproducible)")
+    max_false_pass: float = Field(0.05, gt=0, lt=1, description="a claim holds only when its null false-pass rate is at most this")
 
 
 class ReproduceConfig(_Frozen):
@@ -102,6 +117,9 @@ class ReproduceConfig(_Frozen):
     bounds_depth: int = Field(1, ge=0)
     depth_models: list[str] = Field(default_factory=lambda: ["a", "b"], description="Figs 6–9")
     depths: list[int] = Field(default_factory=lambda: list(range(6)))
+    train_inits: list[str] = Field(default_factory=lambda: ["he_normal", "pytorch"],
+                                   description="initialisation arms of the training runs: the first is the main arm (Figs 2–4 "
+                                   "and the main verdicts), Figs 6–9 run in every arm")
     train: dict = Field(default_factory=dict, description="TrainConfig fields shared by every training run")
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     theory: TheorySettings = Field(default_factory=TheorySettings)
@@ -116,6 +134,14 @@ class ReproduceConfig(_Frozen):
             raise ValueError(f"unknown paper model(s) {bad}; expected letters from {sorted(letters)}")
         return v
 
+    @field_validator("train_inits")
+    @classmethod
+    def _train_inits(cls, v: list[str]) -> list[str]:
+        bad = [i for i in v if i not in INIT_SCHEMES]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"train_inits: expected distinct names from {list(INIT_SCHEMES)}, got {v}")
+        return v
+
     @field_validator("train")
     @classmethod
     def _train_keys(cls, v: dict) -> dict:
@@ -128,15 +154,20 @@ class ReproduceConfig(_Frozen):
             raise ValueError("; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
         return v
 
-    def train_config(self, model: str, depth: int, seed: int) -> TrainConfig:
-        """The TrainConfig of one training run (validated)."""
-        return TrainConfig(model=model, depth=depth, seed=seed, dataset=self.dataset, data_dir=self.data_dir,
-                           mapping=self.mapping, **self.train)
+    @property
+    def main_init(self) -> str:
+        """The main initialisation arm (Figs 2–4 and the main verdicts)."""
+        return self.train_inits[0]
 
-    def train_runs(self) -> list[tuple[str, int, int]]:
-        """(model, depth, seed) of every training run, each once."""
-        runs = {(m, self.bounds_depth, s) for m in self.bounds_models for s in self.seeds}
-        runs |= {(m, k, s) for m in self.depth_models for k in self.depths for s in self.seeds}
+    def train_config(self, model: str, depth: int, seed: int, init: str | None = None) -> TrainConfig:
+        """The TrainConfig of one training run (validated); ``init`` defaults to the main arm."""
+        return TrainConfig(model=model, depth=depth, seed=seed, init=init or self.main_init, dataset=self.dataset,
+                           data_dir=self.data_dir, mapping=self.mapping, **self.train)
+
+    def train_runs(self) -> list[tuple[str, int, int, str]]:
+        """(model, depth, seed, init) of every training run, each once."""
+        runs = {(m, self.bounds_depth, s, self.main_init) for m in self.bounds_models for s in self.seeds}
+        runs |= {(m, k, s, i) for m in self.depth_models for k in self.depths for s in self.seeds for i in self.train_inits}
         return sorted(runs)
 
 

@@ -3,7 +3,9 @@
     optmech train --model a --depth 1 --dataset mnist5k --out runs/a1
 
 Each record is measured *before* its step, on the current weights, for a fixed set of held-out
-probe samples (and optionally the current batch). Rows go to Parquet parts every
+probe samples (and optionally the current batch); the held-out loss and accuracy are measured every
+``eval_every`` steps and after the last one (``evals.parquet``). ``steps`` trains a fixed number of
+steps, passing over the training set as often as needed. Rows go to Parquet parts every
 ``records_per_part`` records, each part followed by a checkpoint, so ``resume=True`` continues a
 killed run and yields the same rows as an uninterrupted one (CPU, same seed). ``device`` puts the
 model, the batches and the probe on a GPU; the initial weights are drawn on the CPU first, so
@@ -27,14 +29,17 @@ import pandas as pd
 import torch
 
 from .. import data as datasets
-from ..losses import get_loss
+from ..losses import NonFiniteLogitsError, get_loss
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
 from ..records import (RecordWriter, fixed_probe_medians, load_checkpoint, read_json, read_records, save_checkpoint,
                        step_aggregates, write_json_atomic, write_parquet_atomic)
 from .config import TrainConfig
 
-__all__ = ["train", "RunResult", "RunDirError"]
+__all__ = ["train", "evaluate", "RunResult", "RunDirError"]
+
+#: columns of a run's evals.parquet: held-out loss and accuracy along training
+_EVAL_COLUMNS = ["step", "heldout_loss", "heldout_accuracy", "n_images", "train_loss"]
 
 
 class RunDirError(ValueError):
@@ -176,15 +181,29 @@ def _first_last_medians(records: pd.DataFrame) -> dict:
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, split: datasets.Dataset, dtype: torch.dtype, device: torch.device, batch: int = 1000) -> float:
+def evaluate(model: torch.nn.Module, criterion, inputs: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+             device: torch.device, batch: int = 250) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` in eval mode on ``inputs`` (N, …) with labels ``targets`` (N,);
+    the training mode is restored afterwards. Rows with non-finite logits count as wrong and make the loss NaN."""
     mode = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(split), batch):
-        logits = model(split.inputs[start : start + batch].to(device=device, dtype=dtype))
-        correct += int((logits.argmax(1).cpu() == split.targets[start : start + batch]).sum())
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(targets), batch):
+        y = targets[start : start + batch].to(device)
+        logits = model(inputs[start : start + batch].to(device=device, dtype=dtype))
+        finite = torch.isfinite(logits).all(dim=1)
+        loss_sum += float(criterion(logits, y)) * len(y) if bool(finite.all()) else math.nan  # a diverged model: NaN
+        correct += int(((logits.argmax(1) == y) & finite).sum())
     model.train(mode)
-    return correct / max(1, len(split))
+    n = max(1, len(targets))
+    return loss_sum / n, correct / n
+
+
+def _eval_ids(seed: int, n_available: int, n: int | None) -> torch.Tensor:
+    """The fixed held-out subset evaluated along training (all images when ``n`` is None)."""
+    if n is None or n >= n_available:
+        return torch.arange(n_available)
+    return torch.randperm(n_available, generator=torch.Generator().manual_seed(seed + 104_729))[:n].sort().values
 
 
 def train(
@@ -229,12 +248,16 @@ def train(
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=config.check, per_layer=config.per_layer)
+    if config.channels_last:  # faster convolution kernels; Linear-only models are unchanged
+        model = model.to(memory_format=torch.channels_last)
+    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=False, per_layer=config.per_layer)
+    checked = Probe(model, criterion, method=config.method, weights=config.weights, check=True, per_layer=config.per_layer) \
+        if config.check else probe
 
     # the training batch is measured on the training forward itself when train and eval forwards agree
     reuse_forward = not mode_dependent_modules(model)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
@@ -245,8 +268,20 @@ def train(
     writer = RecordWriter(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     step, n_records, violations = 0, 0, 0
-    timings = {"training_s": 0.0, "probing_s": 0.0, "writing_s": 0.0}
+    timings = {"training_s": 0.0, "probing_s": 0.0, "writing_s": 0.0, "evaluating_s": 0.0}
     last_loss = float("nan")
+    evals: list[dict] = []  # held-out loss and accuracy along training
+    diverged_at = None
+    eval_ids = _eval_ids(config.seed, len(heldout), config.eval_samples)
+    x_eval, y_eval = heldout.inputs[eval_ids], heldout.targets[eval_ids]
+
+    def evaluate_now(at_step: int, full: bool = False) -> None:
+        with _timer(timings, "evaluating_s"):
+            xs, ys = (heldout.inputs, heldout.targets) if full else (x_eval, y_eval)
+            loss_value, accuracy = evaluate(model, criterion, xs, ys, dtype, device)
+        evals.append({"step": at_step, "heldout_loss": loss_value, "heldout_accuracy": accuracy, "n_images": len(ys),
+                      "train_loss": last_loss})
+
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
@@ -255,7 +290,8 @@ def train(
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, n_records, violations = ckpt["step"], ckpt["n_records"], ckpt["violations"]
-        timings, last_loss = ckpt["timings"], ckpt["last_loss"]
+        timings, last_loss = {**timings, **ckpt["timings"]}, ckpt["last_loss"]
+        evals = list(ckpt.get("evals", []))
     if resume:
         writer.drop_from(step)
     meta = {
@@ -285,29 +321,39 @@ def train(
         x = train_set.inputs[batch_ids].to(device=device, dtype=dtype)
         y = train_set.targets[batch_ids].to(device)
 
+        if step % config.eval_every == 0:
+            evaluate_now(step)
         measurements = []
         probing_now = step % config.probe_every == 0
+        on_record = checked if n_records % config.check_every == 0 else probe  # the cross-check on every n-th record
         reuse_now = probing_now and config.probe_train_batch and reuse_forward
-        if probing_now:  # measure before the step, on the current weights
-            with _timer(timings, "probing_s"):
-                fixed_set = "heldout" if config.probe_split == "test" else "train_fixed"
-                measurements.append((fixed_set, probe.measure(x_probe, y_probe), probe_ids))
-                if config.probe_train_batch and not reuse_forward:  # dropout/BatchNorm: eval semantics
-                    measurements.append(("train_batch", probe.measure(x, y), batch_ids))
-        with _timer(timings, "training_s"), (probe.capture() if reuse_now else contextlib.nullcontext()) as captured:
-            logits = model(x)
-        if reuse_now:  # the training batch, measured on the training forward itself
-            with _timer(timings, "probing_s"):
-                measurements.append(("train_batch", captured.measure(x, y, logits), batch_ids))
-        with _timer(timings, "training_s"):
-            loss = criterion(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last_loss = float(loss.detach())
-        if not math.isfinite(last_loss):
+        try:
+            if probing_now:  # measure before the step, on the current weights
+                with _timer(timings, "probing_s"):
+                    fixed_set = "heldout" if config.probe_split == "test" else "train_fixed"
+                    measurements.append((fixed_set, on_record.measure(x_probe, y_probe), probe_ids))
+                    if config.probe_train_batch and not reuse_forward:  # dropout/BatchNorm: eval semantics
+                        measurements.append(("train_batch", on_record.measure(x, y), batch_ids))
+            with _timer(timings, "training_s"), (on_record.capture() if reuse_now else contextlib.nullcontext()) as captured:
+                logits = model(x)
+            if reuse_now:  # the training batch, measured on the training forward itself
+                with _timer(timings, "probing_s"):
+                    measurements.append(("train_batch", captured.measure(x, y, logits), batch_ids))
+            with _timer(timings, "training_s"):
+                loss = criterion(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                last_loss = float(loss.detach())
+            finite = math.isfinite(last_loss) and bool(torch.isfinite(torch.cat([p.detach().flatten() for p in model.parameters()])).all())
+            what = "" if finite else f"training loss became {last_loss}" if not math.isfinite(last_loss) else "the weights became non-finite"
+        except NonFiniteLogitsError:  # the weights overflowed the logits before this step
+            finite, what, measurements = False, "the logits became non-finite", []
+        if not finite and config.stop_on_divergence:
+            diverged_at = step
+        elif not finite:
             raise FloatingPointError(
-                f"training loss became {last_loss} at step {step}. Lower --lr or check the data; records up to step "
+                f"{what} at step {step}. Lower --lr or check the data; records up to step "
                 f"{step - 1} are in {run_dir / 'records'}."
             )
 
@@ -318,10 +364,15 @@ def train(
         if measurements:
             n_records += 1
         step += 1
+        if diverged_at is not None:
+            total_steps = step  # the run ends here, recorded as diverged
+        if step == total_steps:
+            evaluate_now(step, full=True)  # after the last step (or the divergence), on every held-out image
         if (measurements and n_records % config.records_per_part == 0) or step == total_steps:
             writer.flush()  # the part first, then the checkpoint that says where to continue
+            write_parquet_atomic(pd.DataFrame(evals, columns=_EVAL_COLUMNS), run_dir / "evals.parquet")
             save_checkpoint(ckpt_path, {
-                "step": step, "n_records": n_records, "violations": violations, "timings": timings,
+                "step": step, "n_records": n_records, "violations": violations, "timings": timings, "evals": evals,
                 "last_loss": last_loss, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -333,19 +384,24 @@ def train(
     # --- summary ------------------------------------------------------------------------------
     records = read_records(run_dir)
     write_parquet_atomic(step_aggregates(records), run_dir / "steps.parquet")
+    final = evals[-1]
     summary = {
         "steps": total_steps,
+        "diverged_at_step": diverged_at,
         "records": n_records,
         "rows": int(len(records)),
         "theorem3_violations": int((~records["bound_holds"]).sum()) if len(records) else 0,
         "rank_deficient_rows": int(records["rank_deficient"].sum()) if len(records) else 0,
         "final_train_loss": last_loss,
-        "heldout_accuracy": _accuracy(model, heldout, dtype, device),
+        "heldout_accuracy": final["heldout_accuracy"],
+        "heldout_loss": final["heldout_loss"],
+        "chance_accuracy": 1.0 / train_set.n_classes,
         "engine_method": str(records["method"].iloc[-1]) if len(records) else None,
         "first_last_medians": _first_last_medians(records),
         "training_s": round(timings["training_s"], 3),
         "probing_s": round(timings["probing_s"], 3),
         "writing_s": round(timings["writing_s"], 3),
+        "evaluating_s": round(timings["evaluating_s"], 3),
         "wall_s_this_session": round(time.time() - started, 3),
     }
     meta.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary)

@@ -6,6 +6,7 @@ from .figures import (
     plot_depth_sweep,
     plot_depth_training,
     plot_indicators,
+    plot_learning,
     plot_lemma2,
     plot_local_pearson,
     plot_published_pairing,
@@ -16,6 +17,6 @@ from .figures import (
 from .html import build_report
 
 __all__ = [
-    "plot_bounds", "plot_depth_pearson", "plot_depth_sweep", "plot_depth_training", "plot_indicators", "plot_lemma2",
+    "plot_bounds", "plot_depth_pearson", "plot_depth_sweep", "plot_depth_training", "plot_indicators", "plot_learning", "plot_lemma2",
     "plot_local_pearson", "plot_published_pairing", "plot_theorem2", "plot_theorem4", "save_figure", "build_report",
 ]

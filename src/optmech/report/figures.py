@@ -17,37 +17,47 @@ MODEL_STYLE = {"a": ("tab:blue", "-"), "b": ("tab:blue", "--"), "c": ("tab:orang
 
 
 def plot_depth_sweep(frame: pd.DataFrame, axes=None, *, title: str | None = None):
-    """Fig. 5: U, L and G (bits) at initialisation against depth k, one line per model.
+    """Fig. 5: U, L, G and the gradient norm log₂‖g‖² (bits) at initialisation, one line per model,
+    against depth k (top row) and against the parameter count |θ| (bottom row).
 
     Lines are medians over seeds and probe samples; shaded bands the inter-quartile range.
-    Rank-deficient samples (U = +inf) are left out and counted in the legend.
+    Rank-deficient samples (U = +inf) are left out and counted in the legend. The gradient-norm
+    column is the paper's eq. (24) argument: skip connections amplify the gradient.
 
     Args:
         frame: rows of :func:`optmech.experiments.depth_sweep.depth_sweep`.
-        axes: three matplotlib axes, or None to create a figure.
+        axes: a 2×4 array of matplotlib axes, or None to create a figure.
 
     Returns:
         The matplotlib Figure.
     """
+    columns = ("U", "L", "G", "log_gradient_norm")
     if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
+        fig, axes = plt.subplots(2, 4, figsize=(16, 7.4), constrained_layout=True, squeeze=False)
     else:
-        fig = axes[0].figure
-    for ax, column in zip(axes, ("U", "L", "G")):
-        for letter, rows in frame.groupby("model"):
-            finite = rows[np.isfinite(rows[column])]
-            stats = finite.groupby("depth")[column].quantile([0.25, 0.5, 0.75]).unstack()
-            color, style = MODEL_STYLE.get(letter, ("gray", "-"))
-            family = rows["family"].iloc[0]
-            skip = "skip" if bool(rows["skip"].iloc[0]) else "plain"
-            dropped = int((~np.isfinite(rows[column])).sum())
-            label = f"{letter} ({family}, {skip})" + (f", {dropped} inf dropped" if dropped else "")
-            ax.plot(stats.index, stats[0.5], style, color=color, marker="o", ms=3, label=label)
-            ax.fill_between(stats.index, stats[0.25], stats[0.75], color=color, alpha=0.15)
-        ax.axhline(0.0, color="black", lw=0.6)
-        _label(ax, {"U": "U = −log₂ λmin", "L": "L = −log₂ λmax", "G": "G = U − L = log₂(λmax/λmin)"}[column],
-               "depth k (repeated blocks)", f"{column} (bits)")
-    axes[0].legend(fontsize=8)
+        fig = axes[0][0].figure
+    titles = {"U": "U = −log₂ λmin", "L": "L = −log₂ λmax", "G": "G = U − L = log₂(λmax/λmin)",
+              "log_gradient_norm": "gradient norm log₂‖g‖² (eq. 24)"}
+    for row, x in enumerate(("depth", "n_params")):
+        for ax, column in zip(axes[row], columns):
+            for letter, rows in frame.groupby("model"):
+                finite = rows[np.isfinite(rows[column])]
+                stats = finite.groupby("depth")[column].quantile([0.25, 0.5, 0.75]).unstack()
+                xs = stats.index.to_numpy() if x == "depth" else rows.groupby("depth")["n_params"].first().reindex(stats.index).to_numpy()
+                color, style = MODEL_STYLE.get(letter, ("gray", "-"))
+                family = rows["family"].iloc[0]
+                skip = "skip" if bool(rows["skip"].iloc[0]) else "plain"
+                dropped = int((~np.isfinite(rows[column])).sum())
+                label = f"{letter} ({family}, {skip})" + (f", {dropped} inf dropped" if dropped else "")
+                ax.plot(xs, stats[0.5], style, color=color, marker="o", ms=3, label=label)
+                ax.fill_between(xs, stats[0.25], stats[0.75], color=color, alpha=0.15)
+            if column != "log_gradient_norm":
+                ax.axhline(0.0, color="black", lw=0.6)
+            if x == "n_params":
+                ax.set_xscale("log")
+            _label(ax, titles[column], "depth k (repeated blocks)" if x == "depth" else "|θ| (parameters, log scale)",
+                   "log₂‖g‖² (bits)" if column == "log_gradient_norm" else f"{column} (bits)")
+    axes[0][0].legend(fontsize=8)
     init = ", ".join(sorted(frame["init"].unique())) if "init" in frame else ""
     _suptitle(fig, title or f"Structural error at initialisation against depth (median, IQR over seeds × probes; init {init})")
     return fig
@@ -130,62 +140,80 @@ def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
     return fig
 
 
+def per_image_local_r(records: pd.DataFrame, window: int, growing_from: int | None = None) -> dict[str, pd.DataFrame]:
+    """Local Pearson r of log₂E_f with each bound computed per probe image (E_f and bounds of the same
+    image), summarised per window end: {"upper"|"lower": DataFrame(index step, columns q25, median, q75)}."""
+    from ..metrics import local_pearson
+
+    fixed = records[records["probe_set"] != "train_batch"]
+    out = {}
+    for bound in ("upper", "lower"):
+        per = {sid: pd.Series(local_pearson(g["log_fitting_error"].to_numpy(), g[bound].to_numpy(), window=window,
+                                            growing_from=growing_from), index=g["step"].to_numpy())
+               for sid, g in fixed.sort_values("step").groupby("sample_id")}
+        wide = pd.DataFrame(per)
+        out[bound] = pd.DataFrame({"q25": wide.quantile(0.25, axis=1), "median": wide.median(axis=1), "q75": wide.quantile(0.75, axis=1)})
+    return out
+
+
 def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None, *, growing_from: int | None = None):
     """Fig. 3: local Pearson r between log₂ E_f and each bound (window of ``window`` records).
 
-    The series are the medians over the fixed probe samples; r is plotted at the window's last
-    step, NaN (a gap) where a window has zero variance. ``growing_from`` draws the authors' variant
-    (windows grow from that record until full; see :func:`optmech.metrics.local_pearson`).
+    r is computed per probe image — the fitting error and the bounds of the same image — and drawn
+    as the median over images with the inter-quartile band, at the window's last step (gaps where a
+    window has zero variance). ``growing_from`` draws the authors' variant (windows grow from that
+    record until full; see :func:`optmech.metrics.local_pearson`).
     """
-    from ..metrics import local_pearson
-
     if ax is None:
         fig, ax = plt.subplots(figsize=(9.5, 3.8), constrained_layout=True)
     else:
         fig = ax.figure
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, records) in enumerate(runs.items()):
-        med = fixed_probe_medians(records, ["log_fitting_error", "lower", "upper"])
         color = colors[i % len(colors)]
+        r = per_image_local_r(records, window, growing_from)
         for bound, style in (("upper", "-"), ("lower", ":")):
-            r = local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from)
-            ax.plot(med.index, r, style, color=color, lw=1.1, label=f"{label}: r(log₂ E_f, {bound})")
+            ax.plot(r[bound].index, r[bound]["median"], style, color=color, lw=1.1, label=f"{label}: r(log₂ E_f, {bound})")
+            if bound == "upper":
+                ax.fill_between(r[bound].index, r[bound]["q25"], r[bound]["q75"], color=color, alpha=0.12)
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("batch index at the window's end")
     ax.set_ylabel(f"local Pearson r ({window} records)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("Local correlation of the fitting error with its bounds (median series over the fixed probes)")
+    ax.set_title("Local correlation of the fitting error with its bounds, per probe image (median, IQR band for the upper bound)")
     return fig
 
 
-def _depth_panels(n: int, rows: int, axes=None):
-    if axes is not None:
-        return axes.flat[0].figure, axes
-    fig, grid = plt.subplots(rows, n, figsize=(max(7.0, 3.0 * n), 2.9 * rows + 0.4), constrained_layout=True, squeeze=False)
-    return fig, grid
-
-
-def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None):
-    """Figs 6 and 7: model ``model`` trained at each depth k; per k a column with, on top, log₂ E_f
-    inside its Theorem 3 bracket and, below, U, L and G, against batch index.
+def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None, *, title: str | None = None):
+    """Figs 6 and 7: model ``model`` trained at each depth k; per k a column with, on top, log₂ E_f and
+    its Theorem 3 bounds as lines and, below, U, L and G, against batch index.
 
     Args:
         runs: {k: per-sample records of the training run at depth k}.
         model: the paper's letter, for titles.
 
-    Lines are medians over the fixed probe samples at each record.
+    Lines are medians over the fixed probe samples at each record. The y axes are shared along each
+    row, so a flat curve is flat on the scale of every depth (1e-3-bit noise stays flat), and each
+    panel states the range its curves span.
     """
     ks = sorted(runs)
-    fig, grid = _depth_panels(len(ks), 2, axes)
+    if axes is None:
+        fig, grid = plt.subplots(2, len(ks), figsize=(max(7.0, 3.0 * len(ks)), 6.2), constrained_layout=True, squeeze=False,
+                                 sharey="row")
+    else:
+        fig, grid = axes.flat[0].figure, axes
     for j, k in enumerate(ks):
         med = fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper", "U", "L", "G"])
         top, bottom = grid[0][j], grid[1][j]
-        _bracket(top, med.index, med["lower"], med["upper"], alpha=0.3)
+        top.plot(med.index, med["upper"], color="tab:red", lw=0.9, label="upper")
+        top.plot(med.index, med["lower"], color="tab:green", lw=0.9, label="lower")
         top.plot(med.index, med["log_fitting_error"], color="black", lw=1.1, label="log₂ E_f")
         top.set_title(f"model {model}, k = {k}")
         for column, color in (("U", "tab:red"), ("L", "tab:green"), ("G", "tab:blue")):
             bottom.plot(med.index, med[column], color=color, lw=1.1, label=column)
+        span = float(med["G"].max() - med["G"].min())
+        bottom.text(0.02, 0.02, f"G spans {span:.2g} bits", transform=bottom.transAxes, fontsize=7)
         bottom.set_xlabel("batch index")
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
@@ -193,34 +221,61 @@ def plot_depth_training(runs: dict[int, pd.DataFrame], model: str, axes=None):
     grid[1][0].set_ylabel("U, L, G (bits)")
     grid[0][0].legend(fontsize=7, loc="lower left")
     grid[1][0].legend(fontsize=7)
-    _suptitle(fig, f"Model {model} with increasing blocks k: fitting error, its bounds and the structural error "
-                 "during training (median over the fixed probes)")
+    _suptitle(fig, title or f"Model {model} with increasing blocks k: fitting error, its bounds and the structural error "
+              "during training (median over the fixed probes; y axes shared per row)")
     return fig
 
 
-def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 50, axes=None, *, growing_from: int | None = None):
+def plot_depth_pearson(runs: dict[int, pd.DataFrame], model: str, window: int = 50, axes=None, *, growing_from: int | None = None,
+                       title: str | None = None):
     """Figs 8 and 9: local Pearson r of log₂ E_f with each bound, one panel per depth k.
 
-    r over ``window`` records, plotted at the window's last batch index; gaps where a window has
-    zero variance.
+    r over ``window`` records per probe image (E_f and bounds of the same image), drawn as the median
+    over images with the inter-quartile band, at the window's last batch index.
     """
-    from ..metrics import local_pearson
-
     ks = sorted(runs)
-    fig, grid = _depth_panels(len(ks), 1, axes)
+    if axes is None:
+        fig, grid = plt.subplots(1, len(ks), figsize=(max(7.0, 3.0 * len(ks)), 3.3), constrained_layout=True, squeeze=False)
+    else:
+        fig, grid = axes.flat[0].figure, axes
     for j, k in enumerate(ks):
         ax = grid[0][j]
-        med = fixed_probe_medians(runs[k], ["log_fitting_error", "lower", "upper"])
+        r = per_image_local_r(runs[k], window, growing_from)
         for bound, color in (("upper", "tab:red"), ("lower", "tab:green")):
-            ax.plot(med.index, local_pearson(med["log_fitting_error"], med[bound], window=window, growing_from=growing_from),
-                    color=color, lw=1.1,
-                    label=f"r(log₂ E_f, {bound})")
+            ax.plot(r[bound].index, r[bound]["median"], color=color, lw=1.1, label=f"r(log₂ E_f, {bound})")
+            ax.fill_between(r[bound].index, r[bound]["q25"], r[bound]["q75"], color=color, alpha=0.12)
         ax.axhline(0.9, color="black", lw=0.6, ls=":")
         ax.set_ylim(-1.05, 1.05)
         _label(ax, f"model {model}, k = {k}", "batch index (window end)", ylabel=None)
     grid[0][0].set_ylabel(f"local Pearson r ({window} records)")
     grid[0][0].legend(fontsize=7, loc="lower left")
-    _suptitle(fig, f"Model {model}: local correlation of the fitting error with its bounds, by depth (dotted: r = 0.9)")
+    _suptitle(fig, title or f"Model {model}: local correlation of the fitting error with its bounds per probe image, by depth "
+              "(median and IQR over images; dotted: r = 0.9)")
+    return fig
+
+
+def plot_learning(runs: dict[str, pd.DataFrame], axes=None, *, chance: float = 0.1, title: str | None = None):
+    """Held-out accuracy and loss along training, one line per run.
+
+    Args:
+        runs: {label: a run's evals (columns step, heldout_accuracy, heldout_loss; evals.parquet)}.
+        chance: the chance accuracy, drawn as a dotted line.
+    """
+    fig, axes = _panels(2, axes)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, ev) in enumerate(runs.items()):
+        if not len(ev):
+            continue
+        color, style = colors[i % len(colors)], "--" if "pytorch" in label else "-"
+        axes[0].plot(ev["step"], ev["heldout_accuracy"], style, color=color, marker="o", ms=2.5, lw=1, label=label)
+        axes[1].plot(ev["step"], ev["heldout_loss"], style, color=color, marker="o", ms=2.5, lw=1, label=label)
+    axes[0].axhline(chance, color="black", ls=":", lw=0.8, label="chance")
+    axes[0].set_ylim(0, 1)
+    _label(axes[0], "held-out accuracy", "batch index (training step)", "accuracy")
+    _label(axes[1], "held-out loss", "batch index (training step)", "mean loss (nats)")
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=2)
+    _suptitle(fig, title or "Learning curves: held-out accuracy and loss during training")
     return fig
 
 

@@ -1,0 +1,51 @@
+"""The gates that keep a unit out of an empirical claim's evidence (issue: "never count an untrained run
+or a degenerate matrix as evidence").
+
+- **learned**: the run's final held-out accuracy (every held-out image, after the last step) is at
+  least chance (1/C) plus the preset's ``learn_margin``, and the run did not diverge.
+- **degenerate**: the median over probe images and records of G = log₂(λmax/λmin) is below
+  ``degenerate_G_bits``: A_x ≈ c·I, where the Theorem 3 bracket is closed by the vanishing signal
+  (READING.md F3), not by a well-conditioned structure.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["learned", "degenerate", "learned_gate"]
+
+
+def learned(meta: dict, settings) -> tuple[bool, str]:
+    """(did the run learn, the sentence that says so) from its run.json and the ClaimSettings."""
+    summary = meta.get("summary", {})
+    acc = summary.get("heldout_accuracy")
+    chance = summary.get("chance_accuracy") or 0.1
+    need = chance + settings.learn_margin
+    if summary.get("diverged_at_step") is not None:
+        return False, f"diverged at step {summary['diverged_at_step']}"
+    if acc is None or not math.isfinite(acc):
+        return False, "no final held-out accuracy"
+    if acc < need:
+        return False, f"did not learn (accuracy {acc:.3f} < {need:.2f})"
+    return True, f"learned (held-out accuracy {acc:.3f})"
+
+
+def degenerate(G, settings) -> bool:
+    """Whether the median of the G values (bits) is below ``settings.degenerate_G_bits``."""
+    values = np.asarray(G, dtype=float)
+    values = values[np.isfinite(values)]
+    return bool(len(values) and np.median(values) < settings.degenerate_G_bits)
+
+
+def learned_gate(meta: dict, G, settings, *, need_learning: bool = True, need_structure: bool = True) -> str | None:
+    """The reason a run is not measurable (did not learn, degenerate A_x), or None."""
+    if need_learning:
+        ok, why = learned(meta, settings)
+        if not ok:
+            return why
+    if need_structure and degenerate(G, settings):
+        med = float(np.nanmedian(np.asarray(G, dtype=float)))
+        return f"degenerate (A_x ≈ I: median G {med:.2g} bits)"
+    return None
