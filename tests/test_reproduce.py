@@ -270,3 +270,13 @@ def test_a_script_without_main_guard_gets_a_clear_message(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "if __name__ == '__main__':" in result.stderr and "ReproduceError" in result.stderr
+
+
+def test_progress_of_each_training_job_reaches_the_caller_from_worker_processes(tmp_path):
+    config = load_preset(TINY, overrides=["bounds_models=['c', 'd']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"])
+    events = []
+    reproduce(config, tmp_path / "p", jobs=2, on_event=events.append)
+    progress = [e for e in events if e["event"] == "progress"]
+    for key in ("train/c-k01-s1-he_normal", "train/d-k01-s1-he_normal"):
+        steps = [e["step"] for e in progress if e["key"] == key]
+        assert steps and steps == sorted(steps) and steps[-1] == 14 and all(e["steps"] == 14 for e in progress if e["key"] == key)

@@ -22,6 +22,7 @@ import concurrent.futures as cf
 import dataclasses
 import multiprocessing
 import os
+import queue as queue_module
 import shutil
 import time
 from pathlib import Path
@@ -65,11 +66,21 @@ def job_done(job: Job, run_dir: Path, config: ReproduceConfig) -> bool:
     return (run_dir / f"{job.key}.parquet").is_file()
 
 
+#: a worker process's progress queue, set by the pool's initializer
+_PROGRESS = None
+
+
+def _init_worker(queue) -> None:
+    global _PROGRESS
+    _PROGRESS = queue
+
+
 def run_job(job: Job, run_dir: str, config_json: dict, threads: int | None = None, progress=None) -> tuple[str, float]:
     """Run (or continue) one job; returns (key, wall seconds). Top-level so worker processes can call it.
 
-    ``progress``: anything with ``put((key, step, total))`` (a multiprocessing queue across processes),
-    told about a training job's steps about a hundred times per run."""
+    ``progress``: anything with ``put((key, step, total))`` (in a worker, the pool's queue), told about
+    a training job's steps about a hundred times per run."""
+    progress = progress if progress is not None else _PROGRESS
     if threads:
         torch.set_num_threads(threads)
     config = ReproduceConfig(**config_json)
@@ -206,19 +217,21 @@ def reproduce(
                 emit({"event": "failed", "key": job.key, "done": n_done, "total": total, "error": failures[job.key]})
     else:
         ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
-        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
-        manager = ctx.Manager()
-        queue = manager.Queue()
+        queue = ctx.Queue()  # the workers' progress, handed over when each worker starts
+        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
 
         def drain() -> None:
-            while not queue.empty():
-                key, step, steps = queue.get_nowait()
+            while True:
+                try:
+                    key, step, steps = queue.get_nowait()
+                except queue_module.Empty:
+                    return
                 emit({"event": "progress", "key": key, "step": step, "steps": steps})
 
         try:
             futures = {}
             for job in todo:
-                futures[pool.submit(run_job, job, str(run_dir), config_json, threads, queue)] = job
+                futures[pool.submit(run_job, job, str(run_dir), config_json, threads)] = job
                 emit({"event": "queued", "key": job.key, "done": n_done, "total": total})
             pending = set(futures)
             while pending:
@@ -235,10 +248,9 @@ def reproduce(
             for proc in list(getattr(pool, "_processes", {}).values()):
                 proc.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
-            manager.shutdown()
             raise
         pool.shutdown(wait=True)
-        manager.shutdown()
+        drain()
     wall = time.perf_counter() - started
     meta["sessions"].append({"ran": [j.key for j in todo], "wall_s": round(wall, 3), "jobs": jobs,
                              "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})

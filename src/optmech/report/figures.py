@@ -55,6 +55,7 @@ def plot_depth_sweep(frame: pd.DataFrame, axes=None, *, title: str | None = None
                 ax.axhline(0.0, color="black", lw=0.6)
             if x == "n_params":
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only: no overlaps
             _label(ax, titles[column], "depth k (repeated blocks)" if x == "depth" else "|θ| (parameters, log scale)",
                    "log₂‖g‖² (bits)" if column == "log_gradient_norm" else f"{column} (bits)")
     axes[0][0].legend(fontsize=8)
@@ -181,7 +182,8 @@ def plot_local_pearson(runs: dict[str, pd.DataFrame], window: int = 50, ax=None,
     ax.set_ylabel(f"local Pearson r ({window} records)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("Local correlation of the fitting error with its bounds, per probe image (median, IQR band for the upper bound)")
+    ax.set_title("Local r of the fitting error with its bounds, per probe image\n(median over images; band: IQR for the upper bound)",
+                 fontsize=10)
     return fig
 
 

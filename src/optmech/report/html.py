@@ -95,24 +95,27 @@ def _claims_table(claims: list[dict]) -> str:
     return "<table>" + "\n".join(rows) + "</table>"
 
 
-def _answer(claims: list[dict], runs: dict, summary: str) -> str:
+def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> str:
     """The report's first section: what of the paper holds, fails, cannot be decided, and why, in sentences."""
     empirical = [c for c in claims if c["kind"] == "empirical"]
     by = {v: [c for c in empirical if c["verdict"] == v] for v in ("holds", "fails", "inconclusive", "not measurable")}
 
-    def items(cs, with_reason=True):
+    def items(cs):
         return "".join(f"<li><a href='#claim-{_esc(c['id'])}'><b>{_esc(c['id'])}</b></a> ({_esc(c['source'])}): {_esc(c['statement'])}"
-                       + (f" <span class='small'>— {_esc(c.get('reason', ''))}</span>" if with_reason else "") + "</li>" for c in cs)
+                       f" <span class='small'>— {_esc(c.get('reason', ''))}</span></li>" for c in cs)
 
-    learned = [k for k, r in runs.items() if r.get("learned")]
-    not_learned = [(k, r) for k, r in runs.items() if not r.get("learned")]
-    accs = [r["heldout_accuracy"] for r in runs.values() if r.get("heldout_accuracy") is not None]
     parts = ["<div class='answer'><h2>The answer first</h2>"]
-    if runs:
-        parts.append(f"<p><b>Training.</b> {len(learned)} of {len(runs)} training runs learned (final held-out accuracy "
-                     f"{min(accs):.3f}–{max(accs):.3f}; a run counts as learned at chance + the preset's margin). "
-                     + ("Did not learn: " + _esc(", ".join(f"{k} ({r['heldout_accuracy']:.2f})" for k, r in not_learned))
-                        + "; their trend claims are not measurable, never evidence." if not_learned else "") + "</p>")
+    for init in [i for i in inits if any(r.get("init") == i for r in runs.values())]:
+        arm = {k: r for k, r in runs.items() if r.get("init") == init}
+        failed = [(k, r) for k, r in arm.items() if not r.get("learned")]
+        accs = [r["heldout_accuracy"] for r in arm.values() if r.get("heldout_accuracy") is not None]
+        parts.append(f"<p><b>Training, init {_esc(init)}.</b> {len(arm) - len(failed)} of {len(arm)} runs learned (final held-out "
+                     f"accuracy {min(accs):.3f}–{max(accs):.3f}). "
+                     + ("Did not learn: " + _esc(", ".join(f"{k.rsplit(' ', 1)[0]} ({r['heldout_accuracy']:.2f})" for k, r in failed))
+                        + "; their trend claims are not measurable, never evidence." if failed else "") + "</p>")
+    if len(inits) > 1:
+        parts.append(f"<p class='small'>A claim id without brackets is decided on the main arm (init {_esc(inits[0])}); "
+                     "[name] marks another initialisation arm of the same claim.</p>")
     for verdict, head in (("holds", "What of the paper holds"), ("fails", "What fails"),
                           ("inconclusive", "What cannot be decided from these records"), ("not measurable", "What could not be measured")):
         if by[verdict]:
@@ -222,7 +225,7 @@ def build_report(run_dir: str | Path) -> Path:
     body = [
         f"<h1>optmech reproduction of Qi, Gong &amp; Li (arXiv 2503.23016) — preset <code>{_esc(cfg['name'])}</code></h1>",
         f"<p class='small'>Built {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {_esc(run_dir)} (records only).</p>",
-        _answer(claims_doc["claims"], claims_doc.get("runs", {}), claims_doc.get("summary", "")),
+        _answer(claims_doc["claims"], claims_doc.get("runs", {}), claims_doc.get("summary", ""), inits),
         "<h2>Setup</h2>", _kv_table(setup),
         _runs_table(claims_doc.get("runs", {})),
         "<h2>Claims</h2>", f"<p>{_esc(claims_doc.get('rule', ''))}</p>",
