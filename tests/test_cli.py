@@ -18,6 +18,16 @@ def test_train_prints_summary_and_records_path(tmp_path):
     assert (out / "run.json").is_file()
 
 
+def test_train_writes_plain_progress_lines_when_not_on_a_terminal(tmp_path):
+    """Piped to a file (CliRunner's output is not a TTY): progress as plain lines, not an invisible bar."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--model", "c", "--dataset", "digits", "--steps", "30", "--n-probe", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{s}/30" for s in (3, 6, 9, 12, 15, 18, 21, 24, 27, 30)]
+    assert "held-out accuracy / loss" in result.output
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -280,3 +280,12 @@ def test_progress_of_each_training_job_reaches_the_caller_from_worker_processes(
     for key in ("train/c-k01-s1-he_normal", "train/d-k01-s1-he_normal"):
         steps = [e["step"] for e in progress if e["key"] == key]
         assert steps and steps == sorted(steps) and steps[-1] == 14 and all(e["steps"] == 14 for e in progress if e["key"] == key)
+
+
+def test_reproduce_writes_plain_progress_lines_when_not_on_a_terminal(tmp_path):
+    args = ["reproduce", "--preset", str(TINY), "--out", str(tmp_path / "r"), "--jobs", "2"]
+    for s in ("bounds_models=['c', 'd']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"):
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "train/c-k01-s1-he_normal: step 14/14" in result.output and "done: train/d-k01-s1-he_normal" in result.output

@@ -101,9 +101,15 @@ def train(
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
     )
     task = None
+    plain = not quiet and not console.is_terminal  # a file or a pipe: a plain line every tenth of the run
 
     def on_step(info: dict) -> None:
         nonlocal task
+        if plain:
+            if info["step"] % max(1, info["total"] // 10) == 0 or info["step"] == info["total"]:
+                console.print(f"step {info['step']}/{info['total']}  loss {info['loss']:.4f}  records {info['records']}  "
+                              f"Theorem-3 violations {info['violations']}", highlight=False)
+            return
         if task is None:
             progress.start()
             task = progress.add_task("train", total=info["total"], loss=info["loss"], records=0, violations=0)
