@@ -174,3 +174,22 @@ def test_per_image_statistics_pair_each_image_with_its_own_bounds():
     s = ClaimSettings(smooth=5)
     on = onsets(d["log_fitting_error"], d["steps"], s, never=math.inf)
     assert np.all((on >= 30 * EVERY) & (on <= 40 * EVERY))
+
+
+def test_gic_null_draws_match_direct_sampling_of_ball_rows():
+    """C5.3's null draws G of K rows uniform in a ball of R^m through Bartlett's decomposition; the same
+    distribution as sampling the rows (theory.sample_unit_ball) and taking the Gram."""
+    from optmech.experiments.claims_training import _gic_G_null
+    import torch
+
+    from optmech.theory import sample_unit_ball
+
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    fast = [_gic_G_null({"K": 10, "m": 60}, rng)["values"][0] for _ in range(3000)]
+    direct = []
+    for _ in range(3000):
+        X = sample_unit_ball(10, 60, generator=gen).double()
+        lam = torch.linalg.eigvalsh(X @ X.T).numpy()
+        direct.append(math.log2(lam[-1] / lam[0]))
+    for q in (0.1, 0.5, 0.9):
+        assert abs(np.quantile(fast, q) - np.quantile(direct, q)) < 0.06 * np.quantile(direct, q)

@@ -135,7 +135,7 @@ def empirical_claim(id: str, source: str, statement: str, operationalisation: st
     }
     n_known = sum(p is not None for p in passes)
     n_pass = sum(bool(p) for p in passes if p is not None)
-    gates = sorted({u["not_measurable"] for u in out.values() if u.get("not_measurable")})
+    gates = list(dict.fromkeys(u["not_measurable"] for u in out.values() if u.get("not_measurable")))
     if verdict == "not measurable":
         reason = "No unit could be measured: " + "; ".join(gates) + "."
     else:
@@ -147,8 +147,9 @@ def empirical_claim(id: str, source: str, statement: str, operationalisation: st
             verdict = "inconclusive"
             reason += (f" The test is not calibrated (null false-pass rate above {100 * settings.max_false_pass:.0f} %): "
                        "it cannot tell this effect from the null." if rate is not None else " No null: the test is not calibrated.")
-        if len(known_gated := [n for n, u in out.items() if u.get("not_measurable")]) and verdict != "not measurable":
-            reason += f" Not measurable: {', '.join(known_gated)}."
+        gated = [n for n, u in out.items() if u.get("not_measurable")]
+        if gated:
+            reason += f" Not measurable: {', '.join(gated)}."
     return make_claim(id, source, statement, operationalisation, "empirical", out, note=note, verdict=verdict,
                       effect=effect, reason=reason, caveats=caveats)
 
