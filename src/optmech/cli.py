@@ -252,6 +252,8 @@ def _measured(claim: dict) -> str:
 
 
 def _report(run_dir: Path) -> None:
+    from rich.markup import escape
+
     from .experiments.claims import evaluate_claims, run_table, write_claims
     from .records import read_reproduction
     from .report.html import build_report
@@ -265,8 +267,8 @@ def _report(run_dir: Path) -> None:
     for column in ("id", "kind", "verdict", "measured"):
         table.add_column(column)
     style = {"holds": "green", "fails": "bold red", "inconclusive": "yellow", "not measurable": "dim"}
-    for c in claims:
-        table.add_row(c.id, c.kind, f"[{style[c.verdict]}]{c.verdict}[/]", _measured(c.to_json()))
+    for c in claims:  # ids and values may hold brackets ("C6.1 [pytorch]"): not rich markup
+        table.add_row(escape(c.id), c.kind, f"[{style[c.verdict]}]{c.verdict}[/]", escape(_measured(c.to_json())))
     console.print(table)
     learned = [r for r in runs.values() if r["learned"]]
     if runs:
