@@ -203,6 +203,7 @@ def reproduce(
     config_json = config.model_dump(mode="json")
     threads = max(1, (os.cpu_count() or 1) // jobs)
     failures: dict[str, str] = {}
+
     class _Emitter:  # run_job's progress sink when the job runs in this process
         def put(self, item) -> None:
             emit({"event": "progress", "key": item[0], "step": item[1], "steps": item[2]})

@@ -291,7 +291,9 @@ def train(
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, n_records, violations = ckpt["step"], ckpt["n_records"], ckpt["violations"]
         timings, last_loss = {**timings, **ckpt["timings"]}, ckpt["last_loss"]
-        evals = list(ckpt.get("evals", []))
+        evals, diverged_at = list(ckpt.get("evals", [])), ckpt.get("diverged_at")
+        if diverged_at is not None:
+            total_steps = step  # it ended there
     if resume:
         writer.drop_from(step)
     meta = {
@@ -372,7 +374,7 @@ def train(
             writer.flush()  # the part first, then the checkpoint that says where to continue
             write_parquet_atomic(pd.DataFrame(evals, columns=_EVAL_COLUMNS), run_dir / "evals.parquet")
             save_checkpoint(ckpt_path, {
-                "step": step, "n_records": n_records, "violations": violations, "timings": timings, "evals": evals,
+                "step": step, "n_records": n_records, "violations": violations, "timings": timings, "evals": evals, "diverged_at": diverged_at,
                 "last_loss": last_loss, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
