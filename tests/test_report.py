@@ -87,7 +87,7 @@ def test_onset_and_structural_convergence_on_known_series():
     d = _rows(_series(_run(drop_at=40)))
     # the fall of 0.05 bit per step passes 0.5 bit ten steps after 40; the 5-record median lags by 2
     assert 50 <= onsets(d["log_fitting_error"], d["steps"], s, never=-1)[0] <= 53
-    assert convergences(d["G"], d["steps"], s)[0] == 40.0
+    assert 40.0 <= convergences(d["G"], d["steps"], s)[0] <= 43.0  # the 5-record median lags by up to 2
     flat = _rows(_series(_run(drop_at=1000)))
     assert onsets(flat["log_fitting_error"], flat["steps"], s, never=-1)[0] == -1  # never falls: no onset
     assert np.isnan(convergences(flat["G"], flat["steps"], s)[0])  # G never moved: no convergence to locate

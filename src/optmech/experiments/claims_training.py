@@ -69,9 +69,11 @@ def onsets(E: np.ndarray, steps: np.ndarray, s: ClaimSettings, never: float) -> 
 
 
 def convergences(G: np.ndarray, steps: np.ndarray, s: ClaimSettings) -> np.ndarray:
-    """Per image: the first step after which |G − G_final| stays below ``s.converge_tol_bits`` (G_final:
-    median of the last 50 records, a quarter of the run when shorter); NaN where G never left that band
-    (no convergence to locate)."""
+    """Per image: the first step after which the ``s.smooth``-record trailing moving median of G stays
+    within ``s.converge_tol_bits`` of G_final (the median of the last 50 records, a quarter of the run
+    when shorter); NaN where it never left that band (no convergence to locate). G is smoothed as
+    log₂E_f is for the onset, so that record-to-record noise of one image does not postpone it."""
+    G = pd.DataFrame(G.T).rolling(s.smooth, min_periods=1).median().to_numpy().T
     n = G.shape[1]
     final = np.median(G[:, -min(50, max(1, n // 4)):], axis=1, keepdims=True)
     outside = np.abs(G - final) >= s.converge_tol_bits
@@ -450,8 +452,9 @@ def _depth_claims(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
                             EffectTest(_rho_effect(1), "Spearman ρ(k, onset)", permute_labels, "depth labels permuted",
                                        minimum=s.rank_threshold, undefined=_NO_RANKS), s),
             empirical_claim("C6.2" + suffix, "Fig. 6", "That onset coincides with the point where the structural error converges.",
-                            f"{arm}. Per probe image: |onset − structural convergence| (convergence = first step after which "
-                            f"|G − G_final| < {s.converge_tol_bits} bit of the same image); median over images ≤ {s.coincide_iters} "
+                            f"{arm}. Per probe image: |onset − structural convergence| (convergence = first step after which the "
+                            f"{s.smooth}-record moving median of G stays within {s.converge_tol_bits} bit of G_final, the same image's "
+                            f"median over the last 50 records); median over images ≤ {s.coincide_iters} "
                             "iterations. Runs that did not learn or are degenerate are not measurable.",
                             u62, EffectTest(lambda d: _nanmedian(np.abs(onsets(d["E"], d["steps"], s, d["total"] + 1)
                                                                          - convergences(d["G"], d["steps"], s))),
