@@ -50,7 +50,7 @@ EXPERIMENTS: list[Experiment] = [
                ("C2.1", "C2.2", "C2.3", "C3.1", "C3.2", "C4.1", "C4.2", "A.pairing", "N.GIC"),
                lambda c: [train_job(m, c.bounds_depth, s, c.main_init) for m in c.bounds_models for s in c.seeds]),
     Experiment("depth-training", "Figs 6–9: models a and b at k = 0…5, trained, in every initialisation arm",
-               ("fig6", "fig7", "fig8", "fig9", "fig6-alt", "fig7-alt", "learning-depth"),
+               ("fig6", "fig7", "fig8", "fig9", "fig6-alt", "fig7-alt", "fig8-alt", "fig9-alt", "learning-depth"),
                ("C6.1", "C6.2", "C6.3", "C7.1", "C7.2", "C8/9.1", "C8/9.2"),
                lambda c: [train_job(m, k, s, i) for m in c.depth_models for k in c.depths for s in c.seeds for i in c.train_inits]),
     Experiment("depth-sweep", "Fig. 5: models a–d at initialisation against depth (first initialisation arm)",
