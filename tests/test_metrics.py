@@ -361,3 +361,14 @@ def test_capture_reuses_the_forward_when_every_parameter_is_in_a_fast_layer():
     assert step.reuse
     step.measure(x, y, logits)
     assert calls == [1]  # the training forward only
+
+
+def test_a_structural_matrix_that_overflowed_is_a_clear_error():
+    from optmech.metrics import NonFiniteStructureError, measure_from
+
+    A = torch.eye(3).repeat(2, 1, 1)
+    A[1, 0, 0] = float("inf")
+    p = torch.full((2, 3), 1 / 3)
+    q = torch.eye(3)[:2]
+    with pytest.raises(NonFiniteStructureError, match=r"NaN or inf in samples \[1\].*overflowed torch.float32"):
+        measure_from(A, p, q, torch.zeros(2), simplex=True)

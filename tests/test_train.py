@@ -116,6 +116,28 @@ def test_divergence_ends_the_run_when_asked(tmp_path):
     assert json.loads((result.run_dir / "run.json").read_text())["status"] == "complete"
 
 
+def test_an_overflowing_structural_matrix_ends_the_run_with_its_reason(tmp_path, monkeypatch):
+    import importlib
+
+    from optmech.metrics import NonFiniteStructureError
+
+    train_module = importlib.import_module("optmech.experiments.train")
+
+    measure = train_module.Probe.measure
+
+    def overflow_at_step_4(self, x, y, **kw):
+        overflow_at_step_4.calls += 1
+        if overflow_at_step_4.calls == 5:
+            raise NonFiniteStructureError("A: expected finite structural matrices")
+        return measure(self, x, y, **kw)
+
+    overflow_at_step_4.calls = 0
+    monkeypatch.setattr(train_module.Probe, "measure", overflow_at_step_4)
+    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", max_steps=30, n_probe=2, stop_on_divergence=True)
+    s = train(cfg, tmp_path / "r").summary
+    assert (s["diverged_at_step"], s["diverged_because"], s["steps"]) == (4, "the structural matrix overflowed float32", 5)
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path):
     cfg = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=2, n_probe=2)
     train(cfg, tmp_path / "r")

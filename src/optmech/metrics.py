@@ -34,7 +34,12 @@ __all__ = [
     "THEOREM3_RTOL",
     "local_pearson",
     "gic_diagnostics",
+    "NonFiniteStructureError",
 ]
+
+
+class NonFiniteStructureError(ValueError):
+    """A structural matrix holds NaN or inf: J_x J_xᵀ overflowed the model's dtype."""
 
 #: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
 #: only error is float64 rounding in eigvalsh and eᵀAe (about C·2.2e-16·λmax); 1e-9 leaves margin.
@@ -258,6 +263,14 @@ def measure_from(
     if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
         raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
     n, C = p.shape
+    finite = torch.isfinite(A).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise NonFiniteStructureError(
+            f"A: expected finite structural matrices, got NaN or inf in samples {bad[:10]}{'…' if len(bad) > 10 else ''}: "
+            f"J_x J_xᵀ overflowed {A.dtype} (the Jacobian's entries are beyond its range). Probe a float64 copy of the "
+            "model (model.double()) or look for exploding weights or activations."
+        )
     A64, p64, q64 = A.to(torch.float64), p.to(torch.float64), q.to(torch.float64)
     e = p64 - q64
     E_f = fitting_error(p64, q64)

@@ -24,7 +24,8 @@ def learned(meta: dict, settings) -> tuple[bool, str]:
     chance = summary.get("chance_accuracy") or 0.1
     need = chance + settings.learn_margin
     if summary.get("diverged_at_step") is not None:
-        return False, f"diverged at step {summary['diverged_at_step']}"
+        because = f" ({summary['diverged_because']})" if summary.get("diverged_because") else ""
+        return False, f"diverged at step {summary['diverged_at_step']}{because}"
     if acc is None or not math.isfinite(acc):
         return False, "no final held-out accuracy"
     if acc < need:

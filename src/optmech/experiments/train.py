@@ -30,6 +30,7 @@ import torch
 
 from .. import data as datasets
 from ..losses import NonFiniteLogitsError, get_loss
+from ..metrics import NonFiniteStructureError
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
 from ..records import (RecordWriter, fixed_probe_medians, load_checkpoint, read_json, read_records, save_checkpoint,
@@ -271,7 +272,7 @@ def train(
     timings = {"training_s": 0.0, "probing_s": 0.0, "writing_s": 0.0, "evaluating_s": 0.0}
     last_loss = float("nan")
     evals: list[dict] = []  # held-out loss and accuracy along training
-    diverged_at = None
+    diverged_at, diverged_because = None, None
     eval_ids = _eval_ids(config.seed, len(heldout), config.eval_samples)
     x_eval, y_eval = heldout.inputs[eval_ids], heldout.targets[eval_ids]
 
@@ -291,7 +292,7 @@ def train(
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         step, n_records, violations = ckpt["step"], ckpt["n_records"], ckpt["violations"]
         timings, last_loss = {**timings, **ckpt["timings"]}, ckpt["last_loss"]
-        evals, diverged_at = list(ckpt.get("evals", [])), ckpt.get("diverged_at")
+        evals, diverged_at, diverged_because = list(ckpt.get("evals", [])), ckpt.get("diverged_at"), ckpt.get("diverged_because")
         if diverged_at is not None:
             total_steps = step  # it ended there
     if resume:
@@ -351,8 +352,10 @@ def train(
             what = "" if finite else f"training loss became {last_loss}" if not math.isfinite(last_loss) else "the weights became non-finite"
         except NonFiniteLogitsError:  # the weights overflowed the logits before this step
             finite, what, measurements = False, "the logits became non-finite", []
+        except NonFiniteStructureError:  # the probe's J_x J_xᵀ overflowed the model's dtype
+            finite, what, measurements = False, f"the structural matrix overflowed {config.dtype}", []
         if not finite and config.stop_on_divergence:
-            diverged_at = step
+            diverged_at, diverged_because = step, what
         elif not finite:
             raise FloatingPointError(
                 f"{what} at step {step}. Lower --lr or check the data; records up to step "
@@ -374,7 +377,8 @@ def train(
             writer.flush()  # the part first, then the checkpoint that says where to continue
             write_parquet_atomic(pd.DataFrame(evals, columns=_EVAL_COLUMNS), run_dir / "evals.parquet")
             save_checkpoint(ckpt_path, {
-                "step": step, "n_records": n_records, "violations": violations, "timings": timings, "evals": evals, "diverged_at": diverged_at,
+                "step": step, "n_records": n_records, "violations": violations, "timings": timings, "evals": evals,
+                "diverged_at": diverged_at, "diverged_because": diverged_because,
                 "last_loss": last_loss, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -390,6 +394,7 @@ def train(
     summary = {
         "steps": total_steps,
         "diverged_at_step": diverged_at,
+        "diverged_because": diverged_because,
         "records": n_records,
         "rows": int(len(records)),
         "theorem3_violations": int((~records["bound_holds"]).sum()) if len(records) else 0,
