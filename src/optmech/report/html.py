@@ -111,7 +111,9 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
         accs = [r["heldout_accuracy"] for r in arm.values() if r.get("heldout_accuracy") is not None]
         parts.append(f"<p><b>Training, init {_esc(init)}.</b> {len(arm) - len(failed)} of {len(arm)} runs learned (final held-out "
                      f"accuracy {min(accs):.3f}–{max(accs):.3f}). "
-                     + ("Did not learn: " + _esc(", ".join(f"{k.rsplit(' ', 1)[0]} ({r['heldout_accuracy']:.2f})" for k, r in failed))
+                     + ("Did not learn: " + _esc(", ".join(f"{k.rsplit(' ', 1)[0]} (" + (f"diverged at step {r['diverged_at_step']}"
+                                                                    if r.get("diverged_at_step") is not None else f"{r['heldout_accuracy']:.2f}") + ")"
+                                                        for k, r in failed))
                         + "; their trend claims are not measurable, never evidence." if failed else "") + "</p>")
     if len(inits) > 1:
         parts.append(f"<p class='small'>A claim id without brackets is decided on the main arm (init {_esc(inits[0])}); "
