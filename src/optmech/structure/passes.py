@@ -33,7 +33,7 @@ def _one_pass(out: torch.Tensor, zs: list[torch.Tensor], fast: list[LayerPlan], 
       3.2 MB), the MLPs 0.66–0.73× at batch 64; above it, fresh C-fold tensors cost more than the walks
       save (CNet k = 1 at batch 256, 6.4 MB: 1.20×; an MLP of width 1024 at batch 2048, 8.5 MB: 1.14×).
 
-    On a GPU (no page faults, launch-bound) as measured there in the sixth session: all C at once
+    On a GPU (no page faults, launch-bound), as measured on an H100 (benchmarks/README.md): all C at once
     unless the model has a convolution layer (or the backward runs attention's fused kernel).
     """
     if out.device.type != "cpu":
