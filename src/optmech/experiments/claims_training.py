@@ -469,9 +469,9 @@ def _depth_claims(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
                                        minimum=s.rank_threshold, undefined=_NO_RANKS), s, caveats=("F3",)),
             empirical_claim("C7.1" + suffix, "Fig. 7", "At the start of training model b's U, L and G do not fall as k grows (unlike model a).",
                             f"{arm}. G at the first record (median over images) against k: least-squares slope for b minus slope for a "
-                            f"≥ {s.min_effect_bits / 2:g} bit per block. Depths where either first record is degenerate are excluded.",
+                            f"≥ {s.min_slope_bits:g} bit per block. Depths where either first record is degenerate are excluded.",
                             u71, EffectTest(_slope_difference, "slope(b) − slope(a), bits per block", swap_pairs,
-                                            "a/b labels swapped at random per depth", minimum=s.min_effect_bits / 2), s),
+                                            "a/b labels swapped at random per depth", minimum=s.min_slope_bits), s),
             empirical_claim("C7.2" + suffix, "Fig. 7", "Skip connections speed up convergence.",
                             f"{arm}. {onset_op}; onset(a, k) − onset(b, k) ≥ {s.min_effect_iters} iterations at every measurable "
                             "depth (the smallest difference is the effect). Depths where either run did not learn are excluded.", u72,

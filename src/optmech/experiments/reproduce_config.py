@@ -93,6 +93,7 @@ class ClaimSettings(_Frozen):
     min_effect_bits: float = Field(0.25, gt=0, description="smallest change of a log₂ quantity (G, U, L) that counts as an effect")
     min_effect_r: float = Field(0.1, gt=0, description="smallest change of a local Pearson r that counts as an effect")
     min_effect_iters: int = Field(50, ge=1, description="smallest difference of two onsets (iterations) that counts as an effect")
+    min_slope_bits: float = Field(0.125, gt=0, description="C7.1: smallest difference of two slopes against k, bits per block")
     min_ratio_bits: float = Field(1.0, gt=0, description="C4.2: log₂ of the early/late ratio of |ΔG| (1 = twice as large)")
     skip_gain_bits: float = Field(1.0, gt=0, description="C5.grad: log₂‖g‖² with skip connections at least this much larger")
     learn_margin: float = Field(0.2, ge=0, lt=1, description="a run learned when its final held-out accuracy ≥ chance + this")
