@@ -104,10 +104,13 @@ def test_steps_pass_over_the_data_repeatedly_and_record_held_out_curves(tmp_path
     assert result.summary["chance_accuracy"] == 0.1 and result.summary["heldout_loss"] == evals["heldout_loss"].iloc[-1]
     with pytest.raises(ValueError, match="either steps"):
         TrainConfig(steps=10, epochs=2)
+    capped = TrainConfig(model="mlp", depth=0, dataset="digits", max_steps=40, n_probe=2, probe_every=20)
+    with pytest.warns(UserWarning, match=r"max_steps: 40 is more than the 23 steps asked .* Use --steps 40"):
+        assert train(capped, tmp_path / "capped").summary["steps"] == 23
 
 
 def test_divergence_ends_the_run_when_asked(tmp_path):
-    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", max_steps=30, lr=1e6, momentum=0.0, n_probe=2)
+    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", steps=30, lr=1e6, momentum=0.0, n_probe=2)
     with pytest.raises(FloatingPointError, match="became non-finite|training loss became"):
         train(cfg, tmp_path / "raise")
     result = train(cfg.model_copy(update={"stop_on_divergence": True}), tmp_path / "stop")
@@ -133,7 +136,7 @@ def test_an_overflowing_structural_matrix_ends_the_run_with_its_reason(tmp_path,
 
     overflow_at_step_4.calls = 0
     monkeypatch.setattr(train_module.Probe, "measure", overflow_at_step_4)
-    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", max_steps=30, n_probe=2, stop_on_divergence=True)
+    cfg = TrainConfig(model="mlp", depth=1, dataset="digits", steps=30, n_probe=2, stop_on_divergence=True)
     s = train(cfg, tmp_path / "r").summary
     assert (s["diverged_at_step"], s["diverged_because"], s["steps"]) == (4, "the structural matrix overflowed float32", 5)
 

@@ -7,6 +7,7 @@ without a traceback, and the command exits with status 2.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -281,8 +282,13 @@ def _report(run_dir: Path) -> None:
     console.print(f"report: [bold]{path}[/]")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Entry point of the ``optmech`` console script."""
+    warnings.formatwarning = _one_line_warning  # "warning: <message>", without the source line
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover - interactive

@@ -21,6 +21,7 @@ import math
 import platform
 import shutil
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -260,6 +261,10 @@ def train(
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     if config.max_steps is not None:
+        if config.max_steps > total_steps:
+            warnings.warn(f"max_steps: {config.max_steps} is more than the {total_steps} steps asked ({config.epochs} epoch(s) of "
+                          f"{steps_per_epoch}); the run stops at {total_steps}. Use --steps {config.max_steps} to train that many "
+                          "steps over repeated passes.", stacklevel=2)
         total_steps = min(total_steps, config.max_steps)
 
     # --- state: fresh or from the checkpoint (the old run is replaced only once data and model loaded)
