@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from optmech.experiments.calibration import EffectTest, Unit, empirical_claim, permute_labels, spearman
-from optmech.experiments.claims_training import onsets, probe_arrays, rolling_r, training_claims
+from optmech.experiments.claims_training import onsets, training_claims
 from optmech.experiments.gates import learned
 from optmech.experiments.reproduce_config import ClaimSettings, ReproduceConfig
-from optmech.metrics import local_pearson
-from optmech.records import Reproduction
+from optmech.metrics import local_pearson, local_pearson_rows
+from optmech.records import Reproduction, probe_arrays
 
 EVERY = 4  # steps per record
 
@@ -168,9 +168,12 @@ def test_per_image_statistics_pair_each_image_with_its_own_bounds():
     d = probe_arrays(rec)
     assert d["log_fitting_error"].shape == (3, 120)
     image = rec[rec["sample_id"] == 1]
-    r = rolling_r(d["log_fitting_error"], d["upper"], 10)[1]
+    r = local_pearson_rows(d["log_fitting_error"], d["upper"], 10)[1]
     np.testing.assert_allclose(r, local_pearson(image["log_fitting_error"].to_numpy(), image["upper"].to_numpy(), window=10),
                                atol=1e-12, equal_nan=True)
+    grown = local_pearson_rows(d["log_fitting_error"], d["upper"], 10, growing_from=2)[1]  # the authors' growing windows
+    np.testing.assert_allclose(grown, local_pearson(image["log_fitting_error"].to_numpy(), image["upper"].to_numpy(), window=10,
+                                                    growing_from=2), atol=1e-12, equal_nan=True)
     s = ClaimSettings(smooth=5)
     on = onsets(d["log_fitting_error"], d["steps"], s, never=math.inf)
     assert np.all((on >= 30 * EVERY) & (on <= 40 * EVERY))

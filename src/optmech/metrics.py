@@ -33,6 +33,7 @@ __all__ = [
     "measure_from",
     "THEOREM3_RTOL",
     "local_pearson",
+    "local_pearson_rows",
     "gic_diagnostics",
     "NonFiniteStructureError",
 ]
@@ -361,4 +362,32 @@ def local_pearson(a, b, window: int = 50, *, growing_from: int | None = None):
         denom = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
         if denom > 0:
             out[t] = float((xc * yc).sum()) / denom
+    return out
+
+
+def local_pearson_rows(x, y, window: int = 50, *, growing_from: int | None = None):
+    """:func:`local_pearson` of each row of ``x`` with the same row of ``y`` (for example one probe image
+    per row): (n, T) arrays in, (n, T) array of r_t out, with the same windows and NaN rules.
+
+    Full windows are computed for all rows at once; ``growing_from`` (the authors' growing windows)
+    goes row by row through :func:`local_pearson`.
+    """
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x, y = np.atleast_2d(np.asarray(x, dtype=np.float64)), np.atleast_2d(np.asarray(y, dtype=np.float64))
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"local_pearson_rows: expected two (n, T) arrays of equal shape, got {x.shape} and {y.shape}.")
+    if growing_from is not None:
+        return np.stack([local_pearson(a, b, window=window, growing_from=growing_from) for a, b in zip(x, y)])
+    if window < 2:
+        raise ValueError(f"window: expected at least 2 records, got {window}.")
+    out = np.full(x.shape, np.nan)
+    if x.shape[1] < window:
+        return out
+    xw, yw = sliding_window_view(x, window, axis=1), sliding_window_view(y, window, axis=1)
+    xc, yc = xw - xw.mean(-1, keepdims=True), yw - yw.mean(-1, keepdims=True)
+    den = np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[:, window - 1:] = np.where(den > 0, (xc * yc).sum(-1) / den, np.nan)
     return out

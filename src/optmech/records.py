@@ -31,7 +31,8 @@ import torch
 
 __all__ = ["atomic_write", "write_json_atomic", "read_json", "RecordWriter", "read_records", "save_checkpoint",
            "load_checkpoint", "write_parquet_atomic", "read_parquet_folder", "Reproduction", "read_reproduction",
-           "step_aggregates", "AGGREGATED", "fixed_probe_medians", "published_pairing"]
+           "step_aggregates", "AGGREGATED", "fixed_probe_medians", "published_pairing", "probe_arrays",
+           "PROBE_COLUMNS"]
 
 _PART = re.compile(r"^part-(\d{8})-(\d{8})\.parquet$")
 
@@ -122,6 +123,24 @@ def fixed_probe_medians(records: pd.DataFrame, columns) -> pd.DataFrame:
     are left out. These are the curves the figures draw and the claims checker reads."""
     fixed = records[records["probe_set"] != "train_batch"]
     return fixed.groupby("step")[list(columns)].median()
+
+
+#: the per-sample columns that the paper's figures and claims read
+PROBE_COLUMNS = ("log_fitting_error", "lower", "upper", "U", "L", "G", "log_gradient_norm")
+
+
+def probe_arrays(records: pd.DataFrame, columns=PROBE_COLUMNS) -> dict:
+    """The fixed probe rows as one array per column, an image per row: {column: (n_images, n_records),
+    "steps": (n_records,), "ids": (n_images,)} — so every per-image statistic reads E_f, the bounds,
+    U, L and G of the same image (training-batch rows left out)."""
+    fixed = records[records["probe_set"] != "train_batch"]
+    out = {}
+    for column in columns:
+        wide = fixed.pivot(index="sample_id", columns="step", values=column)
+        out[column] = wide.to_numpy(dtype=float)
+    out["steps"] = wide.columns.to_numpy(dtype=float)
+    out["ids"] = wide.index.to_numpy()
+    return out
 
 
 def published_pairing(records: pd.DataFrame, pair) -> pd.DataFrame:

@@ -14,48 +14,16 @@ import math
 
 import numpy as np
 import pandas as pd
-from numpy.lib.stride_tricks import sliding_window_view
-
-from ..records import Reproduction
+from ..metrics import local_pearson_rows
+from ..records import Reproduction, probe_arrays
 from .calibration import EffectTest, Unit, empirical_claim, permute_labels, shuffle_time, spearman, swap_pairs
 from .claims import Claim, make_claim
 from .gates import degenerate, learned, learned_gate
 from .reproduce_config import ClaimSettings, ReproduceConfig
 
-__all__ = ["training_claims", "probe_arrays", "rolling_r", "onsets", "convergences", "sustained_high"]
-
-_COLUMNS = ("log_fitting_error", "lower", "upper", "U", "L", "G", "log_gradient_norm")
-
+__all__ = ["training_claims", "onsets", "convergences", "sustained_high"]
 
 # --- per-image statistics ------------------------------------------------------------------------
-
-
-def probe_arrays(records: pd.DataFrame, columns=_COLUMNS) -> dict:
-    """{column: (n_images, n_records) array, "steps": (n_records,), "ids": (n_images,)} of the fixed probe rows."""
-    fixed = records[records["probe_set"] != "train_batch"]
-    out = {}
-    for column in columns:
-        wide = fixed.pivot(index="sample_id", columns="step", values=column)
-        out[column] = wide.to_numpy(dtype=float)
-    out["steps"] = wide.columns.to_numpy(dtype=float)
-    out["ids"] = wide.index.to_numpy()
-    return out
-
-
-def rolling_r(x: np.ndarray, y: np.ndarray, window: int) -> np.ndarray:
-    """Local Pearson r of each row of x with the same row of y over trailing windows of ``window``
-    records, at the window's last record (NaN before the first full window, on zero variance or
-    non-finite values) — :func:`optmech.metrics.local_pearson` for many series at once."""
-    x, y = np.atleast_2d(x), np.atleast_2d(y)
-    out = np.full(x.shape, np.nan)
-    if x.shape[1] < window:
-        return out
-    xw, yw = sliding_window_view(x, window, axis=1), sliding_window_view(y, window, axis=1)
-    xc, yc = xw - xw.mean(-1, keepdims=True), yw - yw.mean(-1, keepdims=True)
-    den = np.sqrt((xc * xc).sum(-1) * (yc * yc).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out[:, window - 1:] = np.where(den > 0, (xc * yc).sum(-1) / den, np.nan)
-    return out
 
 
 def onsets(E: np.ndarray, steps: np.ndarray, s: ClaimSettings, never: float) -> np.ndarray:
@@ -84,7 +52,7 @@ def convergences(G: np.ndarray, steps: np.ndarray, s: ClaimSettings) -> np.ndarr
 
 def sustained_high(E, up, lo, steps, s: ClaimSettings, never: float) -> np.ndarray:
     """Per image: the first window end after which r(E_f, upper) and r(E_f, lower) both stay ≥ ``s.r_high``."""
-    ok = (rolling_r(E, up, s.window) >= s.r_high) & (rolling_r(E, lo, s.window) >= s.r_high)  # NaN counts as not high
+    ok = (local_pearson_rows(E, up, s.window) >= s.r_high) & (local_pearson_rows(E, lo, s.window) >= s.r_high)  # NaN counts as not high
     out = np.full(E.shape[0], never)
     for i in range(E.shape[0]):
         if ok[i, -1]:
@@ -131,7 +99,7 @@ def _per_image_effect(fn):
 
 
 def _local_mean_r(d, s):
-    return (rolling_r(d["log_fitting_error"], d["upper"], s.window) + rolling_r(d["log_fitting_error"], d["lower"], s.window)) / 2
+    return (local_pearson_rows(d["log_fitting_error"], d["upper"], s.window) + local_pearson_rows(d["log_fitting_error"], d["lower"], s.window)) / 2
 
 
 def _fig2_to_4(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
@@ -156,13 +124,13 @@ def _fig2_to_4(rep: Reproduction, config: ReproduceConfig) -> list[Claim]:
         return effect
 
     def late_min_r(d):
-        r = np.fmin(rolling_r(d["log_fitting_error"], d["upper"], s.window), rolling_r(d["log_fitting_error"], d["lower"], s.window))
+        r = np.fmin(local_pearson_rows(d["log_fitting_error"], d["upper"], s.window), local_pearson_rows(d["log_fitting_error"], d["lower"], s.window))
         late = d["steps"] >= s.late_fraction * d["total"]
         with np.errstate(all="ignore"):
             return np.nanmin(np.where(np.isfinite(r[:, late]), r[:, late], np.nan), axis=1) if late.any() else np.full(len(r), np.nan)
 
     def stable_vs_moving(d):
-        r = rolling_r(d["log_gradient_norm"], d["log_fitting_error"], s.window)
+        r = local_pearson_rows(d["log_gradient_norm"], d["log_fitting_error"], s.window)
         moving = pd.DataFrame(d["U"].T).rolling(s.window).std().to_numpy().T + pd.DataFrame(d["L"].T).rolling(s.window).std().to_numpy().T
         out = np.full(len(r), np.nan)
         for i in range(len(r)):

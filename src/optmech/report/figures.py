@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ..records import fixed_probe_medians, published_pairing  # noqa: E402
+from ..records import fixed_probe_medians, probe_arrays, published_pairing  # noqa: E402
 
 MODEL_STYLE = {"a": ("tab:blue", "-"), "b": ("tab:blue", "--"), "c": ("tab:orange", "-"), "d": ("tab:orange", "--")}
 
@@ -144,16 +145,16 @@ def plot_indicators(runs: dict[str, pd.DataFrame], axes=None):
 def per_image_local_r(records: pd.DataFrame, window: int, growing_from: int | None = None) -> dict[str, pd.DataFrame]:
     """Local Pearson r of log₂E_f with each bound computed per probe image (E_f and bounds of the same
     image), summarised per window end: {"upper"|"lower": DataFrame(index step, columns q25, median, q75)}."""
-    from ..metrics import local_pearson
+    from ..metrics import local_pearson_rows
 
-    fixed = records[records["probe_set"] != "train_batch"]
+    d = probe_arrays(records, ("log_fitting_error", "upper", "lower"))
     out = {}
     for bound in ("upper", "lower"):
-        per = {sid: pd.Series(local_pearson(g["log_fitting_error"].to_numpy(), g[bound].to_numpy(), window=window,
-                                            growing_from=growing_from), index=g["step"].to_numpy())
-               for sid, g in fixed.sort_values("step").groupby("sample_id")}
-        wide = pd.DataFrame(per)
-        out[bound] = pd.DataFrame({"q25": wide.quantile(0.25, axis=1), "median": wide.median(axis=1), "q75": wide.quantile(0.75, axis=1)})
+        r = local_pearson_rows(d["log_fitting_error"], d[bound], window, growing_from=growing_from)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # windows that are NaN for every image
+            q = np.nanquantile(r, [0.25, 0.5, 0.75], axis=0)
+        out[bound] = pd.DataFrame({"q25": q[0], "median": q[1], "q75": q[2]}, index=d["steps"])
     return out
 
 
