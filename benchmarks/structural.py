@@ -320,10 +320,10 @@ def rel_errors(name: str, methods: list[str], device: str = "cpu") -> dict[str, 
     """Max |A − A_oracle| / max |A_oracle| in float64 on 4 samples, oracle = loop on the CPU, methods on ``device``."""
     model = make_model(name).double()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = structural_matrix(model, x, method="loop")
+    ref = structural_matrix(model, x, method="loop").A
     scale = ref.abs().max()
     model, xd = model.to(device), x.to(device)
-    out = {m: float((structural_matrix(model, xd, method=m).cpu() - ref).abs().max() / scale) for m in methods if m != "nt"}
+    out = {m: float((structural_matrix(model, xd, method=m).A.cpu() - ref).abs().max() / scale) for m in methods if m != "nt"}
     if "nt" in methods:
         import numpy as np
 
@@ -362,7 +362,7 @@ def peak_memory_mib(name: str, method: str, batch: int = BATCH) -> float:
         f"m = make_model({name!r}); x = torch.randn({batch}, 1, 28, 28); m(x);"
         + ("call, _ = nt_runner(m, x); _reset_hwm();" if method == "nt" else "")
         + "base = _hwm_kib();"
-        + calls.get(method, f"structural_matrix(m, x, method={method!r})") + ";"
+        + calls.get(method, f"structural_matrix(m, x, method={method!r}).A") + ";"
         "print((_hwm_kib() - base) / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
@@ -446,9 +446,9 @@ def main() -> None:
         with probing(twin):
             forward, one_backward, forward_and_backwards, cl_forward_and_backwards, vmapped_backward, macs = bound_parts(twin, x)
         probe = Probe(model)
-        methods = {"gram": lambda: structural_matrix(model, x, method="gram"),
+        methods = {"gram": lambda: structural_matrix(model, x, method="gram").A,
                    "probe": lambda: probe.measure(x, y),
-                   "jacobian": lambda: structural_matrix(model, x, method="jacobian")}
+                   "jacobian": lambda: structural_matrix(model, x, method="jacobian").A}
         compile_s = None
         if with_nt:
             methods["nt"], compile_s = nt_runner(model, x)
@@ -494,14 +494,14 @@ def main() -> None:
                 if key == "nt":
                     time.sleep(0.2)  # let XLA's worker threads go idle before the next torch timing
         if not args.no_loop:
-            times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop"), sync)]
+            times["loop"] = [timed(lambda: structural_matrix(model, x, method="loop").A, sync)]
         med = {k: statistics.median(v) for k, v in times.items()}
         rate = 2 * GEMM_SIZE**3 / med["gemm"]
         bound = med["forward_and_backwards"] + 2 * macs / rate
         errors = rel_errors(name, [m for m in ("gram", "jacobian", "nt") if m in med], args.device)
         label = f"{f'{name}/{batch}' if per_batch else name:{width}s} {n_params(model):9d}"
         rows = [("step", med["step"]), ("bound", bound)] + [(m, med[m]) for m in ("gram", "probe", "jacobian", "nt", "loop") if m in med]
-        cuda_calls = {"step": step, "loop": lambda: structural_matrix(model, x, method="loop"), **methods}
+        cuda_calls = {"step": step, "loop": lambda: structural_matrix(model, x, method="loop").A, **methods}
         for method, t in rows:
             if args.no_memory or method == "bound":
                 mem = ""

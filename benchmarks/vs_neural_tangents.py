@@ -4,7 +4,7 @@
     .venv-nt/bin/python benchmarks/vs_neural_tangents.py --models c1 mlp256 --rounds 5
 
 For each model of benchmarks/structural.py (batch 64, C = 10, float32) it times, round by round and
-interleaved: a PyTorch training step, ``structural_matrix(method="gram")``, and the per-sample NTK
+interleaved: a PyTorch training step, ``structural_matrix(method="gram").A``, and the per-sample NTK
 blocks A_x from ``nt.empirical_ntk_fn(apply, trace_axes=(), vmap_axes=0,
 implementation=STRUCTURED_DERIVATIVES)``, jitted (compile time reported apart), two ways: vmapped
 over single samples ("nt per-sample") and as the diagonal of the whole (batch, batch, C, C) kernel
@@ -50,8 +50,8 @@ def nt_blocks(apply, full: bool = False):
 def rel_errors(name: str) -> dict[str, float]:
     model = make_model(name).double().eval()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    ref = structural_matrix(model, x, method="loop").numpy()
-    gram = structural_matrix(model, x, method="gram").numpy()
+    ref = structural_matrix(model, x, method="loop").A.numpy()
+    gram = structural_matrix(model, x, method="gram").A.numpy()
     apply, params = to_jax(model, np.float64)
     scale = np.abs(ref).max()
     out = {"gram": float(np.abs(gram - ref).max() / scale)}
@@ -95,7 +95,7 @@ def main() -> None:
 
         runs = {
             "step": step,
-            "gram": lambda: structural_matrix(model, x, method="gram"),
+            "gram": lambda: structural_matrix(model, x, method="gram").A,
             "nt per-sample": lambda: blocks(params, xj).block_until_ready(),
             "nt full kernel": lambda: full(params, xj).block_until_ready(),
         }
@@ -114,7 +114,7 @@ def main() -> None:
             print(f"{name:8s} {k:16s} {1000 * med[k]:10.1f} {med[k] / med['step']:8.2f} {med[k] / med['gram']:8.2f} {err:>12s}")
         print(f"{'':8s} (neural-tangents compile {compile_s[0]:.1f} s / {compile_s[1]:.1f} s, not counted)", flush=True)
         # the same model in A: gram against neural-tangents in float32 on this batch
-        A_t = structural_matrix(model, x, method="gram").numpy()
+        A_t = structural_matrix(model, x, method="gram").A.numpy()
         A_j = np.asarray(blocks(params, xj))
         print(f"{'':8s} float32 max |A_gram − A_nt| / max |A| = {np.abs(A_t - A_j).max() / np.abs(A_t).max():.1e}")
 

@@ -220,42 +220,54 @@ def engine_cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     return {**family_cases(), **unusual_models()}
 
 
-def captured_gram(model, x, *, channels_last: bool = False):
-    """One ``gram`` call through ForwardCapture, the forward run the way the engine runs it (eval
-    semantics, grad on): (the capture, its logits, A)."""
-    from optmech.structure import gram
-    from optmech.structure._context import probing, trainable_parameters
+def captured_gram(model, x, options=None):
+    """One ``gram`` call through ForwardCapture, the forward run the way the engine runs it (eval semantics, grad on),
+    by default with the training-step capture's options: (its route report, its logits, A)."""
+    from optmech.structure import EngineOptions, ForwardCapture, RouteReport, probing, trainable_parameters
 
-    capture = gram.ForwardCapture(model, trainable_parameters(model), channels_last=channels_last)
+    options = EngineOptions.training_step() if options is None else options
+    capture = ForwardCapture(model, trainable_parameters(model), options)
     with probing(model):
         with capture, torch.enable_grad():
             out = model(x)
-        A = capture.structural_matrix(out, x, n_classes=out.shape[1])
-    return capture, out, A
+        A, routes = capture.structural_matrix(out, x, n_classes=out.shape[1])
+    return RouteReport("gram", list(routes.values())), out, A
 
 
 def per_class_gradients(model, x):
-    """The fast layers' per-class gradients, from one forward with hooks (eval semantics) and C backward passes.
+    """The module rules' layers with their per-class gradients, from one forward with hooks (eval semantics) and
+    C backward passes.
 
-    Returns ([(plan, layer input a, bs = ∂f/∂z of every class, shape (C, n, *z.shape[1:]))], C).
+    Returns ([(layer, layer input a, bs = ∂f/∂z of every class, shape (C, n, *z.shape[1:]))], C).
     """
-    from optmech.structure import gram
-    from optmech.structure._context import probing, trainable_parameters
+    from optmech.structure import EngineOptions, ForwardCapture, probing, trainable_parameters
 
-    plans, _ = gram.plan_layers(model, trainable_parameters(model))
+    capture = ForwardCapture(model, trainable_parameters(model), EngineOptions.training_step())
+    layers = [layer for claim in capture.claims for layer in claim.layers]
     captured = {}
-    hooks = [p.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for p in plans]
+    hooks = [layer.module.register_forward_hook(lambda m, a, o: captured.__setitem__(m, (a[0].detach(), o))) for layer in layers]
     with probing(model):
         out = model(x)
     for h in hooks:
         h.remove()
     C = out.shape[1]
-    layers = []
-    for plan in plans:
-        a, z = captured[plan.module]
+    found = []
+    for layer in layers:
+        a, z = captured[layer.module]
         bs = torch.stack([torch.autograd.grad(out[:, c].sum(), z, retain_graph=True)[0] for c in range(C)])
-        layers.append((plan, a, bs))
-    return layers, C
+        found.append((layer, a, bs))
+    return found, C
+
+
+def accumulator(layer, a, n_classes: int, strategy: str | None = None):
+    """A fresh accumulator of ``layer``'s rule for input a (its own workspace; ``strategy`` forces the contraction form)."""
+    from optmech.structure import EngineOptions, ForwardCapture
+    from optmech.structure.rules import AccumulatorContext, Record
+
+    model = nn.Module()
+    options = EngineOptions.training_step().replace(contraction=strategy or "auto", fold_pools=False)
+    ctx = AccumulatorContext(n_classes, ForwardCapture(model, [("p", nn.Parameter(torch.zeros(1)))], options), graph=None)
+    return layer.rule.accumulator(layer, Record(a, a, 0), ctx)
 
 
 def by_class_and_at_once(make_sink, bs):

@@ -35,21 +35,22 @@ def oracle_results():
 @pytest.mark.parametrize("case", list(CASES))
 def test_method_on_cuda_agrees_with_the_cpu_oracle(case, method, oracle_results):
     model, x = on_cuda(*CASES[case])
-    A, groups, ran = structural_matrix(model, x, method=method, per_layer=True, return_method=True)
+    _r = structural_matrix(model, x, method=method, per_layer=True)
+    A, groups, ran = _r.A, _r.per_layer, _r.method
     assert A.device.type == "cuda" and A.dtype == torch.float64
     assert rel_err(A.cpu(), oracle_results[case]) < RTOL[torch.float64], f"{case}/{method}→{ran}"
     assert rel_err(sum(groups.values()), A) < 1e-12
-    again = structural_matrix(model, x, method=method)  # the engine's kept GPU buffers, second use
+    again = structural_matrix(model, x, method=method).A  # the engine's kept GPU buffers, second use
     assert rel_err(again, A) < 1e-13
 
 
 def test_float32_on_cuda_is_close_to_float64():
     model = build("resnet", depth=1, skip=True, seed=0, dtype=torch.float64)
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ref = structural_matrix(model, x, method="gram")
+    ref = structural_matrix(model, x, method="gram").A
     m32, x32 = on_cuda(model.float(), x.float())
     # TF32 matmuls (if a user enabled them) would be off by ~1e-3; the default keeps full float32
-    A = structural_matrix(m32, x32, method="gram")
+    A = structural_matrix(m32, x32, method="gram").A
     assert A.dtype == torch.float32 and rel_err(A.double().cpu(), ref) < RTOL[torch.float32]
 
 
@@ -89,8 +90,8 @@ def test_probing_on_cuda_leaves_rng_modes_and_buffers_alone():
     x = torch.randn(4, 1, 8, 8, device=CUDA)
     torch.cuda.manual_seed(5)
     state = torch.cuda.get_rng_state()
-    A1 = structural_matrix(model, x, method="gram")
-    A2 = structural_matrix(model, x, method="gram")
+    A1 = structural_matrix(model, x, method="gram").A
+    A2 = structural_matrix(model, x, method="gram").A
     assert torch.equal(torch.cuda.get_rng_state(), state)
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(A1, A2)  # eval semantics: dropout off, same answer twice
@@ -100,11 +101,13 @@ def test_auto_on_cuda_times_both_methods_once_even_when_every_layer_is_fast(capl
     model = build("snet", depth=1, input_shape=(1, 8, 8), seed=0, dtype=torch.float64).to(CUDA)
     x = torch.randn(4, 1, 8, 8, dtype=torch.float64, device=CUDA)
     with caplog.at_level("INFO", logger="optmech.structure"):
-        A, ran = structural_matrix(model, x, return_method=True)
-        again, ran_again = structural_matrix(model, x, return_method=True)
+        _r = structural_matrix(model, x)
+        A, ran = _r.A, _r.method
+        _r = structural_matrix(model, x)
+        again, ran_again = _r.A, _r.method
     assert sum("measured gram" in r.message for r in caplog.records) == 1  # remembered after the first call
     assert ran in ("gram", "jacobian") and ran_again == ran
-    ref = structural_matrix(model, x, method="loop")
+    ref = structural_matrix(model, x, method="loop").A
     assert rel_err(A, ref) < RTOL[torch.float64] and rel_err(again, ref) < RTOL[torch.float64]
 
 

@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+
+from optmech.errors import NonFiniteLogitsError
 import torch
 from torch import nn
 
@@ -129,18 +131,20 @@ def test_consistency_check_catches_a_wrong_structural_matrix():
     probe = Probe(model, check=True)
     import optmech.probe as probe_module
 
-    original = probe_module.compute_structural_matrix
+    import dataclasses
+
+    original = probe_module.structural_matrix
 
     def doubled(*a, **k):
-        A, groups, ran, logits = original(*a, **k)
-        return 2 * A, groups, ran, logits
+        result = original(*a, **k)
+        return dataclasses.replace(result, A=2 * result.A)
 
-    probe_module.compute_structural_matrix = doubled
+    probe_module.structural_matrix = doubled
     try:
         with pytest.raises(ConsistencyError, match="autograd gives"):
             probe.measure(x, torch.tensor([0, 1]))
     finally:
-        probe_module.compute_structural_matrix = original
+        probe_module.structural_matrix = original
 
 
 def test_frame_has_every_documented_column_and_float32_models_work():
@@ -186,8 +190,9 @@ def test_nan_logits_are_reported():
         def forward(self, x):
             return self.fc(x) * torch.tensor(float("inf"))
 
-    with pytest.raises(ValueError, match="logits: expected finite values"):
-        Probe(Broken()).measure(torch.ones(2, 2), torch.tensor([0, 1]))
+    for method in ("gram", "jacobian", "loop"):
+        with pytest.raises(NonFiniteLogitsError, match=r"model output: expected finite logits, got NaN or inf in samples \[0, 1\]"):
+            Probe(Broken(), method=method).measure(torch.ones(2, 2), torch.tensor([0, 1]))
 
 
 def test_measure_from_validates_weights():
@@ -322,7 +327,7 @@ def test_measure_takes_the_logits_from_the_engine_forward_when_it_has_one(method
         assert seen[-1] == 5 and len(seen) > 1
 
 
-def test_capture_measures_on_its_own_forward_when_the_training_forward_would_go_generic(generic, caplog, monkeypatch):
+def test_capture_measures_on_its_own_forward_when_the_training_forward_would_go_generic(caplog, monkeypatch):
     """A transformer: the training capture cannot recompute attention (it must leave the step's graph alone) nor
     watch direct uses, so it would hand those parameters to the generic path; the probe measures on a forward
     of its own instead, where they are fast, and leaves the training forward unhooked and its graph intact."""
@@ -337,13 +342,14 @@ def test_capture_measures_on_its_own_forward_when_the_training_forward_would_go_
     expected = probe.measure(x, y)
     hooked = []
     original = capture_module.ForwardCapture.__enter__
-    monkeypatch.setattr(capture_module.ForwardCapture, "__enter__", lambda self: (hooked.append(self.attention == []), original(self))[1])
+    monkeypatch.setattr(capture_module.ForwardCapture, "__enter__",
+                        lambda self: (hooked.append(self.options.recompute), original(self))[1])
     with caplog.at_level("INFO", logger="optmech.probe"):
         with probe.capture() as step:
             logits = model(x)
         m = step.measure(x, y, logits)
-    assert hooked == [False]  # only the standalone call's capture (attention on), not the training forward's
-    assert generic == []
+    assert hooked == [True]  # only the standalone call's capture (attention recomputed), not the training forward's
+    assert not probe.route.generic() and "attention" in probe.route.rules().values()
     assert torch.allclose(m.gradient_norm, expected.gradient_norm, rtol=1e-12)
     assert "forward of its own" in caplog.text
     torch.nn.functional.cross_entropy(logits, y).backward()

@@ -1,16 +1,17 @@
 """Every engine method against the float64 oracle, on every model family and the unusual models."""
 
 import logging
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, engine_cases, per_class_gradients, rel_err, unusual_models
+from helpers import RTOL, accumulator, engine_cases, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import EngineMethod
+from optmech.structure import EngineMethod, EngineOptions, ForwardCapture, GenericPathWarning, clear_cache, trainable_parameters
 
 METHODS = [m.value for m in EngineMethod]
 CASES = engine_cases()
@@ -26,7 +27,7 @@ def oracle_results():
 def test_method_agrees_with_oracle(case, method, oracle_results):
     model, x = CASES[case]
     A_ref, J = oracle_results[case]
-    A = structural_matrix(model, x, method=method)
+    A = structural_matrix(model, x, method=method).A
     assert A.dtype == torch.float64 and A.shape == A_ref.shape
     assert rel_err(A, A_ref) < RTOL[torch.float64], f"{case}/{method}: {rel_err(A, A_ref):.3e}"
     # symmetric PSD with trace ‖J‖_F²
@@ -44,22 +45,22 @@ def test_paper_resnet_at_mnist_shape_matches_oracle():
         x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         A_ref, _ = structural_oracle(model, x)
         for method in ("jacobian", "gram"):
-            assert rel_err(structural_matrix(model, x, method=method), A_ref) < RTOL[torch.float64]
+            assert rel_err(structural_matrix(model, x, method=method).A, A_ref) < RTOL[torch.float64]
 
 
 def test_float32_model_gives_float32_result_close_to_float64():
     model = build("snet", depth=1, input_shape=(1, 8, 8), seed=0)
     x = torch.randn(5, 1, 8, 8)
-    A32 = structural_matrix(model, x)
-    A64 = structural_matrix(model.double(), x.double())
+    A32 = structural_matrix(model, x).A
+    A64 = structural_matrix(model.double(), x.double()).A
     assert A32.dtype == torch.float32 and rel_err(A32.double(), A64) < RTOL[torch.float32]
 
 
 @pytest.mark.parametrize("method", ["jacobian", "gram"])
 def test_chunking_does_not_change_the_result(method):
     model, x = CASES["cnn-skip"]
-    full = structural_matrix(model, x, method=method)
-    assert rel_err(structural_matrix(model, x, method=method, chunk_size=1), full) < 1e-14
+    full = structural_matrix(model, x, method=method).A
+    assert rel_err(structural_matrix(model, x, method=method, chunk_size=1).A, full) < 1e-14
 
 
 def test_engine_leaves_model_state_alone():
@@ -69,7 +70,7 @@ def test_engine_leaves_model_state_alone():
     stats = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     for method in METHODS:
-        structural_matrix(model, x, method=method)
+        structural_matrix(model, x, method=method).A
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
     assert torch.equal(model.out.weight.grad, torch.ones_like(model.out.weight))
@@ -119,7 +120,7 @@ def test_probing_works_where_precision_was_set_through_the_per_backend_api():
         "    assert torch.backends.cuda.matmul.fp32_precision == 'ieee' == torch.backends.cudnn.conv.fp32_precision\n"
         "assert torch.backends.cuda.matmul.fp32_precision == 'tf32' and torch.backends.cudnn.conv.fp32_precision == 'none'\n"
         "model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))\n"
-        "structural_matrix(model, torch.randn(2, 1, 4, 4), method='gram')\n"
+        "structural_matrix(model, torch.randn(2, 1, 4, 4), method='gram').A\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -129,7 +130,7 @@ def test_probing_works_where_precision_was_set_through_the_per_backend_api():
 def test_eval_semantics_dropout_is_off():
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
     x = torch.randn(3, 4, dtype=torch.float64)
-    A1, A2 = structural_matrix(model, x), structural_matrix(model, x)
+    A1, A2 = structural_matrix(model, x).A, structural_matrix(model, x).A
     assert torch.equal(A1, A2) and model.training
 
 
@@ -160,26 +161,31 @@ def test_auto_reports_the_method_and_falls_back_exactly(monkeypatch, caplog):
     model = NotVmappable().double()
     x = torch.randn(4, 3, dtype=torch.float64)
     with caplog.at_level(logging.INFO, logger="optmech.structure"):
-        A, ran = structural_matrix(model, x, return_method=True)
+        _r = structural_matrix(model, x)
+        A, ran = _r.A, _r.method
     assert ran in ("gram", "jacobian") and "cannot vmap" in caplog.text  # the generic path went sample by sample
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     # a method that fails on the model for another reason: the loop, said in a warning
-    from optmech import structure
+    from optmech.structure import engine
 
     def failing(*args, **kwargs):
         raise RuntimeError("an op this method cannot run")
 
-    monkeypatch.setitem(structure._METHODS, structure.EngineMethod.GRAM, failing)
+    monkeypatch.setattr(engine, "structural_matrix_gram", failing)
     model = Scaled(with_linear=True).double()
     with pytest.warns(RuntimeWarning, match="falling back to the exact but slower 'loop'"):
-        A, ran = structural_matrix(model, x, return_method=True)
+        _r = structural_matrix(model, x)
+        A, ran = _r.A, _r.method
     assert ran == "loop" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     monkeypatch.undo()
-    _, ran = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), return_method=True)
+    _r = structural_matrix(nn.Linear(3, 2), torch.randn(2, 3))
+    _, ran = _r.A, _r.method
     assert ran == "gram"
-    _, ran = structural_matrix(nn.Sequential(nn.LayerNorm(3), nn.Tanh()), torch.randn(2, 3), return_method=True)
+    _r = structural_matrix(nn.Sequential(nn.LayerNorm(3), nn.Tanh()), torch.randn(2, 3))
+    _, ran = _r.A, _r.method
     assert ran == "gram"  # a norm's affine parameters are a fast layer too
-    _, ran = structural_matrix(Scaled(), torch.randn(2, 3), return_method=True)
+    _r = structural_matrix(Scaled(), torch.randn(2, 3))
+    _, ran = _r.A, _r.method
     assert ran == "jacobian"  # no Linear/Conv/norm layer at all
 
 
@@ -187,7 +193,7 @@ def test_linear_model_closed_form():
     """A single Linear layer: A_x = (‖x‖² + 1)·I exactly (the bias block gives I)."""
     model = nn.Linear(5, 4).double()
     x = torch.randn(6, 5, dtype=torch.float64)
-    A = structural_matrix(model, x)
+    A = structural_matrix(model, x).A
     expected = (1 + (x**2).sum(1))[:, None, None] * torch.eye(4, dtype=torch.float64)
     assert rel_err(A, expected) < 1e-14
 
@@ -202,17 +208,17 @@ def test_linear_model_closed_form():
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), **kwargs)
+        structural_matrix(nn.Linear(3, 2), torch.randn(2, 3), **kwargs).A
 
 
 def test_bad_inputs_and_models():
     with pytest.raises(ValueError, match=r"inputs: expected finite values, got NaN or inf in samples \[1\]"):
-        structural_matrix(nn.Linear(3, 2), torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]))
+        structural_matrix(nn.Linear(3, 2), torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]])).A
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
-        structural_matrix(lambda x: x, torch.randn(2, 3))
+        structural_matrix(lambda x: x, torch.randn(2, 3)).A
     for method in ("gram", "jacobian", "loop"):
         with pytest.raises(ValueError, match=r"model output: expected logits of shape \(\d, classes\), got shape \(\d, 2, 3, 3\)"):
-            structural_matrix(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5), method=method)
+            structural_matrix(nn.Conv2d(1, 2, 3), torch.randn(2, 1, 5, 5), method=method).A
 
     class Ragged(nn.Module):  # C depends on the input: caught when gram's chunks disagree
         def __init__(self):
@@ -223,46 +229,42 @@ def test_bad_inputs_and_models():
             return self.fc(x)[:, : 2 + int(x[0, 0] > 0)]
 
     with pytest.raises(ValueError, match="expected 3 logits per sample in every chunk, got 2 for samples 1…1"):
-        structural_matrix(Ragged(), torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]), method="gram", chunk_size=1)
+        structural_matrix(Ragged(), torch.tensor([[1.0, 0, 0], [-1.0, 0, 0]]), method="gram", chunk_size=1).A
     frozen = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad=True"):
-        structural_matrix(frozen, torch.randn(2, 3))
+        structural_matrix(frozen, torch.randn(2, 3)).A
     with pytest.raises(ValueError, match="non-empty batch"):
-        structural_matrix(nn.Linear(3, 2), torch.randn(0, 3))
+        structural_matrix(nn.Linear(3, 2), torch.randn(0, 3)).A
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "-" in c])  # the families
-def test_gram_never_takes_the_generic_path_on_the_model_families(case, monkeypatch, oracle_results):
+def test_gram_never_takes_the_generic_path_on_the_model_families(case, oracle_results):
     """Every parameter of the families is in a fast layer used once: a fallback would be exact but
-    silently slow (torch 2.11 reused the ids of freed graph nodes, and the use count missed layers)."""
-    from optmech import structure
-
+    silently slow (a walk of the graph that let node ids be reused would miss layers' uses)."""
     model, x = CASES[case]
-    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
-    A, ran = structural_matrix(model, x, method="auto", return_method=True)
-    assert ran == "gram" and rel_err(A, oracle_results[case][0]) < RTOL[torch.float64]
+    _r = structural_matrix(model, x, method="auto")
+    assert _r.method == "gram" and rel_err(_r.A, oracle_results[case][0]) < RTOL[torch.float64]
+    assert not _r.route.generic() and set(_r.route.rules().values()) <= {"linear", "conv", "norm"}
 
 
 def test_gram_strategies_agree_and_fallbacks_are_used():
     """Ghost and materialised forms give the same contribution; unknown/tied layers take the generic path."""
-    from optmech.structure._context import trainable_parameters
-    from optmech.structure.gram import plan_layers
-    from optmech.structure.sinks import _layer_contribution
-
     model, x = unusual_models()["sequence_conv1d"]
-    plans, rest = plan_layers(model, trainable_parameters(model))
-    assert [p.name for p in plans] == ["conv", "per_position", "head"] and rest == []
-    layers, _ = per_class_gradients(model, x)
-    for plan, a, bs in layers:
-        Bm = bs.transpose(0, 1)  # (n, C, ...)
-        ghost = _layer_contribution(plan, a, Bm, strategy="ghost")
-        mat = _layer_contribution(plan, a, Bm, strategy="materialise")
-        assert rel_err(ghost, mat) < 1e-13
+    layers, C = per_class_gradients(model, x)
+    assert [layer.name for layer, _, _ in layers] == ["conv", "per_position", "head"]
+    for layer, a, bs in layers:
+        forms = {}
+        for strategy in ("ghost", "materialise"):
+            acc = accumulator(layer, a, C, strategy)
+            acc.add_classes(bs)
+            forms[strategy] = acc.result()
+        assert rel_err(forms["ghost"], forms["materialise"]) < 1e-13
 
     model, x = unusual_models()["grouped_partly_frozen"]
-    plans, rest = plan_layers(model, trainable_parameters(model))
-    assert [p.name for p in plans] == ["conv", "reflect", "twice", "out"]  # the half-frozen fc goes generic
-    assert set(rest) == {"fc.weight"}
+    route = structural_matrix(model, x, method="gram").route
+    assert {n.rsplit(".", 1)[0] for n, r in route.items() if r.fast} == {"conv", "reflect", "out"}
+    assert route["fc.weight"].reason.startswith("no rule claims it")  # the half-frozen fc goes generic
+    assert "did not run exactly once" in route["twice.weight"].reason
 
 
 class Paddings(nn.Module):
@@ -290,21 +292,23 @@ class Paddings(nn.Module):
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
-def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, contraction, immediate_ratio):
+def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monkeypatch, immediate_ratio):
     """Ghost, materialised-buffered and materialised-per-class forms, with and without bias, Conv1d/Conv2d/Linear."""
-    from optmech.structure import sinks
+    from optmech.structure import layer_gram
 
-    monkeypatch.setattr(sinks, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    monkeypatch.setattr(layer_gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
     g = torch.Generator().manual_seed(5)
     model = nn.Sequential(
         nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), nn.Tanh(),
         nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 2 * 7, 5),
     ).double()
     x = torch.randn(3, 2, 9, 6, generator=g, dtype=torch.float64)
-    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    reference, ref_groups = _r.A, _r.per_layer
     for strategy in ("ghost", "materialise"):
-        contraction(strategy)
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        _r = structural_matrix(model, x, method="gram", per_layer=True, options=EngineOptions(contraction=strategy))
+        A, groups = _r.A, _r.per_layer
+        assert set(_r.route.forms().values()) == {strategy}
         assert rel_err(A, reference) < 1e-12, strategy
         for name, part in groups.items():
             assert rel_err(part, ref_groups[name]) < 1e-12, (strategy, name)
@@ -313,14 +317,15 @@ def test_every_contraction_form_matches_the_oracle_on_strided_dilated_convs(monk
 @pytest.mark.parametrize("case", ["resnet-skip", "snet-plain", "layernorm_gelu", "tied_weights", "grouped_partly_frozen", "sequence_conv1d"])
 def test_per_layer_shares_sum_to_A_and_agree_across_methods(case):
     model, x = CASES[case]
-    results = {m: structural_matrix(model, x, method=m, per_layer=True) for m in ("loop", "jacobian", "gram")}
+    results = {m: (lambda r: (r.A, r.per_layer))(structural_matrix(model, x, method=m, per_layer=True)) for m in ("loop", "jacobian", "gram")}
     A_loop, groups_loop = results["loop"]
     for method, (A, groups) in results.items():
         assert set(groups) == set(groups_loop), method
         assert rel_err(sum(groups.values()), A) < 1e-12
         for name, part in groups.items():
             assert rel_err(part, groups_loop[name]) < RTOL[torch.float64], (method, name)
-    A, groups, ran = structural_matrix(model, x, per_layer=True, return_method=True)
+    _r = structural_matrix(model, x, per_layer=True)
+    A, groups, ran = _r.A, _r.per_layer, _r.method
     assert ran in ("gram", "jacobian") and rel_err(A, A_loop) < RTOL[torch.float64]
 
 
@@ -341,62 +346,69 @@ def test_auto_times_gram_against_jacobian_once_when_some_parameters_are_outside_
     """A free parameter makes gram = fast layers + jacobian on the rest: auto measures both, keeps the faster."""
     import time as time_module
 
-    from optmech import structure
+    from optmech.structure import engine
 
     model, x = Shifted().double(), torch.randn(5, 3, dtype=torch.float64)
     calls = []
-    for method in (EngineMethod.GRAM, EngineMethod.JACOBIAN):
-        original = structure._METHODS[method]
+    for method, attr in (("gram", "structural_matrix_gram"), ("jacobian", "structural_matrix_jacobian")):
+        original = getattr(engine, attr)
 
         def timed(*args, _method=method, _original=original, **kw):
-            calls.append(_method.value)
-            if _method.value == slow:
+            calls.append(_method)
+            if _method == slow:
                 time_module.sleep(0.2)  # the slower one by a margin no machine noise covers
             return _original(*args, **kw)
 
-        monkeypatch.setitem(structure._METHODS, method, timed)
-    reference = structural_matrix(model, x, method="loop")
+        monkeypatch.setattr(engine, attr, timed)
+    reference = structural_matrix(model, x, method="loop").A
     with caplog.at_level("INFO", logger="optmech.structure"):
-        A, ran = structural_matrix(model, x, return_method=True)
+        _r = structural_matrix(model, x)
+        A, ran = _r.A, _r.method
     fast = "jacobian" if slow == "gram" else "gram"
     assert calls == ["gram", "jacobian"] and ran == fast and rel_err(A, reference) < RTOL[torch.float64]
     assert f"using {fast} for this model and shape" in caplog.text
     calls.clear()
-    A, ran = structural_matrix(model, x, return_method=True)  # remembered: no second trial
+    _r = structural_matrix(model, x)  # remembered: no second trial
+    A, ran = _r.A, _r.method
     assert calls == [fast] and ran == fast and rel_err(A, reference) < RTOL[torch.float64]
-    structural_matrix(model, x[:2])  # another shape: measured again
+    structural_matrix(model, x[:2]).A  # another shape: measured again
     assert calls == [fast, "gram", "jacobian"]
 
 
 def test_auto_does_not_time_jacobian_when_gram_found_every_parameter_a_fast_rule(monkeypatch, caplog):
     """A parameter used directly (a scale after a Linear) is known to be fast only once gram's forward has run:
     then jacobian is not timed on the CPU, and the choice is remembered."""
-    from optmech import structure
+    from optmech.structure import engine
 
     model, x = Scaled(with_linear=True).double(), torch.randn(5, 3, dtype=torch.float64)
-    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a, **k: pytest.fail("jacobian ran"))
+    monkeypatch.setattr(engine, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("jacobian ran"))
     with caplog.at_level("INFO", logger="optmech.structure"):
-        A, ran = structural_matrix(model, x, return_method=True)
+        _r = structural_matrix(model, x)
+        A, ran = _r.A, _r.method
     assert ran == "gram" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     assert "gram took every parameter on its fast path" in caplog.text
-    assert structure._AUTO_CHOICE[model] and set(structure._AUTO_CHOICE[model].values()) == {EngineMethod.GRAM}
+    assert _r.route["scale"].rule == "direct"
+    monkeypatch.undo()
+    calls, trial = [], engine._auto_trial
+    monkeypatch.setattr(engine, "_auto_trial", lambda *a, **k: calls.append(1) or trial(*a, **k))
+    assert structural_matrix(model, x).method == "gram" and calls == []  # remembered in the model's cache
+    clear_cache(model)
+    structural_matrix(model, x)
+    assert calls == [1]  # a cleared cache measures again
 
 
 def test_auto_does_not_measure_when_every_parameter_is_in_a_fast_layer(monkeypatch):
-    from optmech import structure
+    from optmech.structure import engine
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
-    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a: pytest.fail("jacobian ran"))
-    A, ran = structural_matrix(model, torch.randn(3, 1, 6, 6, dtype=torch.float64), return_method=True)
+    monkeypatch.setattr(engine, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("jacobian ran"))
+    _r = structural_matrix(model, torch.randn(3, 1, 6, 6, dtype=torch.float64))
+    A, ran = _r.A, _r.method
     assert ran == "gram"
 
 
 def test_norm_layers_are_contracted_exactly_without_the_generic_path(monkeypatch):
     """BatchNorm (running statistics), LayerNorm over sequences, GroupNorm, with and without affine parts."""
-    from optmech import structure
-    from optmech.structure._context import trainable_parameters
-    from optmech.structure.gram import plan_layers
-
     g = torch.Generator().manual_seed(3)
 
     class Norms(nn.Module):
@@ -424,22 +436,23 @@ def test_norm_layers_are_contracted_exactly_without_the_generic_path(monkeypatch
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
     x = torch.randn(4, 2, 5, 5, generator=g, dtype=torch.float64)
-    plans, rest = plan_layers(model, trainable_parameters(model))
-    assert [p.name for p in plans] == ["conv", "bn2", "gn", "ln", "fc", "bn1", "head"] and rest == []
-    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
-    A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    reference, ref_groups = _r.A, _r.per_layer
+    _r = structural_matrix(model, x, method="gram", per_layer=True)
+    A, groups = _r.A, _r.per_layer
+    assert not _r.route.generic()
+    assert {n for n, rule in _r.route.rules().items() if rule == "norm"} == {
+        n for n, _ in model.named_parameters() if n.split(".")[0] in ("bn2", "gn", "ln", "bn1")}
     assert rel_err(A, reference) < 1e-12 and set(groups) == set(ref_groups)
     for name, part in groups.items():
         assert rel_err(part, ref_groups[name]) < 1e-12, name
     # batch statistics even in eval (no running statistics): not per-sample, left to the generic path
     no_stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
-    assert plan_layers(no_stats, trainable_parameters(no_stats))[1] == ["1.weight", "1.bias"]
+    claimed = ForwardCapture(no_stats, trainable_parameters(no_stats), EngineOptions())
+    assert claimed.unclaimed == ["1.weight", "1.bias"]
 
 
-def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle(monkeypatch):
-    from optmech import structure
-
+def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle():
     class Tokens(nn.Module):
         def __init__(self):
             super().__init__()
@@ -453,28 +466,29 @@ def test_embeddings_with_repeated_and_padding_tokens_match_the_oracle(monkeypatc
 
     model = Tokens().double()
     tokens = torch.tensor([[[1, 1, 0], [3, 0, 1]], [[0, 0, 0], [2, 2, 2]], [[6, 5, 4], [3, 2, 1]]])
-    reference, ref_groups = structural_matrix(model, tokens, method="loop", per_layer=True)
-    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
-    A, groups = structural_matrix(model, tokens, method="gram", per_layer=True)
+    _r = structural_matrix(model, tokens, method="loop", per_layer=True)
+    reference, ref_groups = _r.A, _r.per_layer
+    _r = structural_matrix(model, tokens, method="gram", per_layer=True)
+    A, groups = _r.A, _r.per_layer
+    assert not _r.route.generic() and _r.route["emb.weight"].rule == "embedding"
     assert rel_err(A, reference) < 1e-12
     for name in ("emb", "pos", "head"):
         assert rel_err(groups[name], ref_groups[name]) < 1e-12, name
 
 
-def test_outputs_overwritten_in_place_take_the_fast_path_from_the_second_call(monkeypatch):
+def test_outputs_overwritten_in_place_take_the_fast_path_from_the_second_call():
     """ReLU(inplace=True) after Conv/Linear (torchvision style): exact on the first call (generic path for
     those layers), then the capture keeps z intact and no layer needs the generic path."""
-    from optmech import structure
-
     model, x = unusual_models()["inplace_relu"]
-    reference = structural_matrix(model, x, method="loop")
-    assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
-    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
+    reference = structural_matrix(model, x, method="loop").A
+    first = structural_matrix(model, x, method="gram")
+    assert rel_err(first.A, reference) < RTOL[torch.float64]
+    assert any("modified in place" in reason for reason in first.route.generic().values())
     for _ in range(2):
-        assert rel_err(structural_matrix(model, x, method="gram"), reference) < RTOL[torch.float64]
-    from optmech.structure import compute_structural_matrix
+        again = structural_matrix(model, x, method="gram")
+        assert rel_err(again.A, reference) < RTOL[torch.float64] and not again.route.generic()
 
-    logits = compute_structural_matrix(model, x, method="gram")[3]  # the forward that ran on the copies
+    logits = structural_matrix(model, x, method="gram").logits  # the forward that ran on the copies
     with torch.no_grad():
         assert torch.allclose(logits, model.eval()(x), rtol=0, atol=1e-14)
 
@@ -484,18 +498,18 @@ def test_padded_input_buffers_of_equal_shape_but_other_padding_are_kept_apart(mo
     """Padded inputs live in buffers kept between calls, zero border written once: a 28×28 input padded
     by 1 and a 26×26 one padded by 2 are both 30×30, and must not share a buffer (each border would
     hold the other's interior). Exact on repeated calls with new inputs, per class and buffered."""
-    from optmech import structure
+    from optmech.structure import layer_gram
 
-    monkeypatch.setattr(structure.sinks, "_IMMEDIATE_RATIO", immediate_ratio)
+    monkeypatch.setattr(layer_gram, "_IMMEDIATE_RATIO", immediate_ratio)
     g = torch.Generator().manual_seed(8)
     model = nn.Sequential(
         nn.Conv2d(2, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Tanh(),
         nn.Conv2d(2, 2, 5, padding=2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3),
     ).double()
-    monkeypatch.setattr(structure.capture, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("generic path used"))
     for _ in range(2):
         x = torch.randn(2, 2, 28, 28, generator=g, dtype=torch.float64)
-        assert rel_err(structural_matrix(model, x, method="gram"), structural_oracle(model, x)[0]) < 1e-12
+        _r = structural_matrix(model, x, method="gram")
+        assert rel_err(_r.A, structural_oracle(model, x)[0]) < 1e-12 and not _r.route.generic()
 
 
 def test_finite_inputs_whose_sum_overflows_are_accepted():
@@ -510,13 +524,16 @@ def test_finite_inputs_whose_sum_overflows_are_accepted():
         prepare_inputs(model, torch.tensor([[float("inf"), 0.0], [1.0, 2.0]]))
 
 
-def test_gram_says_once_which_parameters_go_through_the_generic_path_and_why(caplog):
+def test_gram_says_once_which_parameters_go_through_the_generic_path_and_why():
     model, x = unusual_models()["tied_weights"]
-    with caplog.at_level(logging.INFO, logger="optmech.structure"):
+    clear_cache(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         structural_matrix(model, x, method="gram")
-        structural_matrix(model, x, method="gram")
-    said = [r.getMessage() for r in caplog.records if "generic torch.func path" in r.getMessage()]
+        route = structural_matrix(model, x, method="gram").route
+    said = [str(w.message) for w in caught if issubclass(w.category, GenericPathWarning)]
     assert len(said) == 1, said
+    assert route["enc.weight"].reason == "it is used outside its layer too" and route["enc.weight"].form == "generic"
     assert "enc.weight, enc.bias (it is used outside its layer too)" in said[0]
     assert "shared.weight" in said[0] and "did not run exactly once" in said[0]
 
@@ -536,13 +553,15 @@ class RMSNormNet(nn.Module):
 
 @pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm needs torch ≥ 2.4")
 @pytest.mark.parametrize("n", [4, 5])  # n = 5: as many samples as positions (the samples' dimension is found)
-def test_rmsnorm_is_fast_and_exact(n, generic):
+def test_rmsnorm_is_fast_and_exact(n):
     torch.manual_seed(7)
     model = RMSNormNet().double()
     x = torch.randn(n, 5, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    A, groups = structural_matrix(model, x, method="gram", per_layer=True)
-    assert rel_err(A, reference) < RTOL[torch.float64] and generic == []
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    reference, ref_groups = _r.A, _r.per_layer
+    _r = structural_matrix(model, x, method="gram", per_layer=True)
+    A, groups = _r.A, _r.per_layer
+    assert rel_err(A, reference) < RTOL[torch.float64] and not _r.route.generic()
     assert {"norm", "norm2"} <= set(groups)
     for name, part in groups.items():
         assert rel_err(part, ref_groups[name]) < RTOL[torch.float64], name
@@ -573,16 +592,17 @@ CONVOLUTIONS = {  # model, input shape, seeds
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("strategy", ["ghost", "materialise", None])
 @pytest.mark.parametrize("case", list(CONVOLUTIONS))
-def test_every_padding_and_convolution_dimension_is_fast_and_exact(contraction, generic, case, strategy):
+def test_every_padding_and_convolution_dimension_is_fast_and_exact(case, strategy):
     make, shape, seed = CONVOLUTIONS[case]
     torch.manual_seed(seed)
     model = make().double()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    reference, ref_groups = structural_matrix(model, x, method="loop", per_layer=True)
-    contraction(strategy)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    reference, ref_groups = _r.A, _r.per_layer
+    options = EngineOptions(contraction=strategy or "auto")
     for _ in range(2):  # kept padded buffers on the second call
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
-        assert rel_err(A, reference) < 1e-12
-    assert generic == []
+        _r = structural_matrix(model, x, method="gram", per_layer=True, options=options)
+        A, groups = _r.A, _r.per_layer
+        assert rel_err(A, reference) < 1e-12 and not _r.route.generic()
     for name, part in groups.items():
         assert rel_err(part, ref_groups[name]) < 1e-12, name

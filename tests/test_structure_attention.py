@@ -9,8 +9,9 @@ from torch import nn
 from helpers import RTOL, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
-from optmech.structure import attention, capture, passes as backward_passes
-from optmech.structure._context import probing, trainable_parameters
+from optmech.structure import GenericPathWarning
+from optmech.structure import EngineOptions, ForwardCapture, probing, trainable_parameters
+from optmech.structure.rules import attention
 
 
 class Encoder(nn.Module):
@@ -145,17 +146,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_attention_models_are_exact_and_take_no_generic_path(case, generic):
+def test_attention_models_are_exact_and_take_no_generic_path(case):
     torch.manual_seed(0)
     model, x = CASES[case]()
     model = model.double().eval()
     x = x.double() if x.is_floating_point() else x
     A_ref = structural_oracle(model, x)[0]
-    _, groups_ref = structural_matrix(model, x, method="loop", per_layer=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    _, groups_ref = _r.A, _r.per_layer
     for _ in range(2):  # kept buffers and stand-ins on the second call
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        _r = structural_matrix(model, x, method="gram", per_layer=True)
+        A, groups = _r.A, _r.per_layer
         assert rel_err(A, A_ref) < RTOL[torch.float64], f"{case}: {rel_err(A, A_ref):.2e}"
-    assert generic == []
+        assert not _r.route.generic()
+    assert "attention" in _r.route.rules().values()
     attention_paths = {path for path, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     assert attention_paths <= set(groups) and {f"{p}.out_proj" for p in attention_paths} <= set(groups)
     for name, part in groups.items():  # the projections are grouped as the oracle groups them
@@ -165,7 +169,7 @@ def test_attention_models_are_exact_and_take_no_generic_path(case, generic):
 def test_float32_agrees_with_the_float64_oracle():
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
-    A = structural_matrix(model.eval(), x, method="gram")
+    A = structural_matrix(model.eval(), x, method="gram").A
     A_ref = structural_oracle(model.double(), x)[0]
     assert rel_err(A.double(), A_ref) < 1e-4
 
@@ -187,13 +191,13 @@ class BiasKV(nn.Module):
         (lambda: DirectAttention(use_weights=True), {"att.in_proj_weight", "att.in_proj_bias"}),
     ],
 )
-def test_uncovered_attention_goes_to_the_generic_path_and_stays_exact(make, generic_names, generic):
+def test_uncovered_attention_goes_to_the_generic_path_and_stays_exact(make, generic_names):
     torch.manual_seed(2)
     model = make().double().eval()
     x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert len(generic) == 1 and set(generic[0]) == generic_names
+    _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert set(_r.route.generic()) == generic_names
 
 
 class OneKeyAttended(nn.Module):
@@ -230,28 +234,40 @@ class ReadsQueryWeight(ThreeInputs):
 
 
 @pytest.mark.parametrize("make, also", [
-    (OneKeyAttended, {"kv.weight", "kv.bias"}),  # the kv Linear's samples cannot be told either
     (ReadsInProjection, set()),
     (ReadsQueryWeight, {"att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight"}),
 ])
-def test_an_in_projection_is_fast_only_as_a_whole(make, also, generic, caplog):
+def test_an_in_projection_is_fast_only_as_a_whole(make, also):
     """Its blocks share the packed weight: when one block must go to the generic path, all do (a block
     fast and another generic would count the weight's Gram in part twice, in part not at all)."""
     torch.manual_seed(9)
     model = make().double().eval()
     x = torch.randn(5, 5, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    with caplog.at_level("INFO", logger="optmech.structure"):
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    with pytest.warns(GenericPathWarning, match="att.in_proj_bias"):
+        _r = structural_matrix(model, x, method="gram", per_layer=True)
+    A, groups = _r.A, _r.per_layer
     A_ref, _ = structural_oracle(model, x)
     assert rel_err(A, A_ref) < RTOL[torch.float64]
     in_projection = {name for name, _ in model.att.named_parameters(prefix="att") if "in_proj_weight" in name or "in_proj_bias" in name}
-    assert len(generic) == 1 and set(generic[0]) == in_projection | also
-    _, groups_ref = structural_matrix(model, x, method="loop", per_layer=True)
+    assert set(_r.route.generic()) == in_projection | also
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    _, groups_ref = _r.A, _r.per_layer
     assert rel_err(groups["att"], groups_ref["att"]) < RTOL[torch.float64]
-    assert "att.in_proj_bias" in caplog.text
 
 
-def test_a_recomputation_that_does_not_match_the_module_is_not_used(monkeypatch, generic):
+def test_recomputed_blocks_are_read_samples_first():
+    """The recompute hook hands its blocks batch-first, so their samples are dimension 0 by construction, even where
+    a backward check could not tell (the kv Linear of the model, whose samples cannot be told, goes generic)."""
+    torch.manual_seed(9)
+    model = OneKeyAttended().double().eval()
+    x = torch.randn(5, 5, 3, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    with pytest.warns(GenericPathWarning, match="kv.weight, kv.bias"):
+        _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert set(_r.route.generic()) == {"kv.weight", "kv.bias"} and _r.route["att.in_proj_weight"].rule == "attention"
+
+
+def test_a_recomputation_that_does_not_match_the_module_is_not_used(monkeypatch):
     """The hook checks its output against the module's: one that ignores the padding mask is refused."""
     original = attention.attention_steps
 
@@ -262,22 +278,22 @@ def test_a_recomputation_that_does_not_match_the_module_is_not_used(monkeypatch,
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
     model = model.double().eval()
-    A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert len(generic) == 1 and {name.rsplit(".", 2)[-2] for name in generic[0]} == {"self_attn", "out_proj"}
+    _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert {name.rsplit(".", 2)[-2] for name in _r.route.generic()} == {"self_attn", "out_proj"}
 
 
 def test_the_training_step_capture_leaves_attention_as_the_model_runs_it():
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
     model = model.double().eval()
-    cap = capture.ForwardCapture(model, trainable_parameters(model))  # as the probe's training-step capture
-    assert cap.attention == [] and any("in_proj_weight" in name for name in cap.rest)
+    cap = ForwardCapture(model, trainable_parameters(model), EngineOptions.training_step())  # as the probe's
+    assert all(c.rule.name != "attention" for c in cap.claims) and any("in_proj_weight" in name for name in cap.unclaimed)
     with probing(model):
         with cap, torch.enable_grad():
             out = model(x)
         assert torch.equal(out, model(x))  # bit for bit: no recomputed attention in the model's graph
-        A = cap.structural_matrix(out, x, n_classes=out.shape[1])
+        A, _ = cap.structural_matrix(out, x, n_classes=out.shape[1])
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
 
 
@@ -307,18 +323,17 @@ class SequenceFirstEmbedding(nn.Module):
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("n, L", [(4, 4), (4, 5), (4, 1)])
 @pytest.mark.parametrize("make", [SequenceFirstLinear, SequenceFirstEmbedding])
-def test_layers_whose_samples_are_not_the_first_dimension(make, n, L, one_pass, monkeypatch, generic):
-    """L = n used to be read as samples first (6 % off); L ≠ n raised. Now the samples' dimension is found,
+def test_layers_whose_samples_are_not_the_first_dimension(make, n, L, one_pass):
+    """L = n must not be read as samples first, L ≠ n must not raise: the samples' dimension is found,
     in both backward forms (one pass for all classes hands the accumulators all C at once)."""
-    if not one_pass:
-        monkeypatch.setattr(backward_passes, "_PASS_BYTES", 0)
+    options = EngineOptions(pass_bytes=EngineOptions().pass_bytes if one_pass else 0)
     torch.manual_seed(4)
     model = make().double().eval()
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 6, (n, L), generator=g) if make is SequenceFirstEmbedding else torch.randn(n, L, 3, generator=g, dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert generic == []
+    _r = structural_matrix(model, x, method="gram", options=options)
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert not _r.route.generic()
 
 
 class FoldedSamples(nn.Module):
@@ -346,23 +361,23 @@ class OnlyFirstPosition(nn.Module):
 
 
 @pytest.mark.parametrize("make", [FoldedSamples, OnlyFirstPosition])
-def test_layers_whose_samples_cannot_be_found_go_to_the_generic_path(make, generic):
+def test_layers_whose_samples_cannot_be_found_go_to_the_generic_path(make):
     torch.manual_seed(6)
     model = make().double().eval()
     x = torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert generic == [["lin.weight", "lin.bias"]]
+    _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert list(_r.route.generic()) == ["lin.weight", "lin.bias"]
 
 
 def test_attention_backward_takes_one_class_per_pass(passes):
     """The fused attention backward has no batching rule: the one vmapped pass would loop (and warn)."""
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
-    structural_matrix(model.eval(), x, method="gram")
+    structural_matrix(model.eval(), x, method="gram").A
     assert passes == [False]
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # no attention, no convolution: one pass
-    structural_matrix(model, torch.randn(5, 3), method="gram")
+    structural_matrix(model, torch.randn(5, 3), method="gram").A
     assert passes == [False, True]
 
 
@@ -412,20 +427,21 @@ def test_blocks_follow_the_identity_of_the_inputs():
     assert [r for r, _ in runs(a, a, a, False)] == ["q", "k", "v"]  # separate weights: one block each
 
 
-def test_float32_decoder_agrees_with_the_float64_oracle(generic):
+def test_float32_decoder_agrees_with_the_float64_oracle():
     torch.manual_seed(0)
     model, x = Decoder().eval(), torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))
-    A = structural_matrix(model, x, method="gram")
-    assert generic == []
+    _r = structural_matrix(model, x, method="gram")
+    A = _r.A
+    assert not _r.route.generic()
     assert rel_err(A.double(), structural_oracle(model.double(), x.double())[0]) < 1e-4
 
 
 def test_auto_takes_gram_on_a_covered_transformer_without_timing_jacobian(monkeypatch):
-    from optmech import structure
-    from optmech.structure import EngineMethod
+    from optmech.structure import engine
 
-    monkeypatch.setitem(structure._METHODS, EngineMethod.JACOBIAN, lambda *a: pytest.fail("jacobian ran"))
+    monkeypatch.setattr(engine, "structural_matrix_jacobian", lambda *a, **k: pytest.fail("jacobian ran"))
     torch.manual_seed(0)
     model, x = Encoder(batch_first=True), tokens(5, 6)
-    A, ran = structural_matrix(model.double().eval(), x, method="auto", return_method=True)
+    _r = structural_matrix(model.double().eval(), x, method="auto")
+    A, ran = _r.A, _r.method
     assert ran == "gram" and rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

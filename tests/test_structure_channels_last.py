@@ -15,8 +15,8 @@ from helpers import RTOL, captured_gram, family_cases, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import capture, compute_structural_matrix, gram, layout
-from optmech.structure._context import probing, trainable_parameters
+from optmech.structure import EngineOptions, ForwardCapture, layout, model_cache, probing, trainable_parameters
+from optmech.structure.rules import conv as conv_rule
 
 CASES = {k: v for k, v in {**family_cases(), **unusual_models()}.items() if any(type(m) is nn.Conv2d for m in v[0].modules())}
 
@@ -25,35 +25,37 @@ CASES = {k: v for k, v in {**family_cases(), **unusual_models()}.items() if any(
 def conversions(monkeypatch):
     """Counts the Conv2d outputs handed on in channels-last."""
     seen = []
-    original = capture._to_channels_last
+    original = conv_rule.to_channels_last
 
     def spy(z):
         converted = original(z)
         seen.append(converted)
         return converted
 
-    monkeypatch.setattr(capture, "_to_channels_last", spy)
+    monkeypatch.setattr(conv_rule, "to_channels_last", spy)
     return seen
 
 
 @pytest.mark.parametrize("enabled", [True, False])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gram_matches_the_oracle_with_and_without_channels_last(case, enabled, monkeypatch, conversions):
-    monkeypatch.setattr(gram, "_CHANNELS_LAST", enabled)
+def test_gram_matches_the_oracle_with_and_without_channels_last(case, enabled, conversions):
+    options = EngineOptions(channels_last=enabled)
     model, x = CASES[case]
     A_ref, _ = structural_oracle(model, x)
     for _ in range(2):  # the second call also runs with the layers' kept buffers
-        A, layers = structural_matrix(model, x, method="gram", per_layer=True)
+        _r = structural_matrix(model, x, method="gram", per_layer=True, options=options)
+        A, layers = _r.A, _r.per_layer
         assert rel_err(A, A_ref) < RTOL[torch.float64], f"{case}: {rel_err(A, A_ref):.2e}"
         assert rel_err(sum(layers.values()), A) < 1e-12
-    fast_convs = any(type(p.module) is nn.Conv2d for p in gram.plan_layers(model, trainable_parameters(model))[0])
+    claims = ForwardCapture(model, trainable_parameters(model), options).claims
+    fast_convs = any(type(layer.module) is nn.Conv2d for claim in claims for layer in claim.layers)
     assert any(conversions) == (enabled and fast_convs), "channels-last applied exactly when enabled"
 
 
 def test_the_logits_are_the_models_own_and_the_model_is_left_as_it_was(conversions):
     model, x = CASES["resnet-skip"]
     strides = {name: p.stride() for name, p in model.named_parameters()}
-    logits = compute_structural_matrix(model, x, method="gram")[3]
+    logits = structural_matrix(model, x, method="gram").logits
     assert any(conversions)
     with torch.no_grad(), probing(model):
         assert rel_err(logits, model(x)) < 1e-13
@@ -61,12 +63,11 @@ def test_the_logits_are_the_models_own_and_the_model_is_left_as_it_was(conversio
     assert not any(h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks))
 
 
-def test_float32_results_agree_with_and_without_channels_last_and_with_the_float64_oracle(monkeypatch):
+def test_float32_results_agree_with_and_without_channels_last_and_with_the_float64_oracle():
     model = build("resnet", depth=1, skip=True, seed=0)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    with_layout = structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(gram, "_CHANNELS_LAST", False)
-    without = structural_matrix(model, x, method="gram")
+    with_layout = structural_matrix(model, x, method="gram").A
+    without = structural_matrix(model, x, method="gram", options=EngineOptions(channels_last=False)).A
     reference = structural_oracle(model.double(), x.double())[0]
     assert with_layout.dtype == torch.float32
     assert rel_err(with_layout.double(), without.double()) < 1e-5
@@ -91,12 +92,13 @@ def test_a_forward_that_cannot_take_channels_last_is_retried_in_its_own_layout(c
     x = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     reference = structural_oracle(model, x)[0]
     with caplog.at_level(logging.INFO, logger="optmech.structure"):
-        A, ran = structural_matrix(model, x, method="auto", return_method=True)
+        _r = structural_matrix(model, x, method="auto")
+        A, ran = _r.A, _r.method
     assert ran == "gram" and rel_err(A, reference) < RTOL[torch.float64]
-    assert model in gram._NO_CHANNELS_LAST
+    assert model_cache(model).own_layout
     assert "does not run on channels-last convolution outputs" in caplog.text and "view" in caplog.text
     conversions.clear()
-    assert rel_err(structural_matrix(model, x, method="gram", chunk_size=3), reference) < RTOL[torch.float64]
+    assert rel_err(structural_matrix(model, x, method="gram", chunk_size=3).A, reference) < RTOL[torch.float64]
     assert not any(conversions), "not tried again"
 
 
@@ -109,8 +111,8 @@ def test_errors_that_are_not_about_the_layout_still_surface(monkeypatch):
         def forward(self, x):
             raise RuntimeError("the model's own bug")
 
-    with pytest.raises(RuntimeError, match="the model's own bug"):
-        structural_matrix(Broken(), torch.randn(2, 1, 5, 5), method="gram")
+    with pytest.raises(ValueError, match="the model's own forward fails .*the model's own bug"):
+        structural_matrix(Broken(), torch.randn(2, 1, 5, 5), method="gram").A
 
 
 def test_a_model_already_in_channels_last_is_not_converted(conversions):
@@ -118,7 +120,7 @@ def test_a_model_already_in_channels_last_is_not_converted(conversions):
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last)
-    A = structural_matrix(model, x, method="gram")
+    A = structural_matrix(model, x, method="gram").A
     assert conversions and not any(conversions)
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
 
@@ -139,12 +141,12 @@ def test_the_recorded_outputs_are_the_channels_last_copies_and_the_pool_fold_sti
     Conv → ReLU → MaxPool chain (z → relu → pool) is still recognised and folded."""
     model = build(family, depth=1, skip=False, seed=0, dtype=torch.float64)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    cap = gram.ForwardCapture(model, trainable_parameters(model), channels_last=True)
+    cap = ForwardCapture(model, trainable_parameters(model), EngineOptions.training_step().replace(channels_last=True))
     with probing(model):
         with cap, torch.enable_grad():
             out = model(x)
-        convs = [z for calls in cap.captured.values() for _, z, _ in calls if z.dim() == 4]
-        assert convs and all(layout._is_channels_last(z) for z in convs)
-        A = cap.structural_matrix(out, x, n_classes=out.shape[1])
-    assert "pooled" in {p.strategy for p in cap.plans}
+        convs = [r.z for records in cap.records.values() for r in records if r.z.dim() == 4]
+        assert convs and all(layout.is_channels_last(z) for z in convs)
+        A, routes = cap.structural_matrix(out, x, n_classes=out.shape[1])
+    assert "pooled" in {r.form for r in routes.values()}
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

@@ -12,9 +12,8 @@ from torch import nn
 
 from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err
 from optmech import structural_matrix
-from optmech.structure import grouped
-from optmech.structure import capture as forward_capture
-from optmech.structure import gram
+from optmech.structure import EngineOptions, ForwardCapture, grouped, probing, trainable_parameters
+from optmech.structure.cache import Workspace
 
 
 def _separable():
@@ -60,63 +59,56 @@ CASES = {"separable": _separable, "grouped_first": _grouped_first, "grouped_pool
 
 @pytest.mark.parametrize("strategy", ["ghost", "materialise"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_convolutions_match_the_oracle_in_both_forms(case, strategy, contraction):
+def test_grouped_convolutions_match_the_oracle_in_both_forms(case, strategy):
     model, x = CASES[case]()
-    reference, ref_parts = structural_matrix(model, x, method="loop", per_layer=True)
-    contraction(strategy)
-    A, parts, ran = structural_matrix(model, x, method="gram", per_layer=True, return_method=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    reference, ref_parts = _r.A, _r.per_layer
+    _r = structural_matrix(model, x, method="gram", per_layer=True, options=EngineOptions(contraction=strategy))
+    A, parts, ran = _r.A, _r.per_layer, _r.method
     assert ran == "gram"
     assert rel_err(A, reference) < RTOL[torch.float64]
     for name, part in parts.items():
         assert rel_err(part, ref_parts[name]) < RTOL[torch.float64], name
 
 
-def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(monkeypatch, passes):
-    """Every grouped conv gets the grouped sink (not the pool fold, a ReLU tap or the generic path), whichever pass form."""
-    seen = []  # (layer name, its sink) of every _sink call
-    make_sink = forward_capture._sink
-
-    def sink_spy(plan, a, n_classes, tap_z=None):
-        sink = make_sink(plan, a, n_classes, tap_z)
-        seen.append((plan.name, sink))
-        return sink
-
-    monkeypatch.setattr(forward_capture, "_sink", sink_spy)
+def test_grouped_convolutions_are_fast_layers_and_take_no_ungrouped_path(passes):
+    """Every grouped conv is contracted as a batch of its groups (not the pool fold, a ReLU tap or the generic path),
+    whichever pass form."""
     for case, one_pass in (("separable", False), ("grouped_first", True), ("grouped_pooled", True)):
-        seen.clear(), passes.clear()
+        passes.clear()
         model, x = CASES[case]()
-        structural_matrix(model, x, method="gram")
-        kinds = {name: type(sink).__name__ for name, sink in seen}
+        route = structural_matrix(model, x, method="gram").route
         grouped_names = {name for name, m in model.named_modules() if getattr(m, "groups", 1) > 1}
-        assert grouped_names and all(kinds[name] == "GroupedConvGram" for name in grouped_names), kinds
+        assert grouped_names
+        for name in grouped_names:
+            assert route[f"{name}.weight"].rule == "conv" and route[f"{name}.weight"].form in ("ghost", "materialise")
         assert passes == [one_pass]
 
 
 def test_all_classes_at_once_equals_class_by_class():
     for case in CASES:
         layers, C = per_class_gradients(*CASES[case]())
-        for plan, a, bs in layers:
-            if getattr(plan.module, "groups", 1) == 1:
+        for layer, a, bs in layers:
+            if getattr(layer.module, "groups", 1) == 1:
                 continue
             for strategy in ("ghost", "materialise"):
-                expected, at_once = by_class_and_at_once(lambda: grouped.GroupedConvGram(plan, a, C, strategy), bs)
-                assert rel_err(at_once, expected) < 1e-13, (case, plan.name, strategy)
+                expected, at_once = by_class_and_at_once(lambda: grouped.GroupedConvGram(layer.module, a, C, Workspace(), strategy), bs)
+                assert rel_err(at_once, expected) < 1e-13, (case, layer.name, strategy)
 
 
 def test_depthwise_separable_network_in_float32_and_channels_last_inputs():
     """float32 (the benchmark's dtype) within its tolerance, with the input already in channels-last."""
     model, x = _separable()
-    reference = structural_matrix(model, x, method="loop")
-    A = structural_matrix(model.float(), x.float().contiguous(memory_format=torch.channels_last), method="gram")
+    reference = structural_matrix(model, x, method="loop").A
+    A = structural_matrix(model.float(), x.float().contiguous(memory_format=torch.channels_last), method="gram").A
     assert rel_err(A.double(), reference) < RTOL[torch.float32]
 
 
 def test_relu_taps_only_on_ungrouped_convolutions():
     """A tap writes into a ∂f/∂z buffer only an ungrouped conv's sink has: a grouped conv's ReLU is not tapped."""
-    from optmech.structure._context import probing, trainable_parameters
-
     model, x = _separable()
-    capture = gram.ForwardCapture(model, trainable_parameters(model), relu_taps=True)
+    capture = ForwardCapture(model, trainable_parameters(model), EngineOptions.training_step().replace(relu_taps=True))
     with probing(model), capture, torch.enable_grad():
         model(x)
-    assert {name for name, m in model.named_modules() if id(m) in capture.taps} == {"0"}  # not "2", the depthwise conv
+        taps = capture.scratch["conv"].taps
+    assert {name for name, m in model.named_modules() if id(m) in taps} == {"0"}  # not "2", the depthwise conv

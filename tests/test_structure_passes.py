@@ -1,4 +1,4 @@
-"""One backward pass for all C classes, or C passes (structure/passes.py, ``_one_pass``), against the oracle.
+"""One backward pass for all C classes, or C passes (structure/passes.py, ``one_pass``), against the oracle.
 
 The choice only changes the speed: both must give A to 1e-10 in float64. The single vmapped pass is
 taken where no convolution backward runs, no ReLU tap writes and one class's ∂f/∂z is small; these
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err, unusual_models
+from helpers import RTOL, accumulator, by_class_and_at_once, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import passes as backward_passes, plan as graph_facts, sinks
+from optmech.structure import EngineOptions, graph as graph_facts, layer_gram
 
 
 def _conv_tanh(channels=3):
@@ -75,35 +75,32 @@ def test_pass_choice_and_exactness(name, passes):
     torch.manual_seed(0)
     model = make().double().eval()
     x = torch.randn(5, *shape, dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
+    A = structural_matrix(model, x, method="gram").A
     assert passes == [one_pass]
     A_ref, _ = structural_oracle(model, x)
     assert rel_err(A, A_ref) < RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("name", ["snet", "mlp", "conv_first", "sequence"])
-def test_one_pass_equals_c_passes(name, passes, monkeypatch):
+def test_one_pass_equals_c_passes(name, passes):
     make, shape, _ = CASES[name]
     torch.manual_seed(1)
     model = make().double().eval()
     x = torch.randn(7, *shape, dtype=torch.float64)
-    A_one = structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(backward_passes, "_PASS_BYTES", 0)  # every model is "too large" now: C passes
-    A_many = structural_matrix(model, x, method="gram")
+    A_one = structural_matrix(model, x, method="gram").A
+    A_many = structural_matrix(model, x, method="gram", options=EngineOptions(pass_bytes=0)).A  # "too large": C passes
     assert passes == [True, False]
     assert rel_err(A_one, A_many) < 1e-12
 
 
-def test_large_gradients_take_c_passes(passes, monkeypatch):
-    """One class's ∂f/∂z over all layers above _PASS_BYTES: C passes (a C-fold fresh tensor costs more)."""
+def test_large_gradients_take_c_passes(passes):
+    """One class's ∂f/∂z over all layers above ``pass_bytes``: C passes (a C-fold fresh tensor costs more)."""
     torch.manual_seed(2)
     model = _conv_tanh(channels=4).eval()
     x = torch.randn(6, 1, 8, 8)
     per_class = 6 * (4 * 64 + 6 + 4) * 4  # bytes of the conv's and both Linears' outputs, float32
-    monkeypatch.setattr(backward_passes, "_PASS_BYTES", per_class)
-    structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(backward_passes, "_PASS_BYTES", per_class - 1)
-    structural_matrix(model, x, method="gram")
+    structural_matrix(model, x, method="gram", options=EngineOptions(pass_bytes=per_class))
+    structural_matrix(model, x, method="gram", options=EngineOptions(pass_bytes=per_class - 1))
     assert passes == [True, False]
 
 
@@ -124,31 +121,31 @@ def test_backward_runs_convolution_walks_only_what_autograd_runs():
     model = _two_convs()
     x = torch.randn(2, 1, 8, 8)
     out, zs = _graph(model, x, [2, 5])  # second conv and the Linear: the first conv's backward does not run
-    assert not graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
+    assert not graph_facts.backward_runs(out, zs, graph_facts.graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [0, 5])  # first conv: the passes go through the second conv's backward
-    assert graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
+    assert graph_facts.backward_runs(out, zs, graph_facts.graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [0])
-    assert graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
+    assert graph_facts.backward_runs(out, zs, graph_facts.graph_uses(out), ("Convolution",))
     out, zs = _graph(model, x, [5])
-    assert not graph_facts._backward_runs(out, zs, graph_facts._graph_uses(out), ("Convolution",))
+    assert not graph_facts.backward_runs(out, zs, graph_facts.graph_uses(out), ("Convolution",))
     # a shared node: the head reads both convolutions' outputs; z = the first's output is reached through the second too
     conv1, conv2, head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.Linear(4 * 64, 3)
     z1 = conv1(x)
     z2 = conv2(torch.tanh(z1))
     out = head(torch.cat([z1, z2], 1).flatten(1))
-    assert graph_facts._backward_runs(out, [z1], graph_facts._graph_uses(out), ("Convolution",))
-    assert not graph_facts._backward_runs(out, [z2], graph_facts._graph_uses(out), ("Convolution",))
+    assert graph_facts.backward_runs(out, [z1], graph_facts.graph_uses(out), ("Convolution",))
+    assert not graph_facts.backward_runs(out, [z2], graph_facts.graph_uses(out), ("Convolution",))
 
 
 @pytest.mark.parametrize("immediate_ratio", [0, 10**9])
 @pytest.mark.parametrize("strategy", ["ghost", "materialise"])
 def test_all_classes_at_once_equals_class_by_class(strategy, immediate_ratio, monkeypatch):
     """``add_classes`` (the one-pass form: one tensor of all C) gives each layer's contribution of C ``add`` calls."""
-    monkeypatch.setattr(sinks, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
+    monkeypatch.setattr(layer_gram, "_IMMEDIATE_RATIO", immediate_ratio)  # 0: never per class; 10⁹: always
     layers, C = per_class_gradients(*unusual_models()["sequence_conv1d"])  # Conv1d, Linear over positions, vector Linear
-    for plan, a, bs in layers:
-        expected, at_once = by_class_and_at_once(lambda: sinks._LayerGram(plan, a, C, strategy), bs)
-        assert rel_err(at_once, expected) < 1e-13, plan.name
+    for layer, a, bs in layers:
+        expected, at_once = by_class_and_at_once(lambda: accumulator(layer, a, C, strategy), bs)
+        assert rel_err(at_once, expected) < 1e-13, layer.name
 
 
 def _embedding_per_position():
@@ -163,8 +160,8 @@ def _embedding_per_position():
 def test_norm_and_embedding_layers_take_all_classes_at_once(name):
     layers, C = per_class_gradients(*(_embedding_per_position() if name == "embedding" else unusual_models()[name]))
     kinds = set()
-    for plan, a, bs in layers:
-        expected, at_once = by_class_and_at_once(lambda: sinks._sink(plan, a, C), bs)
-        kinds.add(type(sinks._sink(plan, a, C)).__name__)
-        assert rel_err(at_once, expected) < 1e-13, plan.name
-    assert kinds >= {"layernorm_gelu": {"_NormGram"}, "batchnorm_eval": {"_NormGram"}, "embedding": {"_EmbeddingGram"}}[name]
+    for layer, a, bs in layers:
+        expected, at_once = by_class_and_at_once(lambda: accumulator(layer, a, C), bs)
+        kinds.add(type(accumulator(layer, a, C)).__name__)
+        assert rel_err(at_once, expected) < 1e-13, layer.name
+    assert kinds >= {"layernorm_gelu": {"NormGram"}, "batchnorm_eval": {"NormGram"}, "embedding": {"EmbeddingGram"}}[name]

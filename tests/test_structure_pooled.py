@@ -13,7 +13,7 @@ from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import capture as forward_capture
+from optmech.structure import EngineOptions
 
 
 class ConvPool(nn.Module):
@@ -41,10 +41,10 @@ class ConvPool(nn.Module):
         return self.head(feats)
 
 
-def _strategies(model, x):
-    """{layer: strategy} of one gram call (and its result), with the forward run the way the engine runs it."""
-    capture, _, A = captured_gram(model, x)
-    return {p.name: p.strategy for p in capture.plans}, A
+def _strategies(model, x, fold: bool = True):
+    """{layer: contraction form} of one gram call (and its result), with the forward run the way the engine runs it."""
+    route, _, A = captured_gram(model, x, EngineOptions.training_step().replace(fold_pools=fold))
+    return {name.rsplit(".", 1)[0]: r.form for name, r in route.items()}, A
 
 
 def _model(seed=0, **kw):
@@ -78,7 +78,7 @@ def test_fold_applies_and_matches_the_oracle(kw):
 
 
 @pytest.mark.parametrize("family", ["snet", "resnet"])  # SNet: ReLU → MaxPool(2); ResNet stem: ReLU → MaxPool(3, stride 1)
-def test_fold_and_unfolded_paths_agree_on_the_paper_models(family, monkeypatch):
+def test_fold_and_unfolded_paths_agree_on_the_paper_models(family):
     for skip in (False, True):
         model = build(family, depth=2, skip=skip, seed=0, dtype=torch.float64)
         x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -86,9 +86,7 @@ def test_fold_and_unfolded_paths_agree_on_the_paper_models(family, monkeypatch):
         assert "pooled" in strategies.values()
         A_ref, _ = structural_oracle(model, x[:2])
         assert rel_err(folded[:2], A_ref) < RTOL[torch.float64]
-        monkeypatch.setattr(forward_capture, "_FOLD_POOLS", False)
-        strategies, unfolded = _strategies(model, x)
-        monkeypatch.setattr(forward_capture, "_FOLD_POOLS", True)
+        strategies, unfolded = _strategies(model, x, fold=False)
         assert "pooled" not in strategies.values()
         assert rel_err(folded, unfolded) < 1e-12
 
@@ -110,7 +108,7 @@ def test_fold_does_not_apply_when_the_chain_is_not_exactly_conv_relu_maxpool(kw)
     strategies, A = _strategies(model, X)
     assert strategies["conv"] != "pooled"
     assert rel_err(A, A_ref) < RTOL[torch.float64]
-    assert rel_err(structural_matrix(model, X, method="gram"), A_ref) < RTOL[torch.float64]
+    assert rel_err(structural_matrix(model, X, method="gram").A, A_ref) < RTOL[torch.float64]
 
 
 def test_fold_is_not_fooled_by_in_place_relu_a_functional_pool_or_an_overwritten_pool_output():

@@ -9,7 +9,7 @@ from torch import nn
 from helpers import RTOL, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
-from optmech.structure import capture
+from optmech.structure.rules import direct
 
 
 class TinyViT(nn.Module):
@@ -135,7 +135,7 @@ class SlicedScale(nn.Module):
 @pytest.mark.parametrize("case", ["vit", "temperature", "sequence-first, L ≠ n", "sequence-first, L = n", "expanded twice",
                                   "attention pooling", "attention pooling, L = n", "sliced positions, in place",
                                   "sliced scale"])
-def test_direct_uses_are_exact_and_take_no_generic_path(case, generic):
+def test_direct_uses_are_exact_and_take_no_generic_path(case):
     torch.manual_seed(0)
     if case == "sliced positions, in place":
         model, x = SlicedPositionsViT(), torch.randn(6, 3, 4)  # 4 tokens: as many as samples would leave the last
@@ -155,11 +155,14 @@ def test_direct_uses_are_exact_and_take_no_generic_path(case, generic):
         model, x = Temperature(), torch.randn(6, 4)
     model, x = model.double().eval(), x.double()
     A_ref = structural_oracle(model, x)[0]
-    _, groups_ref = structural_matrix(model, x, method="loop", per_layer=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    _, groups_ref = _r.A, _r.per_layer
     for _ in range(2):
-        A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+        _r = structural_matrix(model, x, method="gram", per_layer=True)
+        A, groups = _r.A, _r.per_layer
         assert rel_err(A, A_ref) < RTOL[torch.float64]
-    assert generic == []
+        assert not _r.route.generic()
+    assert "direct" in _r.route.rules().values()
     for name, part in groups.items():  # the direct parameters are grouped under "(root)", as the generic path groups them
         assert rel_err(part, groups_ref[name]) < RTOL[torch.float64], name
 
@@ -295,32 +298,33 @@ class AddedIntoAView(nn.Module):
     (TensorIndexed, (5, 3, 4)), (ViewUsedTwice, (5, 4)), (ScaledInPlace, (5, 4)), (AddedIntoAView, (5, 3, 4)),
     (ScaledAdd, (5, 4)),
 ])
-def test_uses_the_fast_path_does_not_follow_go_to_the_generic_path(make, shape, generic):
+def test_uses_the_fast_path_does_not_follow_go_to_the_generic_path(make, shape):
     torch.manual_seed(1)
     model = make().double().eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for _ in range(2):
-        A = structural_matrix(model, x, method="gram")
-        assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert generic and all("p" in names for names in generic)
+        _r = structural_matrix(model, x, method="gram")
+        assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+        assert "p" in _r.route.generic() and _r.route.generic()["p"]
 
 
 def test_the_watch_only_runs_when_parameters_are_left(monkeypatch):
     """Models whose parameters all sit in fast layers run their forward without the torch-function mode."""
     entered = []
-    original = capture.RawUses.__enter__
-    monkeypatch.setattr(capture.RawUses, "__enter__", lambda self: (entered.append(1), original(self))[1])
-    structural_matrix(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4), method="gram")
+    original = direct.RawUses.__enter__
+    monkeypatch.setattr(direct.RawUses, "__enter__", lambda self: (entered.append(1), original(self))[1])
+    structural_matrix(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4), method="gram").A
     assert entered == []
-    structural_matrix(Temperature(), torch.randn(2, 4), method="gram")
+    structural_matrix(Temperature(), torch.randn(2, 4), method="gram").A
     assert entered == [1]
 
 
-def test_as_many_tokens_as_samples_leaves_only_the_ambiguous_direct_parameter_to_the_generic_path(generic):
+def test_as_many_tokens_as_samples_leaves_only_the_ambiguous_direct_parameter_to_the_generic_path():
     """5 samples and 5 tokens: the layer scale (broadcast over samples and tokens) cannot tell them apart and
     goes generic; the positional embedding and the class token vary along the tokens, so the samples are first."""
     torch.manual_seed(0)
     model, x = TinyViT().double().eval(), torch.randn(5, 1, 8, 8, dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
-    assert len(generic) == 1 and "scale" in generic[0] and not {"cls", "pos"} & set(generic[0])
+    _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert "scale" in _r.route.generic() and not {"cls", "pos"} & set(_r.route.generic())
+    assert _r.route["cls"].rule == _r.route["pos"].rule == "direct"

@@ -12,8 +12,8 @@ from torch import nn
 from helpers import RTOL, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
-from optmech.structure import jacobian as jacobian_module
-from optmech.structure.recurrent import recurrent_steps
+from optmech.structure import EngineOptions, clear_cache
+from optmech.structure.rules.recurrent import recurrent_steps
 
 
 class Sequence(nn.Module):
@@ -62,27 +62,30 @@ def _case(name: str, n: int = 4, L: int = 5, dtype=torch.float64):
 
 @pytest.mark.parametrize("strategy", ["ghost", "materialise"])
 @pytest.mark.parametrize("name", list(RECURRENT))
-def test_recurrent_modules_are_fast_and_exact(name, strategy, generic, contraction):
+def test_recurrent_modules_are_fast_and_exact(name, strategy):
     model, x = _case(name)
     A_ref, _ = structural_oracle(model, x)
-    contraction(strategy)
-    A, groups = structural_matrix(model, x, method="gram", per_layer=True)
+    _r = structural_matrix(model, x, method="gram", per_layer=True, options=EngineOptions(contraction=strategy))
+    A, groups = _r.A, _r.per_layer
     assert rel_err(A, A_ref) < RTOL[torch.float64], f"{name}/{strategy}: {rel_err(A, A_ref):.3e}"
-    assert generic == []  # every parameter on the fast path
-    _, loop_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    assert {n: r.rule for n, r in _r.route.items() if n.startswith("rnn.")} == {n: "recurrent" for n, _ in model.rnn.named_parameters("rnn")}
+    assert not _r.route.generic()  # every parameter on the fast path
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    _, loop_groups = _r.A, _r.per_layer
     assert set(groups) == set(loop_groups) and "rnn" in groups  # the module's Linear layers over time, grouped under its path
     for layer, part in loop_groups.items():
         assert rel_err(groups[layer], part) < RTOL[torch.float64], layer
 
 
 @pytest.mark.parametrize("name", ["lstm-seq-first-state-final", "gru-bidirectional-seq-first"])
-def test_as_many_samples_as_steps_and_one_sample(name, generic):
+def test_as_many_samples_as_steps_and_one_sample(name):
     """L = n (the samples' dimension is found by a backward pass) and n = 1."""
     for n, L in ((5, 5), (1, 4)):
         model, x = _case(name, n=n, L=L)
         A_ref, _ = structural_oracle(model, x)
-        assert rel_err(structural_matrix(model, x, method="gram"), A_ref) < RTOL[torch.float64], (n, L)
-    assert generic == []
+        _r = structural_matrix(model, x, method="gram")
+        assert rel_err(_r.A, A_ref) < RTOL[torch.float64], (n, L)
+        assert not _r.route.generic()
 
 
 @pytest.mark.parametrize("name", list(RECURRENT))
@@ -105,7 +108,7 @@ def test_float32_lstm_matches_the_float64_oracle():
     """float32 runs oneDNN's fused LSTM in the module: the recomputation matches it, and A the float64 oracle."""
     model, x = _case("lstm-2-layers-bidirectional")
     A_ref, _ = structural_oracle(model, x)
-    A = structural_matrix(model.float(), x.float(), method="gram")
+    A = structural_matrix(model.float(), x.float(), method="gram").A
     assert A.dtype == torch.float32 and rel_err(A.double(), A_ref) < RTOL[torch.float32]
 
 
@@ -133,28 +136,30 @@ class Uncovered(nn.Module):
         return self.head(h)
 
 
-def test_calls_the_fast_path_does_not_cover_go_to_the_generic_path_exactly(generic, caplog):
+def test_calls_the_fast_path_does_not_cover_go_to_the_generic_path_exactly(caplog):
     torch.manual_seed(0)
     model = Uncovered().double()
     x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     A_ref, _ = structural_oracle(model, x)
     with caplog.at_level(logging.INFO, logger="optmech.structure"):
-        A = structural_matrix(model, x, method="gram")
-    assert rel_err(A, A_ref) < RTOL[torch.float64]
-    slow = {name.split(".")[0] for name in generic[0]}
+        _r = structural_matrix(model, x, method="gram")
+    assert rel_err(_r.A, A_ref) < RTOL[torch.float64]
+    slow = {name.split(".")[0] for name in _r.route.generic()}
     assert slow == {"packed", "proj", "twice", "shared"}
     assert "vmap" in caplog.text  # the generic path took them one sample at a time, and said so
 
 
-def test_jacobian_takes_a_model_vmap_cannot_batch_one_sample_at_a_time(caplog, monkeypatch):
-    monkeypatch.setattr(jacobian_module, "_ONE_BY_ONE", type(jacobian_module._ONE_BY_ONE)())
-    model, x = _case("lstm-2-layers-bidirectional")  # no initial state: the module's zeros are not batched
+def test_jacobian_takes_a_model_vmap_cannot_batch_one_sample_at_a_time(caplog):
+    model, x = _case("lstm-2-layers-bidirectional")
+    clear_cache(model)  # no initial state: the module's zeros are not batched
     A_ref, _ = structural_oracle(model, x)
     with caplog.at_level(logging.INFO, logger="optmech.structure"):
-        A, groups = structural_matrix(model, x, method="jacobian", per_layer=True, chunk_size=3)
-        again = structural_matrix(model, x, method="jacobian")
+        _r = structural_matrix(model, x, method="jacobian", per_layer=True, chunk_size=3)
+        A, groups = _r.A, _r.per_layer
+        again = structural_matrix(model, x, method="jacobian").A
     assert rel_err(A, A_ref) < RTOL[torch.float64] and rel_err(again, A) < 1e-14  # chunked and not
     assert caplog.text.count("cannot vmap") == 1  # said once; the model is remembered
-    _, loop_groups = structural_matrix(model, x, method="loop", per_layer=True)
+    _r = structural_matrix(model, x, method="loop", per_layer=True)
+    _, loop_groups = _r.A, _r.per_layer
     assert set(groups) == set(loop_groups)
     assert all(rel_err(groups[k], v) < RTOL[torch.float64] for k, v in loop_groups.items())

@@ -13,22 +13,23 @@ from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
 from optmech import structural_matrix
 from optmech.models import build_paper
-from optmech.structure import capture, gram
+from optmech.structure import EngineOptions
 from optmech.structure.relu_tap import is_tap_node
+from optmech.structure.rules import conv as conv_rule
 
 
 @pytest.fixture
 def taps(monkeypatch):
     """Every tap made during the test."""
     made = []
-    original = capture.tapped_relu
+    original = conv_rule.tapped_relu
 
     def spy(t, r):
         out, tap = original(t, r)
         made.append(tap)
         return out, tap
 
-    monkeypatch.setattr(capture, "tapped_relu", spy)
+    monkeypatch.setattr(conv_rule, "tapped_relu", spy)
     return made
 
 
@@ -40,30 +41,28 @@ def paper_model(name: str, dtype=torch.float64):
 
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("name", ["a1", "b1"])
-def test_taps_write_the_buffers_and_gram_stays_exact(name, channels_last, taps, monkeypatch):
+def test_taps_write_the_buffers_and_gram_stays_exact(name, channels_last, taps):
     """a: conv → ReLU in every block; b: also conv → (+ shortcut) → ReLU. Both layouts of the buffer."""
-    monkeypatch.setattr(gram, "_CHANNELS_LAST", channels_last)
+    options = EngineOptions(channels_last=channels_last)
     model, x = paper_model(name)
     A_ref, _ = structural_oracle(model, x)
     for _ in range(2):  # kept buffers on the second call
         taps.clear()
-        A = structural_matrix(model, x, method="gram")
+        A = structural_matrix(model, x, method="gram", options=options).A
         assert rel_err(A, A_ref) < RTOL[torch.float64], f"{name}: {rel_err(A, A_ref):.2e}"
         writing = [t for t in taps if t.writes]
         assert writing and all(t.writes == 10 for t in writing), "a tap writes once per class"
         if name == "b1":
             assert any(t.through is not None for t in writing), "the residual sum's ReLU is tapped too"
-    monkeypatch.setattr(gram, "_RELU_TAPS", False)
     taps.clear()
-    assert rel_err(structural_matrix(model, x, method="gram"), A) < 1e-12
+    assert rel_err(structural_matrix(model, x, method="gram", options=options.replace(relu_taps=False)).A, A) < 1e-12
     assert not taps
 
 
-def test_float32_with_and_without_taps_agree(monkeypatch):
+def test_float32_with_and_without_taps_agree():
     model, x = paper_model("b1", torch.float32)
-    with_taps = structural_matrix(model, x, method="gram")
-    monkeypatch.setattr(gram, "_RELU_TAPS", False)
-    without = structural_matrix(model, x, method="gram")
+    with_taps = structural_matrix(model, x, method="gram").A
+    without = structural_matrix(model, x, method="gram", options=EngineOptions(relu_taps=False)).A
     assert rel_err(with_taps.double(), without.double()) < 1e-5
 
 
@@ -91,7 +90,7 @@ class SharedOutputs(nn.Module):
 def test_no_tap_writes_where_the_relus_backward_is_not_the_layers_gradient(which, taps):
     model = SharedOutputs(which).double().eval()
     x = torch.randn(4, 1, 12, 12, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
+    A = structural_matrix(model, x, method="gram").A
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     # "z": conv1's output feeds its ReLU and the branch; "sum": conv1 → ReLU is fine, conv2 + h feeds two
     shared = taps if which == "z" else [t for t in taps if t.through is not None]
@@ -114,7 +113,7 @@ class Conv1dNet(nn.Module):
 def test_a_conv1d_tap_writes_its_contiguous_buffer(taps):
     model = Conv1dNet().double().eval()
     x = torch.randn(5, 4, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    A = structural_matrix(model, x, method="gram")
+    A = structural_matrix(model, x, method="gram").A
     assert rel_err(A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
     assert [t.writes for t in taps] == [6]
 
@@ -148,9 +147,8 @@ class InplaceAfterRelu(nn.Module):
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_an_output_modified_in_place_is_refused_as_without_the_tap(enabled, monkeypatch):
-    monkeypatch.setattr(gram, "_RELU_TAPS", enabled)
+def test_an_output_modified_in_place_is_refused_as_without_the_tap(enabled):
     model = InplaceAfterRelu().double().eval()
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        structural_matrix(model, x, method="gram")
+        structural_matrix(model, x, method="gram", options=EngineOptions(relu_taps=enabled))

@@ -4,7 +4,7 @@ bounds of Qi, Gong & Li (arXiv 2503.23016) for any PyTorch model.
 Public API (imported lazily, so ``import optmech`` stays light)::
 
     optmech.get_loss(name, **kw)                      # Fenchel-Young losses
-    optmech.structural_matrix(model, x, method=...)   # (batch, C, C)
+    optmech.structural_matrix(model, x, method=...)   # StructuralMatrix: .A (batch, C, C), .method, .route
     optmech.Probe(model, loss=...).measure(x, y)      # per-sample Measurement
 """
 
@@ -20,6 +20,13 @@ _EXPORTS = {
     "FenchelYoungLoss": "optmech.losses",
     "structural_matrix": "optmech.structure",
     "EngineMethod": "optmech.structure",
+    "EngineOptions": "optmech.structure",
+    "StructuralMatrix": "optmech.structure",
+    "RouteReport": "optmech.structure",
+    "GenericPathWarning": "optmech.structure",
+    "clear_cache": "optmech.structure",
+    "NonFiniteLogitsError": "optmech.errors",
+    "NonFiniteStructureError": "optmech.errors",
     "Probe": "optmech.probe",
     "ConsistencyError": "optmech.probe",
     "Measurement": "optmech.metrics",

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .errors import NonFiniteLogitsError
+
 __all__ = [
     "FenchelYoungLoss",
     "SoftmaxLoss",
@@ -38,8 +40,6 @@ __all__ = [
 ]
 
 
-class NonFiniteLogitsError(ValueError):
-    """The logits hold NaN or inf (a diverged model, or bad inputs)."""
 
 _REDUCTIONS = ("mean", "sum", "none")
 

@@ -21,6 +21,8 @@ import math
 import pandas as pd
 import torch
 
+from .errors import NonFiniteStructureError
+
 __all__ = [
     "COLUMNS",
     "Measurement",
@@ -39,8 +41,6 @@ __all__ = [
 ]
 
 
-class NonFiniteStructureError(ValueError):
-    """A structural matrix holds NaN or inf: J_x J_xᵀ overflowed the model's dtype."""
 
 #: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
 #: only error is float64 rounding in eigvalsh and eᵀAe (about C·2.2e-16·λmax); 1e-9 leaves margin.

@@ -21,9 +21,10 @@ from torch import nn
 from .losses import FenchelYoungLoss, get_loss
 from .losses import check_logits
 from .metrics import Measurement, measure_from
-from .structure import EngineMethod, compute_structural_matrix
-from .structure._context import check_outputs, full_float32, prepare_inputs, probing, tf32_enabled, trainable_parameters
-from .structure.gram import ForwardCapture
+from .structure import (
+    EngineMethod, EngineOptions, ForwardCapture, RouteReport, check_outputs, full_float32, prepare_inputs, probing, structural_matrix,
+    tf32_enabled, trainable_parameters,
+)
 
 log = logging.getLogger("optmech.probe")
 
@@ -119,6 +120,7 @@ class Probe:
         check: cross-check ‖g‖² = eᵀAe against autograd on every sample (slower).
         per_layer: also keep each module's share A_x^(l) (``Measurement.per_layer``; the frame gets
             ``layer_trace:<module>`` columns).
+        options: how the ``gram`` method may run (:class:`optmech.EngineOptions`).
         **loss_kwargs: options of the loss (``label_smoothing``, ``alpha``).
 
     Example:
@@ -138,6 +140,7 @@ class Probe:
         chunk_size: int | None = None,
         check: bool = False,
         per_layer: bool = False,
+        options: EngineOptions | None = None,
         **loss_kwargs,
     ) -> None:
         trainable_parameters(model)  # validates the model early
@@ -151,6 +154,9 @@ class Probe:
         self.chunk_size = chunk_size
         self.check = check
         self.per_layer = per_layer
+        self.options = EngineOptions() if options is None else options
+        #: the route report of the latest measurement (which path each parameter went through)
+        self.route = None
 
     def measure(self, inputs: torch.Tensor, targets: torch.Tensor, *, check: bool | None = None) -> Measurement:
         """Per-sample quantities for a batch.
@@ -170,13 +176,15 @@ class Probe:
         self._check_targets(x, targets)
 
         def engine():
-            A, groups, ran, logits = compute_structural_matrix(
-                self.model, x, method=self.method, chunk_size=self.chunk_size, per_layer=self.per_layer
+            result = structural_matrix(
+                self.model, x, method=self.method, options=self.options, chunk_size=self.chunk_size, per_layer=self.per_layer
             )
+            self.route = result.route
+            logits = result.logits
             if logits is None:  # the method that ran had no eval forward over the batch: one more
                 with probing(self.model), torch.no_grad():
                     logits = check_outputs(self.model(x), x.shape[0])
-            return logits, A, groups, ran
+            return logits, result.A, result.per_layer, result.method
 
         return self._assemble(x, targets, engine, self.check if check is None else check, eval_semantics=True)
 
@@ -192,6 +200,12 @@ class Probe:
     def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool, check_rtol: float | None = None) -> Measurement:
         """(logits, A, groups, method) from ``engine()``; p, q and the loss from the logits; the Measurement."""
         logits, A, groups, ran = engine()
+        if logits.shape[1] < 2:
+            raise ValueError(
+                f"model output: expected logits for at least 2 classes, got shape {tuple(logits.shape)}. With one class "
+                "p = q = 1 for every sample, so E_f = 0 and the bounds say nothing. For a binary task return two logits "
+                "(e.g. torch.cat([-z, z], 1) for a single score z)."
+            )
         targets = targets.to(x.device)
         logits64 = logits.detach().to(torch.float64)
         q = self.loss.targets(targets, logits.shape[1], torch.float64)  # validates targets
@@ -266,9 +280,9 @@ class StepCapture:
 
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
-        self.forward = ForwardCapture(probe.model, trainable_parameters(probe.model))
+        self.forward = ForwardCapture(probe.model, trainable_parameters(probe.model), EngineOptions.training_step())
         # reuse the training forward only when it leaves nothing to the generic path (see Probe.capture)
-        self.reuse = not self.forward.rest
+        self.reuse = not self.forward.unclaimed
         self.tf32 = False
 
     def __enter__(self) -> "StepCapture":
@@ -295,12 +309,13 @@ class StepCapture:
             if probe.model not in _LOGGED_STANDALONE:
                 _LOGGED_STANDALONE.add(probe.model)
                 log.info("capture: %s has parameters the training forward's capture leaves to the generic path (%s); "
-                         "measuring on a forward of its own (faster)", type(probe.model).__name__, ", ".join(self.forward.rest[:6]))
+                         "measuring on a forward of its own (faster)", type(probe.model).__name__, ", ".join(self.forward.unclaimed[:6]))
             return probe.measure(inputs, targets)
 
         def engine():
             groups = {} if probe.per_layer else None
-            A = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
+            A, routes = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
+            probe.route = RouteReport("gram", list(routes.values()))
             return logits, A, groups, "gram"
 
         # the backward passes and the check in IEEE float32; the forward was the training step's, so

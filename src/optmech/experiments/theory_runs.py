@@ -130,7 +130,7 @@ def output_bias(s: TheorySettings) -> pd.DataFrame:
             last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
             seen = {}
             handle = last.register_forward_hook(lambda mod, inp, out: seen.__setitem__("h", inp[0].detach()))
-            A = structural_matrix(model, x, method="auto")
+            A = structural_matrix(model, x, method="auto").A
             with torch.no_grad():
                 model(x)
             handle.remove()

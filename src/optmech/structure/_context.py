@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..errors import NonFiniteLogitsError, NonFiniteStructureError, bad_samples
+
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) for every parameter with requires_grad, tied tensors listed once."""
@@ -23,6 +25,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             "Wrap a plain function in an nn.Module whose forward maps (batch, ...) to (batch, classes)."
         )
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    meta = [n for n, p in params if p.is_meta]
+    if meta:
+        raise ValueError(
+            f"model: expected parameters that hold values, got parameters on the meta device ({', '.join(meta[:3])}"
+            f"{' …' if len(meta) > 3 else ''}). Materialise the model first (model.to_empty(device='cpu') and load its "
+            "weights, or build it outside torch.device('meta'))."
+        )
+    inference = [n for n, p in params if p.is_inference()]
+    if inference:
+        raise ValueError(
+            f"model: expected parameters usable by autograd, got inference tensors ({', '.join(inference[:3])}"
+            f"{' …' if len(inference) > 3 else ''}): the model was built or loaded under torch.inference_mode(). "
+            "Build or load it outside inference mode."
+        )
     if not params:
         raise ValueError(
             "model: expected at least one parameter with requires_grad=True, got none. "
@@ -56,6 +72,11 @@ def prepare_inputs(model: nn.Module, inputs: torch.Tensor, name: str = "inputs")
     """Check a batch of inputs and cast floating inputs to the model's dtype and device."""
     if not isinstance(inputs, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, ...), got {type(inputs).__name__} instead.")
+    if inputs.is_inference():  # made under torch.inference_mode (Lightning's validate/test): a normal copy for autograd
+        with torch.inference_mode(False):
+            inputs = inputs.clone()
+    if inputs.is_meta:
+        raise ValueError(f"{name}: expected a tensor that holds values, got one on the meta device. Pass real data.")
     if inputs.dim() < 1 or inputs.shape[0] == 0:
         raise ValueError(f"{name}: expected a non-empty batch of shape (batch, ...), got shape {tuple(inputs.shape)} instead.")
     if inputs.is_floating_point():
@@ -87,6 +108,42 @@ def check_outputs(out: object, batch: int) -> torch.Tensor:
             "Wrap the model so that forward returns one row of logits per sample."
         )
     return out
+
+
+def forward_failure(model: nn.Module, inputs: torch.Tensor, err: BaseException) -> ValueError | None:
+    """A clear error to raise from ``err`` when the model's own forward fails on ``inputs`` (a wrong width, a wrong
+    dtype: the user's mistake, not the engine's), or None when a plain forward runs (the engine's path failed)."""
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except Exception as plain:  # noqa: BLE001 - any failure of the user's forward is reported the same way
+        first = str(plain).splitlines()[0] if str(plain) else type(plain).__name__
+        return ValueError(
+            f"inputs: the model's own forward fails on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} "
+            f"({type(plain).__name__}: {first}), before the engine ran. Pass inputs of the shape, dtype and device the "
+            "model expects, or fix the model's forward."
+        )
+    return None
+
+
+def check_finite(A: torch.Tensor, logits) -> None:
+    """Raise when A (batch, C, C) holds NaN or inf: NonFiniteLogitsError when the logits do (``logits()`` gives them),
+    else NonFiniteStructureError (J_x J_xᵀ overflowed A's dtype). Names the samples."""
+    finite = torch.isfinite(A).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    out = logits()
+    finite_logits = torch.isfinite(out).all(1)
+    if not bool(finite_logits.all()):
+        raise NonFiniteLogitsError(
+            f"model output: expected finite logits, got NaN or inf in samples {bad_samples(finite_logits)}, so their "
+            "structural matrices are undefined. Look for a diverged model (NaN weights) or inputs it cannot handle."
+        )
+    raise NonFiniteStructureError(
+        f"A: expected finite structural matrices, got NaN or inf in samples {bad_samples(finite)} with finite logits: "
+        f"J_x J_xᵀ overflowed {A.dtype} (the Jacobian's entries are beyond its range). Probe a float64 copy of the "
+        "model (model.double()) or look for exploding weights or activations."
+    )
 
 
 def _legacy_tf32_state() -> tuple[str, bool] | None:
@@ -146,13 +203,15 @@ def full_float32() -> Iterator[None]:
 
 @contextlib.contextmanager
 def probing(model: nn.Module) -> Iterator[None]:
-    """Eval semantics and IEEE float32 (:func:`full_float32`) for the duration; restore modes,
+    """Eval semantics, autograd on (also inside ``torch.inference_mode``) and IEEE float32 (:func:`full_float32`)
+    for the duration; restore modes,
     buffers (values), RNG state and the TF32 settings afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = sorted({b.device.index for b in model.parameters() if b.device.type == "cuda"}) if cuda else []
-    with torch.random.fork_rng(devices=devices), full_float32():
+    # inference_mode(False): the probe may be called inside torch.inference_mode (Lightning's validate and test)
+    with torch.random.fork_rng(devices=devices), full_float32(), torch.inference_mode(False):
         try:
             if any(mode for _, mode in modes):
                 model.eval()

@@ -17,30 +17,32 @@ from __future__ import annotations
 
 import torch
 
-from ._class_sink import ClassSink
+from .accumulator import Accumulator
+from .cache import SHARED, Workspace
 from .contract import contraction_costs, ghost_gram, materialised_gram
-from .patches import SHARED, layer_dims, layer_patches, workspace
+from .patches import layer_dims, layer_patches
 
 __all__ = ["GroupedConvGram"]
 
 
-class GroupedConvGram(ClassSink):
+class GroupedConvGram(Accumulator):
     """Accumulates a grouped convolution's contribution: ``add(b_c)`` per class (or all at once), then ``result()``.
 
     b_c = ∂f_c/∂z has the layer output's shape (n, d_out, *spatial); it is copied into a buffer
     (n, g, C, d_out/g, S), which is the (n·g, C, d_out/g, S) operand of the per-group contraction.
     """
 
-    def __init__(self, plan, a: torch.Tensor, n_classes: int, strategy: str | None = None) -> None:
-        self.module = m = plan.module
+    def __init__(self, module, a: torch.Tensor, n_classes: int, ws: Workspace, strategy: str | None = None) -> None:
+        self.module = m = module
+        self.ws = ws
         n, g = a.shape[0], m.groups
         K, S = layer_dims(m, a)
         self.groups, self.S, self.d_group = g, S, m.out_channels // g
         self.bias = m.bias is not None
         costs = contraction_costs(n * g, n_classes, S, K // g, self.d_group, self.bias)
-        plan.strategy = self.strategy = strategy or min(costs, key=costs.get)
+        self.form = self.strategy = strategy or min(costs, key=costs.get)
         self.input = a
-        self.buffer = workspace(m, "dfdz-groups", (n, g, n_classes, self.d_group, S), a.dtype, a.device)
+        self.buffer = ws.get(m, "dfdz-groups", (n, g, n_classes, self.d_group, S), a.dtype, a.device)
         self.n_classes, self.count = n_classes, 0
 
     def add(self, b: torch.Tensor) -> None:
@@ -58,7 +60,7 @@ class GroupedConvGram(ClassSink):
         assert self.count == self.n_classes, "every class must be added once"
         n, g, C, d, S = self.buffer.shape
         b = self.buffer.view(n * g, C, d, S)
-        a = layer_patches(self.module, self.input, owner=SHARED)  # (n, K, S), rows ordered (channel, offset)
+        a = layer_patches(self.module, self.input, self.ws, owner=SHARED)  # (n, K, S), rows ordered (channel, offset)
         a = a.view(n * g, a.shape[1] // g, S)  # the groups' patches one after another
         if self.strategy == "materialise":
             out = materialised_gram(b, a)

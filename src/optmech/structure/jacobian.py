@@ -8,29 +8,25 @@ A[b] = Σ_tensors J_b,t J_b,tᵀ. The batch is processed in chunks so that peak 
 A forward that ``vmap`` cannot batch over samples (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their fused
 kernels, outside ``gram``'s recomputation of them; a custom op with no batching rule) is taken one
 sample at a time, one ``torch.autograd.grad`` per class over these parameters only (:mod:`.loop`'s
-rows: on an LSTM in float32 half the time of a per-sample ``jacrev``, whose vectorised backward
-cannot run oneDNN's RNN kernel). The model is remembered, and said once at INFO on ``optmech.structure``.
+rows: faster than a per-sample ``jacrev`` on an LSTM, whose vectorised backward cannot run oneDNN's RNN
+kernel). The model's cache remembers it, and it is said once at INFO on ``optmech.structure``.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from ._context import add_group, layer_of
+from ._context import add_group, forward_failure, layer_of
+from .cache import ModelCache, model_cache
 from .loop import jacobian_rows_loop
 
 log = logging.getLogger("optmech.structure")
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample Jacobians
-
-#: models whose forward ``vmap`` could not batch over samples: their Jacobians are taken sample by sample
-_ONE_BY_ONE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
 
 def default_chunk_size(n_params: int, n_classes: int, itemsize: int, budget: int = DEFAULT_MEMORY_BUDGET) -> int:
     """Samples per chunk so that chunk·C·|θ|·itemsize (times 2 for the backward) fits the budget."""
@@ -45,11 +41,14 @@ def structural_matrix_jacobian(
     n_classes: int,
     chunk_size: int | None = None,
     groups: dict[str, torch.Tensor] | None = None,
+    cache: ModelCache | None = None,
 ) -> torch.Tensor:
     """A (batch, classes, classes) from per-sample Jacobians computed with vmap∘jacrev.
 
     With ``groups`` (a dict), each module's share J_l J_lᵀ is also added to ``groups[module path]``.
+    ``cache``: the model's (:func:`.cache.model_cache`), which remembers a forward ``vmap`` cannot batch.
     """
+    cache = model_cache(model) if cache is None else cache
     detached = {name: p.detach() for name, p in named_params}
     n_params = sum(p.numel() for p in detached.values())
     if chunk_size is None:
@@ -63,11 +62,13 @@ def structural_matrix_jacobian(
 
     def per_sample_jacobian(params: dict[str, torch.Tensor], xs: torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: (chunk, C, *shape)}: vmapped over the samples, or one sample at a time where vmap fails."""
-        if model not in _ONE_BY_ONE:
+        if not cache.one_by_one:
             try:
                 return vectorised(params, xs)
             except RuntimeError as err:  # e.g. "Batching rule not implemented for aten::lstm.input"
-                _ONE_BY_ONE.add(model)
+                if forward_failure(model, xs, err) is not None:
+                    raise  # the model's own forward fails on these inputs: not a vmap limitation
+                cache.one_by_one = True
                 log.info(
                     "jacobian: torch.func cannot vmap %s's forward over samples (%s); taking the Jacobians one "
                     "sample at a time (exact, slower)", type(model).__name__, str(err).splitlines()[0],
@@ -87,7 +88,7 @@ def structural_matrix_jacobian(
             rows = slice(start, start + chunk_size)
             jac = per_sample_jacobian(detached, inputs[rows])
             for name, block in jac.items():
-                flat = block.flatten(2)  # (chunk, C, n_params of this tensor)
+                flat = block.reshape(block.shape[0], block.shape[1], -1)  # (chunk, C, n_params of this tensor); 0-d too
                 part = flat @ flat.transpose(1, 2)
                 out[rows] += part
                 add_group(groups, layer_of(name), rows, part, inputs.shape[0])

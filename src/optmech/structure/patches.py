@@ -2,60 +2,24 @@
 
 A Linear layer's input over positions t is (n, K = in_features, S = positions); a convolution
 layer's (Conv1d, Conv2d, Conv3d) is its unfolded patches (n, K = c_in·kernel, S = output positions), built as a strided
-view of the padded input and copied once (the values of ``F.unfold``, about 3× faster on
+view of the padded input and copied once (the values of ``F.unfold``; docs/engine.md has its cost on
 CPU). The padding is the layer's own: integer, ``"valid"`` or ``"same"`` (the odd one of an even
 total on the far side, as torch pads), zeros or the layer's ``padding_mode`` (reflect, replicate,
-circular: the input the convolution's weights actually saw). Buffers of tens of MB are kept per (module, role) between calls: the probe calls the engine
-every step with the same shapes, and fresh buffers of that size cost page faults worth about 3× the
-copy into them. ``release_workspace()`` frees them.
+circular: the input the convolution's weights actually saw). The patches are written into buffers of the
+model's workspace (:class:`.cache.Workspace`), kept between calls.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["layer_patches", "layer_dims", "out_features", "workspace", "SHARED", "release_workspace"]
+from .cache import SHARED, Workspace
 
-
-#: per-layer buffers kept between calls (module -> {role: tensor}). Buffers of tens of MB are served by
-#: fresh mmaps whose page faults cost about 3× the copy itself (measured: 12.5 vs 3.5 ms for 32 MB), and
-#: the probe calls the engine every step with the same shapes. ``release_workspace()`` frees them.
-_WORKSPACE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-_SLOTS_PER_MODULE = 4  # e.g. the probe set and the training batch, each with two roles
-_SLOTS_SHARED = 24  # patch and padded-input shapes of a whole network, for two batch sizes
-
-
-def workspace(
-    module: nn.Module, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, zeroed: bool = False
-) -> torch.Tensor:
-    """A buffer of ``shape`` kept for (module, role); ``zeroed``: filled with zeros when first made."""
-    slots = _WORKSPACE.setdefault(module, {})
-    key = (role, tuple(shape), dtype, device)
-    buf = slots.pop(key, None)
-    if buf is None:
-        buf = (torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device)
-    slots[key] = buf  # most recently used last
-    while len(slots) > (_SLOTS_SHARED if module is SHARED else _SLOTS_PER_MODULE):
-        slots.pop(next(iter(slots)))
-    return buf
-
-
-#: owner of the patches built at contraction time: layers contract one after another, so layers with
-#: patches of the same shape share one buffer (a deep net keeps one, not one per layer, and it is
-#: still in cache when the contraction reads it)
-SHARED = nn.Module()
-
-
-def release_workspace() -> None:
-    """Free the buffers the ``gram`` method keeps between calls."""
-    _WORKSPACE.clear()
+__all__ = ["layer_patches", "layer_dims", "out_features"]
 
 
 def _conv_pads(module: nn.Module, k: tuple[int, ...], d: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -84,19 +48,19 @@ def _conv_geometry(module: nn.Module, a: torch.Tensor):
     return a, k, d, p, s, out
 
 
-def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
+def _conv_patches(module: nn.Module, a: torch.Tensor, ws: Workspace, ones_row: bool = False, owner: object = None) -> torch.Tensor:
     """Input patches (batch, K = c_in·kernel [+ 1], S positions) for Conv1d/Conv2d/Conv3d.
 
     Built as a strided view of the padded input and copied once: the same values as
-    ``F.unfold``, about 3× faster on CPU. ``ones_row`` appends a row of ones (the bias's "input").
-    The result lives in the workspace of ``owner`` (default: the module itself).
+    ``F.unfold``. ``ones_row`` appends a row of ones (the bias's "input").
+    The result lives in the workspace ``ws`` under ``owner`` (default: the module itself).
     """
     a, k, d, p, s, spatial = _conv_geometry(module, a)
     n, c = a.shape[:2]
     if not any(b or e for b, e in p):
         padded = a
     elif module.padding_mode == "zeros":
-        padded = _zero_padded(a, p)
+        padded = _zero_padded(a, p, ws)
     else:  # what the layer's forward convolves: F.pad with its mode (last dimension first), then no padding
         padded = F.pad(a, tuple(q for pair in reversed(p) for q in pair), mode=module.padding_mode)
     stride = padded.stride()
@@ -105,14 +69,14 @@ def _conv_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
         (stride[0], stride[1], *(st * di for st, di in zip(stride[2:], d)), *(st * si for st, si in zip(stride[2:], s))),
     )
     K, S = c * math.prod(k), math.prod(spatial)
-    out = workspace(module if owner is None else owner, "patches", (n, K + int(ones_row), S), a.dtype, a.device)
+    out = ws.get(module if owner is None else owner, "patches", (n, K + int(ones_row), S), a.dtype, a.device)
     out[:, :K].view(n, c, *k, *spatial).copy_(view)
     if ones_row:
         out[:, K].fill_(1.0)
     return out
 
 
-def _zero_padded(a: torch.Tensor, p: tuple[tuple[int, int], ...]) -> torch.Tensor:
+def _zero_padded(a: torch.Tensor, p: tuple[tuple[int, int], ...], ws: Workspace) -> torch.Tensor:
     """``a`` zero-padded by p ((before, after) per spatial dimension) in a buffer kept between calls whose zero
     border is written once.
 
@@ -121,7 +85,7 @@ def _zero_padded(a: torch.Tensor, p: tuple[tuple[int, int], ...]) -> torch.Tenso
     """
     n, c, *sizes = a.shape
     padded = [size + b + e for size, (b, e) in zip(sizes, p)]
-    out = workspace(SHARED, f"padded{p}", (n, c, *padded), a.dtype, a.device, zeroed=True)
+    out = ws.get(SHARED, f"padded{p}", (n, c, *padded), a.dtype, a.device, zeroed=True)
     out[(slice(None), slice(None), *(slice(b, b + size) for size, (b, _) in zip(sizes, p)))].copy_(a)
     return out
 
@@ -134,7 +98,7 @@ def layer_dims(module: nn.Module, a: torch.Tensor) -> tuple[int, int]:
     return a.shape[1] * math.prod(k), math.prod(spatial)
 
 
-def layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, owner: nn.Module | None = None) -> torch.Tensor:
+def layer_patches(module: nn.Module, a: torch.Tensor, ws: Workspace, ones_row: bool = False, owner: object = None) -> torch.Tensor:
     """The layer's per-sample inputs as (n, K features [+ 1], S positions): Linear over all middle dims, Conv patches.
 
     ``ones_row`` appends a row of ones, so that a bias gradient Σ_s b_s is one more column of the weight GEMM.
@@ -143,7 +107,7 @@ def layer_patches(module: nn.Module, a: torch.Tensor, ones_row: bool = False, ow
     if isinstance(module, nn.Linear):
         a = a.reshape(n, -1, module.in_features).transpose(1, 2)
         return torch.cat([a, a.new_ones(n, 1, a.shape[2])], dim=1) if ones_row else a
-    return _conv_patches(module, a, ones_row, owner)
+    return _conv_patches(module, a, ws, ones_row, owner)
 
 
 def out_features(module: nn.Module) -> int:

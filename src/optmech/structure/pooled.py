@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._class_sink import ClassSink
-from .patches import SHARED, layer_patches, workspace
+from .accumulator import Accumulator
+from .cache import SHARED, Workspace
+from .patches import layer_patches
 from .relu_tap import is_tap_node
 
 __all__ = ["PooledConvGram", "pooled_output", "pooled_cost"]
@@ -65,22 +66,21 @@ def pooled_cost(n: int, C: int, S_pooled: int, K: int, d_out: int) -> float:
     return float(n * d_out * K * S_pooled * (C + 1) + n * C * C * d_out * K)
 
 
-class PooledConvGram(ClassSink):
+class PooledConvGram(Accumulator):
     """Accumulates a Conv2d → [ReLU] → MaxPool2d layer's contribution from g_c = ∂f_c/∂p (see the module docstring)."""
 
-    strategy = "pooled"
+    form = "pooled"
 
-    def __init__(self, plan, a: torch.Tensor, z: torch.Tensor, pooled, n_classes: int) -> None:
+    def __init__(self, module: nn.Module, a: torch.Tensor, z: torch.Tensor, pooled, n_classes: int, ws: Workspace) -> None:
         p, indices, relu = pooled
-        plan.strategy = self.strategy
-        self.module: nn.Module = plan.module
+        self.module, self.ws, self.target = module, ws, p
         self.input = a
         n, d = p.shape[:2]
         self.indices = indices.reshape(n, d, -1)  # (n, d, S')
         S_pooled = self.indices.shape[2]
         # ReLU's mask at the selected positions, applied to each g_c as it is copied (cheaper than masking ã)
         self.keep = (z.detach().reshape(n, d, -1).gather(2, self.indices) > 0).to(z.dtype) if relu else None
-        self.buffer = workspace(self.module, "pooled-dfdp", (n, d, n_classes, S_pooled), z.dtype, z.device)
+        self.buffer = ws.get(self.module, "pooled-dfdp", (n, d, n_classes, S_pooled), z.dtype, z.device)
         self.n_classes, self.count = n_classes, 0
 
     def add(self, g: torch.Tensor) -> None:
@@ -105,11 +105,11 @@ class PooledConvGram(ClassSink):
     def result(self) -> torch.Tensor:
         n, d, C, S_pooled = self.buffer.shape
         assert self.count == C, "every class must be added once"
-        patches = layer_patches(self.module, self.input, self.module.bias is not None, owner=SHARED)  # (n, K+1, S)
+        patches = layer_patches(self.module, self.input, self.ws, self.module.bias is not None, owner=SHARED)  # (n, K+1, S)
         K1, S = patches.shape[1:]
         # ã stored position-major (n, d, S', K+1), so that the contraction is an NN product of contiguous
         # operands (for SNet's 512 products of 10×196 by 196×10: 0.4 ms, against 1.8 ms with one transposed)
-        gathered = workspace(self.module, "pooled-patches", (n, d, S_pooled, K1), patches.dtype, patches.device)
+        gathered = self.ws.get(self.module, "pooled-patches", (n, d, S_pooled, K1), patches.dtype, patches.device)
         index = self.indices.unsqueeze(2).expand(n, d, K1, S_pooled)
         torch.gather(patches.unsqueeze(1).expand(n, d, K1, S), 3, index, out=gathered.transpose(2, 3))
         Gt = self.buffer.reshape(n * d, C, S_pooled) @ gathered.view(n * d, S_pooled, K1)  # (n·d, C, K+1): the G_cᵀ

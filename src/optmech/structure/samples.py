@@ -10,7 +10,7 @@ LayerNorm or an Embedding acts on any leading dimensions: in a sequence-first mo
   backward pass of a random class mix of sample 0's logits tells which holds the samples: the
   gradient at z is nonzero at index 0 along that dimension and zero at every other index. A layer
   with no candidate, or with none or more than one passing, goes to the generic path (exact). The
-  accumulator then gets a and every b_c with that dimension moved first (:class:`SamplesMoved`).
+  accumulator then gets a and every b_c with that dimension moved first (:class:`.accumulator.SamplesMoved`).
 
 What no check here covers: a model that reorders the samples within the batch before a layer.
 """
@@ -18,24 +18,15 @@ What no check here covers: a model that reorders the samples within the batch be
 from __future__ import annotations
 
 import torch
-from torch import nn
-
-from ._class_sink import ClassSink
-from .plan import _FEATURE_NORMS
-
-__all__ = ["candidate_dims", "sample_dims", "SamplesMoved"]
-
-#: layers that act on any leading dimensions (their samples may lie along another one)
-_POSITION_WISE = (nn.Linear, nn.Embedding) + _FEATURE_NORMS
+__all__ = ["candidate_dims", "sample_dims"]
 
 
-def candidate_dims(module: nn.Module, z: torch.Tensor, n: int) -> list[int]:
-    """The dimensions of z that may hold the n samples: for a position-wise layer, its leading (not feature)
-    dimensions of size n; for the others, the first if its size is n."""
-    if not isinstance(module, _POSITION_WISE):
+def candidate_dims(z: torch.Tensor, n: int, feature_dims: int | None) -> list[int]:
+    """The dimensions of z that may hold the n samples: for a position-wise layer (``feature_dims`` trailing
+    feature dimensions), its leading dimensions of size n; for the others (None), the first if its size is n."""
+    if feature_dims is None:
         return [0] if z.dim() >= 1 and z.shape[0] == n else []
-    features = len(module.normalized_shape) if isinstance(module, _FEATURE_NORMS) else 1
-    return [d for d in range(z.dim() - features) if z.shape[d] == n]
+    return [d for d in range(z.dim() - feature_dims) if z.shape[d] == n]
 
 
 def sample_dims(out: torch.Tensor, zs: list[torch.Tensor], candidates: list[list[int]]) -> list[int | None]:
@@ -53,23 +44,3 @@ def sample_dims(out: torch.Tensor, zs: list[torch.Tensor], candidates: list[list
                 passing.append(d)
         found.append(passing[0] if len(passing) == 1 else None)
     return found
-
-
-class SamplesMoved(ClassSink):
-    """An accumulator for a layer whose samples lie along dimension ``dim`` of z: it hands the inner one
-    every b_c (and the C classes at once) with that dimension first. Its input a is moved by the caller."""
-
-    def __init__(self, inner: ClassSink, dim: int) -> None:
-        self.inner, self.dim = inner, dim
-        self.n_classes, self.count = inner.n_classes, 0
-
-    def add(self, b: torch.Tensor) -> None:
-        self.inner.add(b.movedim(self.dim, 0))
-        self.count += 1
-
-    def add_classes(self, bs: torch.Tensor) -> None:
-        self.inner.add_classes(bs.movedim(self.dim + 1, 1))
-        self.count = self.n_classes
-
-    def result(self) -> torch.Tensor:
-        return self.inner.result()

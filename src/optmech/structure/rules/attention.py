@@ -8,7 +8,7 @@ An attention call y = MHA(query, key, value) (inputs (n, L, ·) batch-first, or 
 
 with [W_q; W_k; W_v] the packed ``in_proj_weight`` (or three weights ``q/k/v_proj_weight`` when
 ``kdim``/``vdim`` differ from ``embed_dim``) and [b_q; b_k; b_v] ``in_proj_bias``. Each block of rows
-is a Linear over positions with its own input, so it contributes :mod:`.gram`'s formula
+is a Linear over positions with its own input, so it contributes :mod:`.linear`'s formula
 Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'}) + the bias term; the blocks of one packed weight are disjoint
 rows of it, so the weight's Gram is the sum of theirs. Blocks with the same input tensor and
 adjacent rows are one Linear: self-attention (``query is key is value``) one E → 3E projection,
@@ -26,6 +26,9 @@ checked against the module's own (largest difference at most 1e-10 of the larges
 1e-4 in float32); a call that does not match, or that the recomputation does not cover, is left as
 the module made it, and its parameters go to the generic path (exact either way).
 
+Claims ``in_proj_weight`` (or ``q/k/v_proj_weight``), ``in_proj_bias``, ``out_proj.weight`` and ``out_proj.bias``;
+the in-projection's blocks are fast together or not at all (they share the packed weight).
+
 Covered: any query/key/value (self-attention, cross-attention, all three different), 3-D inputs,
 a packed in-projection or separate q/k/v weights, with or without biases, ``batch_first`` either
 way, ``key_padding_mask`` and ``attn_mask`` (bool or float, 2-D or 3-D), ``is_causal``,
@@ -37,17 +40,18 @@ graph as the model builds it.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import LayerPlan
-from .stand_in import MATCH, matches, stand_in
+from ..stand_in import MATCH, matches, stand_in
+from .base import Claim, Layer, Record, Rule
+from .linear import LinearRule
 
-__all__ = ["AttentionPlan", "attention_plans", "attention_steps"]
+__all__ = ["AttentionRule", "attention_steps", "recompute"]
 
 _ROLES = "qkv"
 
@@ -69,59 +73,14 @@ def _in_projection(module: nn.MultiheadAttention) -> list[torch.Tensor]:
     return weights + ([module.in_proj_bias] if module.in_proj_bias is not None else [])
 
 
-@dataclasses.dataclass
-class AttentionPlan:
-    """One MultiheadAttention module on the fast path: its module path, the θ names of its in-projection,
-    the plan of its out-projection, and (filled by each forward, :meth:`block`) the plans of the in-projection's blocks."""
-
-    name: str
-    module: nn.MultiheadAttention
-    in_names: list[str]
-    out_proj: LayerPlan
-    blocks: dict[str, LayerPlan] = dataclasses.field(default_factory=dict)
-
-    @property
-    def params(self) -> list[str]:
-        return self.in_names + self.out_proj.params
-
-    def block(self, roles: str, d_in: int) -> LayerPlan:
-        """The plan of the in-projection block ``roles`` ("qkv", "q", "kv", …) with input width ``d_in``:
-        grouped under the module's path, like the generic path groups the in-projection."""
-        if roles not in self.blocks:
-            m = self.module
-            weights = self.in_names[:1] if m._qkv_same_embed_dim else [self.in_names[_ROLES.index(roles)]]
-            bias = self.in_names[-1:] if m.in_proj_bias is not None else []
-            block = stand_in(m, roles, d_in, len(roles) * m.embed_dim, m.in_proj_bias is not None)
-            self.blocks[roles] = LayerPlan(self.name or "(root)", block, weights + bias)
-        return self.blocks[roles]
-
-
-def attention_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], names: set[str]) -> list[AttentionPlan]:
-    """The covered MultiheadAttention modules all of whose parameters are in θ and among ``names``
-    (those no fast layer claimed). Their plans are named like the generic path's groups: the module's
-    path for the in-projection, ``….out_proj`` for the out-projection."""
-    by_id = {id(p): n for n, p in named_params}
-    plans = []
-    for path, module in model.named_modules():
-        if not _covered(module):
-            continue
-        own_in = [by_id.get(id(p)) for p in _in_projection(module)]
-        own_out = [by_id.get(id(p)) for p in (module.out_proj.weight, module.out_proj.bias) if p is not None]
-        if any(n is None or n not in names for n in own_in + own_out):
-            continue  # a frozen or shared parameter: the generic path
-        prefix = f"{path}." if path else ""
-        E = module.embed_dim
-        stand_out = stand_in(module, "out", E, E, module.out_proj.bias is not None)
-        plans.append(AttentionPlan(path, module, own_in, LayerPlan(f"{prefix}out_proj", stand_out, own_out)))
-    return plans
-
-
-_SIGNATURE: dict[type, inspect.Signature] = {}
+@functools.lru_cache(maxsize=None)
+def _signature(kind: type) -> inspect.Signature:
+    return inspect.signature(kind.forward)
 
 
 def _arguments(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict | None:
     """The call's arguments by name (defaults filled in), or None if they do not bind."""
-    sig = _SIGNATURE.setdefault(type(module), inspect.signature(type(module).forward))
+    sig = _signature(type(module))
     try:
         bound = sig.bind(module, *args, **kwargs)
     except TypeError:
@@ -219,3 +178,62 @@ def recompute(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output) 
     if not matches(own, mine):
         return None
     return blocks, (O, y), (mine, output[1])
+
+
+class AttentionRule(Rule):
+    """``nn.MultiheadAttention`` as its projections (a recompute hook; the module docstring)."""
+
+    name = "attention"
+    kinds = (nn.MultiheadAttention,)
+    recomputes = True
+
+    def matches(self, module: nn.Module) -> bool:
+        return _covered(module)
+
+    def parameters(self, module: nn.Module) -> list[torch.Tensor]:
+        return _in_projection(module) + [p for p in (module.out_proj.weight, module.out_proj.bias) if p is not None]
+
+    def claims(self, path: str, module: nn.Module, names: list[str], capture) -> list[Claim]:
+        """The in-projection (layers made by each forward, one per block; grouped under the module's path, as the
+        generic path groups it) and the out-projection (``….out_proj``), each a Linear over positions."""
+        n_in = len(_in_projection(module))
+        in_names, out_names = names[:n_in], names[n_in:]
+        E = module.embed_dim
+        out = stand_in(capture.cache, module, "out", E, E, module.out_proj.bias is not None)
+        prefix = f"{path}." if path else ""
+        return [Claim(self, module, in_names, [], whole=True),
+                Claim(self, module, out_names, [Layer(f"{prefix}out_proj", out, out_names, self)])]
+
+    def _block(self, capture, claim: Claim, path: str, roles: str, d_in: int) -> Layer:
+        """The layer of the in-projection block ``roles`` ("qkv", "q", "kv", …) with input width ``d_in``."""
+        if roles not in claim.made:
+            m = claim.module
+            weights = claim.params[:1] if m._qkv_same_embed_dim else [claim.params[_ROLES.index(roles)]]
+            bias = claim.params[-1:] if m.in_proj_bias is not None else []
+            block = stand_in(capture.cache, m, roles, d_in, len(roles) * m.embed_dim, m.in_proj_bias is not None)
+            claim.made[roles] = Layer(path, block, weights + bias, self)
+        return claim.made[roles]
+
+    def install(self, capture, claims: list[Claim]) -> list:
+        handles = []
+        for in_claim, out_claim in zip(claims[::2], claims[1::2]):
+            handles.append(in_claim.module.register_forward_hook(self._hook(capture, in_claim, out_claim), with_kwargs=True))
+        return handles
+
+    def _hook(self, capture, in_claim: Claim, out_claim: Claim):
+        path = out_claim.layers[0].name.rsplit(".", 1)[0] if "." in out_claim.layers[0].name else "(root)"
+
+        def hook(module, args, kwargs, output):
+            got = recompute(module, args, kwargs, output)
+            if got is None:  # not covered, or not a match: the module's output stands, its parameters go generic
+                return None
+            blocks, (O, y), handed = got
+            for roles, x, P in blocks:
+                capture.record(self._block(capture, in_claim, path, roles, x.shape[-1]), Record(x.detach(), P, P._version))
+            capture.record(out_claim.layers[0], Record(O.detach(), y, y._version))
+            return handed
+
+        return hook
+
+    def accumulator(self, layer, record, ctx):
+        return LinearRule().accumulator(layer, record, ctx)

@@ -11,12 +11,14 @@ each step t (the reverse direction from t = L−1 down to 0, its "previous" stat
 so, with g_t = ∂f_c/∂u_t, the per-sample gradients are ∂f_c/∂W_ih = Σ_t g_t x_tᵀ, ∂f_c/∂b_ih = Σ_t g_t
 and, since ∂f_c/∂w_t = g_t for LSTM and RNN and g_t ⊙ [1, 1, r_t] for GRU (only the n gate's
 hidden part is scaled by r), ∂f_c/∂W_hh = Σ_t (∂f_c/∂w_t) h_{t−1}ᵀ, ∂f_c/∂b_hh = Σ_t ∂f_c/∂w_t: Linear
-layers over the L positions (:mod:`.gram`'s Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'})), whose inputs are
+layers over the L positions (:mod:`.linear`'s Σ_{t,t'} (a_t·a_t')(b_{c,t}·b_{c',t'})), whose inputs are
 x_t and h_{t−1} (values of the forward) and whose output gradients all come from the one tensor
 u = W_ih x + b_ih (n, L, G·H), which the backward passes reach as any layer output. For LSTM and RNN
 the two are one Linear over positions with input a_t = [x_t, h_{t−1}, √2] (the biases b_ih and b_hh
 have the same gradient, so their Gram is twice that of one: the constant column √2 gives it); for
 GRU there are two, [x_t, 1] and [h_{t−1}, 1], the second with b_c ⊙ [1, 1, r_t].
+
+Claims every ``weight_ih_l*``, ``weight_hh_l*``, ``bias_ih_l*``, ``bias_hh_l*``.
 
 The module runs its fused kernel, where no hook reaches u_t, so in the standalone ``gram`` call a
 forward hook recomputes the call step by step from the module's own parameters (``F.linear`` for u
@@ -39,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._class_sink import ClassSink
-from .plan import LayerPlan
-from .stand_in import MATCH, matches, stand_in
+from ..stand_in import MATCH, matches, stand_in
+from .base import Claim, Layer, Record, Rule
+from .linear import LinearRule
 
-__all__ = ["RecurrentPlan", "recurrent_plans", "recompute_recurrent", "GradientScaled"]
+__all__ = ["RecurrentRule", "recurrent_steps", "recompute_recurrent"]
 
 _GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
@@ -74,44 +76,6 @@ def _parts(module: nn.RNNBase) -> list[tuple[str, int, int, list[str], int]]:
                 names = [f"weight_ih{s}", f"weight_hh{s}"] + ([f"bias_ih{s}", f"bias_hh{s}"] if module.bias else [])
                 out.append(("ihh", layer, direction, names, d_in + H + const))
     return out
-
-
-@dataclasses.dataclass
-class RecurrentPlan:
-    """One recurrent module on the fast path: its path, and the plan of each Linear over positions,
-    keyed by (kind, layer, direction); every plan is grouped under the module's path."""
-
-    name: str
-    module: nn.RNNBase
-    parts: dict[tuple, LayerPlan]
-
-    @property
-    def params(self) -> list[str]:
-        return [n for p in self.parts.values() for n in p.params]
-
-    @property
-    def plans(self) -> list[LayerPlan]:
-        return list(self.parts.values())
-
-
-def recurrent_plans(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], names: set[str]) -> list[RecurrentPlan]:
-    """The covered recurrent modules all of whose parameters are in θ and among ``names`` (those no fast layer claimed)."""
-    by_id = {id(p): n for n, p in named_params}
-    plans = []
-    for path, module in model.named_modules():
-        if not _covered(module):
-            continue
-        parts = _parts(module)
-        owned = [[by_id.get(id(getattr(module, attr))) for attr in attrs] for _, _, _, attrs, _ in parts]
-        if any(n is None or n not in names for ns in owned for n in ns):
-            continue  # a frozen or shared parameter: the generic path
-        G, H = _GATES[type(module)], module.hidden_size
-        layer_plans = {}
-        for (kind, layer, direction, _, width), ns in zip(parts, owned):
-            key = (kind, layer, direction)
-            layer_plans[key] = LayerPlan(path or "(root)", stand_in(module, key, width, G * H, False), ns)
-        plans.append(RecurrentPlan(path, module, layer_plans))
-    return plans
 
 
 @dataclasses.dataclass
@@ -239,21 +203,46 @@ def recompute_recurrent(module: nn.RNNBase, args: tuple, kwargs: dict, output) -
     return steps, (mine, state)
 
 
-class GradientScaled(ClassSink):
-    """An accumulator handed b_c ⊙ m instead of b_c (GRU's hidden-to-hidden part: m = [1, 1, r_t], the
-    z's shape, with ∂f_c/∂w_t = ∂f_c/∂u_t ⊙ m_t)."""
+class RecurrentRule(Rule):
+    """``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` as Linear layers over time steps (a recompute hook; the module docstring)."""
 
-    def __init__(self, inner: ClassSink, scale: torch.Tensor) -> None:
-        self.inner, self.scale = inner, scale
-        self.n_classes, self.count = inner.n_classes, 0
+    name = "recurrent"
+    kinds = tuple(_GATES)
+    recomputes = True
 
-    def add(self, b: torch.Tensor) -> None:
-        self.inner.add(b * self.scale)
-        self.count += 1
+    def matches(self, module: nn.Module) -> bool:
+        return _covered(module)
 
-    def add_classes(self, bs: torch.Tensor) -> None:
-        self.inner.add_classes(bs * self.scale)
-        self.count = self.n_classes
+    def parameters(self, module: nn.Module) -> list[torch.Tensor]:
+        return [getattr(module, attr) for _, _, _, attrs, _ in _parts(module) for attr in attrs]
 
-    def result(self) -> torch.Tensor:
-        return self.inner.result()
+    def claims(self, path: str, module: nn.Module, names: list[str], capture) -> list[Claim]:
+        """One claim per module; one layer per (kind, layer, direction), each grouped under the module's path."""
+        G, H = _GATES[type(module)], module.hidden_size
+        layers, i = [], 0
+        for kind, layer, direction, attrs, width in _parts(module):
+            own = names[i : i + len(attrs)]
+            i += len(attrs)
+            key = (kind, layer, direction)
+            layers.append(Layer(path or "(root)", stand_in(capture.cache, module, key, width, G * H, False), own, self, key=key))
+        return [Claim(self, module, names, layers)]
+
+    def install(self, capture, claims: list[Claim]) -> list:
+        return [claim.module.register_forward_hook(self._hook(capture, claim), with_kwargs=True) for claim in claims]
+
+    def _hook(self, capture, claim: Claim):
+        by_key = {layer.key: layer for layer in claim.layers}
+
+        def hook(module, args, kwargs, output):
+            got = recompute_recurrent(module, args, kwargs, output)
+            if got is None:  # not covered, or not a match: the module's output stands, its parameters go generic
+                return None
+            steps, handed = got
+            for step in steps:
+                capture.record(by_key[step.key], Record(step.a, step.u, step.u._version, scale=step.scale))
+            return handed
+
+        return hook
+
+    def accumulator(self, layer, record, ctx):
+        return LinearRule().accumulator(layer, record, ctx)

@@ -14,8 +14,9 @@ like a bias):
   b_c = ∂f_c/∂out gathers every use of the expanded tensor)
 
 and A[c, c'] += ⟨g_c, g_c'⟩ per sample: P's gradient is g_c on the entries V holds and 0 elsewhere,
-so its Gram is V's. Such ops leave no module to hook, so while the standalone ``gram`` call's forward
-runs (not the probe's training-step capture: the user's own training forward is not watched), a
+so its Gram is V's. Claims the parameters no module rule claimed. Such ops leave no module to hook, so
+while the standalone ``gram`` call's forward runs (``EngineOptions.direct``; not the probe's training-step
+capture: the user's own training forward is not watched), a
 ``TorchFunctionMode`` (:class:`RawUses`) watches the torch calls whose operands include one of the
 parameters the layers did not claim, or a view of one, and records these three patterns with their
 result. A parameter is then contracted this way when it has exactly one recorded use, the logits'
@@ -23,7 +24,7 @@ graph consumes it exactly once and each view on the way exactly once (no other u
 neither the result nor the saved operand was changed in place afterwards, and the samples'
 dimension of the result is known: the only one of the batch's size with V broadcast along it when
 that is the first, else the one the backward check of :mod:`.samples` finds among those (a
-sequence-first layout); otherwise it goes to the generic path, as before. The mode only observes:
+sequence-first layout); otherwise it goes to the generic path. The mode only observes:
 every call runs as the model makes it.
 """
 
@@ -32,12 +33,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._class_sink import ClassSink
-from .contract import class_major_gram
+from .._context import layer_of
+from ..accumulator import Accumulator
+from ..contract import class_major_gram
+from .base import Claim, Layer, Record, Rule
 
-__all__ = ["RawUse", "RawUses", "RawParameterGram"]
+__all__ = ["DirectRule", "RawUse", "RawUses", "RawParameterGram"]
 
 _ADD = {"add", "__add__", "__radd__"}
 _ADD_IN_PLACE = {"add_", "__iadd__"}  # x += V; not x *= V (the product's gradient needs x as it was)
@@ -148,13 +152,14 @@ class RawUses(TorchFunctionMode):
         self.unknown.update(owner[0] for _, owner in mine)
 
 
-class RawParameterGram(ClassSink):
+class RawParameterGram(Accumulator):
     """One directly used parameter's share of A_x: the per-sample gradients g_c (n, |V|) of the module
     docstring, class by class, then A = ⟨g_c, g_c'⟩ per sample."""
 
-    strategy = "raw"
+    form = "direct"
 
     def __init__(self, use: RawUse, n_classes: int, dim: int = 0) -> None:
+        self.target = use.out
         self.use, self.n_classes, self.count, self.dim = use, n_classes, 0, dim  # dim: the samples' dimension of out
         out, aligned = use.out, use.aligned()
         self.reduce = tuple(d for d in range(out.dim()) if d != dim and aligned[d] == 1 and out.shape[d] != 1)
@@ -170,3 +175,59 @@ class RawParameterGram(ClassSink):
     def result(self) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
         return class_major_gram(self.buffer)  # (C, n, |V|)
+
+
+class _Watching:
+    """The handle of a running :class:`RawUses` mode: ``remove()`` ends it (as a hook handle is removed)."""
+
+    def __init__(self, mode: RawUses) -> None:
+        self.mode = mode
+        mode.__enter__()
+
+    def remove(self) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+
+class DirectRule(Rule):
+    """Parameters used directly, not through a module (the module docstring). It claims the parameters no module
+    rule claimed; its layers are the recorded uses, made after each forward."""
+
+    name = "direct"
+    moves_samples = False
+
+    def matches(self, module: nn.Module) -> bool:
+        return False  # claims parameters, not modules: :meth:`claim_rest`
+
+    def claim_rest(self, names: list[str]) -> Claim:
+        return Claim(self, None, list(names), [])
+
+    def install(self, capture, claims: list[Claim]) -> list:
+        watched = {id(capture.by_name[name]): name for claim in claims for name in claim.params}
+        uses = capture.scratch[self.name] = RawUses(watched)
+        return [_Watching(uses)]
+
+    def after_forward(self, capture, claim: Claim) -> None:
+        uses: RawUses | None = capture.scratch.get(self.name)
+        if uses is None:
+            return
+        for name, recorded in uses.uses.items():
+            layer = claim.made[name] = Layer(layer_of(name), None, [name], self)
+            for use in recorded:
+                capture.record(layer, Record(None, use.out, use.out._version, extra=(use, name in uses.unknown)))
+
+    def check(self, layer: Layer, records: list[Record], graph, n: int, capture) -> list[int] | str:
+        """One recorded use, the only consumer of the parameter and of each view on the way, intact, with a
+        dimension of the batch's size along which the parameter is broadcast."""
+        use, unknown = records[0].extra
+        if len(records) != 1 or unknown or graph.leaves.get(id(capture.by_name[layer.params[0]]), 0) != 1:
+            return "used directly in more than one place, or in a way the fast path does not follow"
+        if any(graph.consumers.get(id(v.grad_fn), 0) != 1 for v in use.chain):
+            return "a view of it is used elsewhere too"
+        if not (use.intact() and use.out.requires_grad):
+            return "the result of its use was modified in place"
+        return use.sample_dims(n) or "no dimension of the result of its use has the batch's size with the parameter broadcast along it"
+
+    def accumulator(self, layer: Layer, record: Record, ctx) -> RawParameterGram:
+        return RawParameterGram(record.extra[0], ctx.n_classes, record.sample_dim)
