@@ -263,7 +263,7 @@ def test_gram_strategies_agree_and_fallbacks_are_used():
     model, x = unusual_models()["grouped_partly_frozen"]
     route = structural_matrix(model, x, method="gram").route
     assert {n.rsplit(".", 1)[0] for n, r in route.items() if r.fast} == {"conv", "reflect", "out"}
-    assert route["fc.weight"].reason.startswith("no rule claims it")  # the half-frozen fc goes generic
+    assert route["fc.weight"].reason == "its Linear has frozen parameters too (a rule takes a module whole)"
     assert "did not run exactly once" in route["twice.weight"].reason
 
 

@@ -41,7 +41,7 @@ __all__ = ["ForwardCapture", "GenericPathWarning", "claim_parameters"]
 log = logging.getLogger("optmech.structure")
 
 #: the reason of a parameter that no rule claimed
-UNCLAIMED = "no rule claims it (its module's type has none, or the module is tied or partly frozen)"
+UNCLAIMED = "no rule claims it (no rule for its module's type)"
 #: reasons that resolve themselves on the next call (logged at INFO, not warned)
 _TRANSIENT = ("fast from the next call on",)
 
@@ -52,27 +52,35 @@ class GenericPathWarning(UserWarning):
 
 
 def claim_parameters(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], options: EngineOptions,
-                     capture: "ForwardCapture") -> tuple[list[Claim], list[str]]:
-    """(the claims of the module rules and of the direct rule, the θ names no module rule claimed)."""
+                     capture: "ForwardCapture") -> tuple[list[Claim], list[str], dict[str, str]]:
+    """(the claims of the module rules and of the direct rule, the θ names no module rule claimed, {name: why} for
+    those of a module a rule handles but could not take)."""
     wanted = {id(p): n for n, p in named_params}
     claimed: set[str] = set()
+    refused: dict[str, str] = {}
     claims: list[Claim] = []
     for path, module in model.named_modules():
         rule = rule_for(module)
-        if rule is None or (rule.recomputes and not options.recompute):
+        if rule is None:
             continue
         own = rule.parameters(module)
-        if not own or not all(id(p) in wanted for p in own):
-            continue  # a frozen parameter: the generic path takes the partial module
-        names = [wanted[id(p)] for p in own]
-        if any(n in claimed for n in names):
-            continue  # the same parameter in two modules: tied, left to the generic path
+        names = [wanted[id(p)] for p in own if id(p) in wanted]
+        if rule.recomputes and not options.recompute:
+            refused.update((n, f"its {type(module).__name__} is recomputed only in a standalone call") for n in names)
+            continue
+        if not own or len(names) < len(own):  # a frozen parameter: the generic path takes the partial module
+            refused.update((n, f"its {type(module).__name__} has frozen parameters too (a rule takes a module whole)") for n in names)
+            continue
+        if any(n in claimed for n in names):  # the same parameter in two modules: tied, left to the generic path
+            refused.update((n, "it is shared with another module (tied weights)") for n in names if n not in claimed)
+            continue
         claimed.update(names)
         claims += rule.claims(path, module, names, capture)
     rest = [n for n, _ in named_params if n not in claimed]
-    if options.direct and rest:
-        claims.append(DIRECT.claim_rest(rest))
-    return claims, rest
+    watch = [n for n in rest if n not in refused]
+    if options.direct and watch:
+        claims.append(DIRECT.claim_rest(watch))
+    return claims, rest, refused
 
 
 class ForwardCapture:
@@ -92,7 +100,7 @@ class ForwardCapture:
         self.model, self.named_params, self.options = model, named_params, options
         self.cache = model_cache(model) if cache is None else cache
         self.by_name = dict(named_params)
-        self.claims, self.unclaimed = claim_parameters(model, named_params, options, self)
+        self.claims, self.unclaimed, self.refused = claim_parameters(model, named_params, options, self)
         convs = any(type(layer.module) is nn.Conv2d for claim in self.claims for layer in claim.layers)
         # hand the model its Conv2d outputs in channels-last (EngineOptions.channels_last)
         self.channels_last = options.channels_last and convs and not self.cache.own_layout
@@ -177,7 +185,7 @@ class ForwardCapture:
             taken = {name for layer, _ in fast for name in layer.params}
             for name in self.unclaimed:
                 if name not in taken:
-                    reasons.setdefault(name, UNCLAIMED)
+                    reasons.setdefault(name, self.refused.get(name, UNCLAIMED))
             generic = [name for name, _ in self.named_params if name in reasons]
             self._report(reasons)
             ctx = AccumulatorContext(n_classes, self, graph)

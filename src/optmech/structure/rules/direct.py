@@ -209,20 +209,25 @@ class DirectRule(Rule):
         return [_Watching(uses)]
 
     def after_forward(self, capture, claim: Claim) -> None:
+        """One layer per parameter the forward used: its recorded uses, or (seen only in other calls) none."""
         uses: RawUses | None = capture.scratch.get(self.name)
         if uses is None:
             return
-        for name, recorded in uses.uses.items():
+        for name in [*uses.uses, *(n for n in uses.unknown if n not in uses.uses)]:
             layer = claim.made[name] = Layer(layer_of(name), None, [name], self)
+            recorded = uses.uses.get(name) or [None]
             for use in recorded:
-                capture.record(layer, Record(None, use.out, use.out._version, extra=(use, name in uses.unknown)))
+                out = use.out if use is not None else None
+                capture.record(layer, Record(None, out, out._version if out is not None else 0, extra=(use, name in uses.unknown)))
 
     def check(self, layer: Layer, records: list[Record], graph, n: int, capture) -> list[int] | str:
         """One recorded use, the only consumer of the parameter and of each view on the way, intact, with a
         dimension of the batch's size along which the parameter is broadcast."""
         use, unknown = records[0].extra
-        if len(records) != 1 or unknown or graph.leaves.get(id(capture.by_name[layer.params[0]]), 0) != 1:
-            return "used directly in more than one place, or in a way the fast path does not follow"
+        if unknown:
+            return "used directly in an op the fast path does not follow (it follows add, multiply and expand)"
+        if len(records) != 1 or graph.leaves.get(id(capture.by_name[layer.params[0]]), 0) != 1:
+            return "used directly in more than one place, or also through an op that was not seen"
         if any(graph.consumers.get(id(v.grad_fn), 0) != 1 for v in use.chain):
             return "a view of it is used elsewhere too"
         if not (use.intact() and use.out.requires_grad):
