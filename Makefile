@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run    install everything into .venv and run the main job
-#   make test   install everything into .venv and run the test suite
+#   make test   install everything into .venv, lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 # Pin torch to the local CPU wheel by default; `make TORCH_CONSTRAINT= run` lifts the pin.
@@ -21,6 +21,7 @@ run: install
 	$(VENV)/bin/optmech reproduce --preset quick --out $(RUN_DIR) --jobs 2 --overwrite
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/python -m pytest -q
 
 clean:

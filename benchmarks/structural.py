@@ -38,10 +38,10 @@ structural matrix, its eigenvalues and the paper's quantities) on the same batch
 from __future__ import annotations
 
 import argparse
-import math
 import copy
-import random
 import functools
+import math
+import random
 import statistics
 import subprocess
 import sys
@@ -54,16 +54,17 @@ sys.path.insert(0, str(ROOT))  # `benchmarks.*` from any working directory
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from optmech.structure.attention import _arguments as _attention_arguments  # noqa: E402
+from optmech.structure.attention import _runs, attention_plans
+from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
+from optmech.structure.recurrent import recurrent_plans  # noqa: E402
 
 from optmech import Probe, structural_matrix  # noqa: E402
 from optmech.models import build_paper, n_params  # noqa: E402
 from optmech.models.families import MLP  # noqa: E402
 from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.attention import _arguments as _attention_arguments, _runs, attention_plans  # noqa: E402
 from optmech.structure.contract import contraction_costs  # noqa: E402
 from optmech.structure.layout import _to_channels_last  # noqa: E402
-from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
-from optmech.structure.recurrent import recurrent_plans  # noqa: E402
 from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
 
 BATCH, N_CLASSES = 64, 10

@@ -182,9 +182,9 @@ def test_per_image_statistics_pair_each_image_with_its_own_bounds():
 def test_gic_null_draws_match_direct_sampling_of_ball_rows():
     """C5.3's null draws G of K rows uniform in a ball of R^m through Bartlett's decomposition; the same
     distribution as sampling the rows (theory.sample_unit_ball) and taking the Gram."""
-    from optmech.experiments.claims_training import _gic_G_null
     import torch
 
+    from optmech.experiments.claims_training import _gic_G_null
     from optmech.theory import sample_unit_ball
 
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
-
 from helpers import RTOL, engine_cases, rel_err
 from oracles import structural_oracle
+
 from optmech import COLUMNS, Probe, structural_matrix
 from optmech.models import build
 from optmech.structure import EngineMethod

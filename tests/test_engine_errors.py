@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import RTOL, rel_err
 from oracles import structural_oracle
+from torch import nn
+
 from optmech import Probe, structural_matrix
 from optmech.errors import NonFiniteLogitsError, NonFiniteStructureError
 from optmech.structure import GenericPathWarning, clear_cache

@@ -4,19 +4,17 @@ import math
 
 import numpy as np
 import pytest
-
-from optmech.errors import NonFiniteLogitsError
 import torch
-from torch import nn
-
 from helpers import unusual_models
 from oracles import per_sample_jacobian
+from torch import nn
+
 from optmech import COLUMNS, Probe
-from optmech.probe import mode_dependent_modules
+from optmech.errors import NonFiniteLogitsError
 from optmech.losses import get_loss
 from optmech.metrics import measure_from, theorem3_holds
 from optmech.models import FAMILIES, build
-from optmech.probe import ConsistencyError
+from optmech.probe import ConsistencyError, mode_dependent_modules
 
 LOSSES = [("softmax", {}), ("sparsemax", {}), ("entmax15", {}), ("entmax", {"alpha": 1.8}), ("squared", {}), ("softmax", {"label_smoothing": 0.1})]
 
@@ -129,9 +127,9 @@ def test_consistency_check_catches_a_wrong_structural_matrix():
     model = nn.Linear(3, 4).double()
     x = torch.randn(2, 3, dtype=torch.float64)
     probe = Probe(model, check=True)
-    import optmech.probe as probe_module
-
     import dataclasses
+
+    import optmech.probe as probe_module
 
     original = probe_module.structural_matrix
 
@@ -253,6 +251,7 @@ def test_mode_dependence_includes_dropout_held_as_a_float_and_running_statistics
 
 def test_local_pearson_matches_pandas_rolling_corr():
     import pandas as pd
+
     from optmech.metrics import local_pearson
 
     rng = np.random.default_rng(0)

@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +61,7 @@ def test_overrides_and_errors():
         load_preset("quick", overrides=["train.model='c'"])
 
 
+@pytest.mark.slow
 def test_reproduction_writes_every_claim_and_figure(tiny_run):
     out, output = tiny_run
     claims = json.loads((out / "claims.json").read_text())
@@ -93,6 +93,7 @@ def test_reproduction_writes_every_claim_and_figure(tiny_run):
     assert "report:" in output and "hold" in output  # the CLI prints the verdict table and the report's path
 
 
+@pytest.mark.slow
 def test_report_is_rebuilt_from_records_alone(tiny_run, tmp_path):
     import shutil
 
@@ -111,6 +112,7 @@ def test_report_is_rebuilt_from_records_alone(tiny_run, tmp_path):
     assert [(c["id"], c["verdict"]) for c in before] == [(c["id"], c["verdict"]) for c in after]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs(tiny_run):
     out, _ = tiny_run
     config = load_preset(TINY)
@@ -120,19 +122,25 @@ def test_rerun_skips_finished_jobs(tiny_run):
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_killed_reproduce_resumes_without_recomputing_finished_runs(tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "optmech.cli", "reproduce", "--preset", str(TINY), "--out", str(out), "--jobs", "1", "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [sys.executable, "-m", "optmech.cli", "reproduce", "--preset", str(TINY), "--out", str(out), "--jobs", "1"]
+    # the event: the driver's own plain line saying that the first training job is done
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     config = load_preset(TINY)
     jobs = plan_jobs(config)
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and not any(job_done(j, out, config) for j in jobs if j.kind == "train"):
-            time.sleep(0.2)
+        for line in proc.stdout:
+            if "done: train/" in line:
+                break
+        else:
+            pytest.fail("reproduce ended before a training job finished")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     finished = [j for j in jobs if job_done(j, out, config)]
     assert finished and len(finished) < len(jobs), "the kill should land between the first finished job and the last"
     files = [p for j in finished for p in ((out / j.key).rglob("*") if (out / j.key).is_dir() else [out / f"{j.key}.parquet"])]
@@ -158,12 +166,14 @@ def test_cli_errors_are_clean(tmp_path):
     assert result.exit_code == 2 and "Choose another --out" in result.output
 
 
+@pytest.mark.slow
 def test_a_different_config_is_refused_without_overwrite(tiny_run):
     out, _ = tiny_run
     with pytest.raises(ValueError, match="differs in"):
         reproduce(load_preset(TINY, overrides=["seeds=[2]"]), out, jobs=1)
 
 
+@pytest.mark.slow
 def test_a_failing_job_does_not_stop_the_others(tmp_path, monkeypatch):
     from optmech.experiments import theory_runs
 
@@ -236,6 +246,7 @@ def _write_cifar_batches(root):
             pickle.dump({b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), b"labels": labels}, fh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, write, pair", [("paper", _write_mnist_idx, [0, 17]), ("cifar10", _write_cifar_batches, [0, 2])])
 def test_presets_for_user_data_run_from_a_data_dir(tmp_path, preset, write, pair):
     """The paper and cifar10 presets read the standard files from --data-dir (here small files in those formats)."""
@@ -250,6 +261,7 @@ def test_presets_for_user_data_run_from_a_data_dir(tmp_path, preset, write, pair
     assert rep.train[("a", 1, 1, "he_normal")]["bound_holds"].all() and (out / "report.html").is_file()
 
 
+@pytest.mark.slow
 def test_a_stored_config_without_fields_added_later_still_resumes(tiny_run):
     out, _ = tiny_run
     meta_path = out / "reproduce.json"
@@ -260,6 +272,7 @@ def test_a_stored_config_without_fields_added_later_still_resumes(tiny_run):
     assert result.ran == []
 
 
+@pytest.mark.slow
 def test_a_script_without_main_guard_gets_a_clear_message(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(
@@ -272,6 +285,7 @@ def test_a_script_without_main_guard_gets_a_clear_message(tmp_path):
     assert "if __name__ == '__main__':" in result.stderr and "ReproduceError" in result.stderr
 
 
+@pytest.mark.slow
 def test_progress_of_each_training_job_reaches_the_caller_from_worker_processes(tmp_path):
     config = load_preset(TINY, overrides=["bounds_models=['c', 'd']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"])
     events = []
@@ -282,6 +296,7 @@ def test_progress_of_each_training_job_reaches_the_caller_from_worker_processes(
         assert steps and steps == sorted(steps) and steps[-1] == 14 and all(e["steps"] == 14 for e in progress if e["key"] == key)
 
 
+@pytest.mark.slow
 def test_reproduce_writes_plain_progress_lines_when_not_on_a_terminal(tmp_path):
     args = ["reproduce", "--preset", str(TINY), "--out", str(tmp_path / "r"), "--jobs", "2"]
     for s in ("bounds_models=['c', 'd']", "depth_models=[]", "sweep.models=['c']", "sweep.inits=['pytorch']"):

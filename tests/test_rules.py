@@ -4,9 +4,9 @@ formula (its accumulator's result off by a rank-one term of relative size 1e-6) 
 
 import pytest
 import torch
+from helpers import RTOL, rel_err
 from torch import nn
 
-from helpers import RTOL, rel_err
 from optmech import structural_matrix
 from optmech.structure.rules import DIRECT, MODULE_RULES
 
@@ -38,6 +38,20 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class Transposed(nn.Module):
+    """ConvTranspose2d (strided, dilated, padded, output_padding) then ConvTranspose1d without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up2 = nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), output_padding=(1, 0), dilation=(1, 2))
+        self.up1 = nn.ConvTranspose1d(3, 2, 3, stride=2, padding=1, bias=False)
+        self.head = nn.LazyLinear(3)
+
+    def forward(self, x):  # (n, 2, 4, 3)
+        h = torch.tanh(self.up2(x)).mean(3)  # (n, 3, 8)
+        return self.head(torch.tanh(self.up1(h)).flatten(1))
+
+
 class Direct(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -55,6 +69,7 @@ CASES = {
     "conv": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 2, groups=2), nn.Tanh(),
                                    nn.Flatten(), nn.Linear(4 * 2 * 2, 3)),
                      torch.randn(4, 2, 8, 8, generator=g)),
+    "conv_transpose": lambda: (Transposed(), torch.randn(4, 2, 4, 3, generator=g)),
     "norm": lambda: (nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)), torch.randn(5, 4, generator=g)),
     "embedding": lambda: (Tokens(), torch.randint(0, 7, (5, 6), generator=g)),
     "attention": lambda: (Attention(), torch.randn(4, 5, 4, generator=g)),
@@ -91,6 +106,7 @@ def _mutated(rule, monkeypatch):
 def test_each_rule_matches_the_oracle_and_a_mutated_formula_does_not(name, mutate, monkeypatch):
     torch.manual_seed(3)
     model, x = CASES[name]()
+    model(x)  # materialise lazy layers
     model = model.double().eval()
     x = x.double() if x.is_floating_point() else x
     reference = structural_matrix(model, x, method="loop", per_layer=True)

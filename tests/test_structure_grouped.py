@@ -8,9 +8,9 @@ convolutions (the pool fold, the ReLU taps, the per-class products) takes one.
 
 import pytest
 import torch
+from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err
 from torch import nn
 
-from helpers import RTOL, by_class_and_at_once, per_class_gradients, rel_err
 from optmech import structural_matrix
 from optmech.structure import EngineOptions, ForwardCapture, grouped, probing, trainable_parameters
 from optmech.structure.cache import Workspace

@@ -9,13 +9,14 @@ each sink kind against C ``add`` calls.
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import RTOL, accumulator, by_class_and_at_once, per_class_gradients, rel_err, unusual_models
 from oracles import structural_oracle
+from torch import nn
+
 from optmech import structural_matrix
 from optmech.models import build
-from optmech.structure import EngineOptions, graph as graph_facts, layer_gram
+from optmech.structure import EngineOptions, layer_gram
+from optmech.structure import graph as graph_facts
 
 
 def _conv_tanh(channels=3):

@@ -7,10 +7,10 @@ The fold must be exact where it applies, and must not apply where the chain is n
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
+from torch import nn
+
 from optmech import structural_matrix
 from optmech.models import build
 from optmech.structure import EngineOptions

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import RTOL, rel_err
 from oracles import structural_oracle
+from torch import nn
+
 from optmech import structural_matrix
 from optmech.structure import EngineOptions, clear_cache
 from optmech.structure.rules.recurrent import recurrent_steps

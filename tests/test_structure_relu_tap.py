@@ -7,10 +7,10 @@ layouts, and never enter the training-step capture.
 
 import pytest
 import torch
-from torch import nn
-
 from helpers import RTOL, captured_gram, rel_err
 from oracles import structural_oracle
+from torch import nn
+
 from optmech import structural_matrix
 from optmech.models import build_paper
 from optmech.structure import EngineOptions

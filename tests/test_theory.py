@@ -7,8 +7,15 @@ import torch
 
 from optmech.models import build
 from optmech.theory import (
-    gershgorin_bounds, lemma2_thresholds, proposition1_sides, sample_unit_ball, theorem2_ratio,
-    theorem4_bounds, theorem4_trial, wilson_interval, z_value,
+    gershgorin_bounds,
+    lemma2_thresholds,
+    proposition1_sides,
+    sample_unit_ball,
+    theorem2_ratio,
+    theorem4_bounds,
+    theorem4_trial,
+    wilson_interval,
+    z_value,
 )
 
 

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -61,6 +60,7 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "optmech.cli", "train", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     common = ["--model", "c", "--dataset", "digits", "--n-probe", "4", "--records-per-part", "3",
               "--batch-size", "16", "--max-steps", "40", "--dropout", "0.2", "--eval-every", "7", "--quiet"]
@@ -68,15 +68,19 @@ def test_resume_after_sigkill_gives_identical_rows(tmp_path):
     subprocess.run(_cli("--out", str(tmp_path / "full"), *common), check=True, env=env, capture_output=True)
 
     victim = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("--out", str(victim), *common), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        parts = list((victim / "records").glob("part-*.parquet")) if (victim / "records").is_dir() else []
-        if len(parts) >= 3:
+    # the event: the child's own plain progress line for step 20 (printed after the step's records are written)
+    loud = [a for a in common if a != "--quiet"]
+    proc = subprocess.Popen(_cli("--out", str(victim), *loud), env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 20/40"):
             break
-        time.sleep(0.02)
+    else:
+        pytest.fail("the run ended before printing step 20")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
+    assert len(list((victim / "records").glob("part-*.parquet"))) >= 3
     assert json.loads((victim / "run.json").read_text())["status"] == "running", "the run finished before it was killed"
     killed_rows = len(read_records(victim))
     assert 0 < killed_rows < 40 * 4
@@ -188,9 +192,9 @@ def test_training_batch_probe_reuses_the_forward_and_matches_eval_measure(tmp_pa
     rows = read_records(train(cfg, tmp_path / "reuse").run_dir)
     assert rows[rows.probe_set == "train_batch"]["bound_holds"].all()
     # the same batch measured with Probe.measure on the same initial weights
-    from optmech.experiments.train import _build_model, _epoch_order
-    from optmech.data import load
     from optmech import Probe
+    from optmech.data import load
+    from optmech.experiments.train import _build_model, _epoch_order
 
     data = load("digits")
     model = _build_model(cfg, data.input_shape, 10)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -46,22 +45,22 @@ def train(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory to write."),
     model: str = typer.Option("a", help="Paper model a–d (through --mapping) or a family: mlp, snet, cnn, resnet."),
     depth: int = typer.Option(1, help="k, the number of repeated blocks."),
-    skip: Optional[bool] = typer.Option(None, "--skip/--no-skip", help="Skip connections (families only)."),
+    skip: bool | None = typer.Option(None, "--skip/--no-skip", help="Skip connections (families only)."),
     mapping: str = typer.Option("reconstruction", help="a–d mapping: reconstruction, swapped, authors-code."),
     init: str = typer.Option("pytorch", help="pytorch, he_normal, he_uniform, xavier_normal, xavier_uniform, orthogonal."),
     dropout: float = typer.Option(0.0, help="Dropout after hidden activations."),
     dataset: str = typer.Option("mnist5k", help="mnist5k, digits (bundled); mnist, fashion-mnist, cifar10 (from --data-dir)."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files."),
+    data_dir: str | None = typer.Option(None, help="Folder with the dataset's files."),
     loss: str = typer.Option("softmax", help="softmax, sparsemax, entmax15, entmax, squared."),
-    alpha: Optional[float] = typer.Option(None, help="Tsallis α for --loss entmax."),
+    alpha: float | None = typer.Option(None, help="Tsallis α for --loss entmax."),
     label_smoothing: float = typer.Option(0.0, help="Label smoothing ε."),
     optimizer: str = typer.Option("sgd", help="sgd or adam."),
     lr: float = typer.Option(0.01, help="Learning rate."),
     momentum: float = typer.Option(0.9, help="SGD momentum."),
     batch_size: int = typer.Option(64, help="Training batch size."),
     epochs: int = typer.Option(1, help="Epochs."),
-    steps: Optional[int] = typer.Option(None, help="Train exactly this many steps, repeating passes over the data (replaces --epochs)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    steps: int | None = typer.Option(None, help="Train exactly this many steps, repeating passes over the data (replaces --epochs)."),
+    max_steps: int | None = typer.Option(None, help="Stop after this many steps."),
     eval_every: int = typer.Option(100, help="Held-out loss and accuracy before every n-th step and after the last."),
     seed: int = typer.Option(1, help="Seed for initialisation, data order and probe choice."),
     dtype: str = typer.Option("float32", help="float32 or float64."),
@@ -156,11 +155,11 @@ def _print_summary(result) -> None:
 @app.command()
 def reproduce(
     preset: str = typer.Option("quick", help="quick (bundled MNIST-5k, offline), paper, fashion, cifar10, or a path to a TOML file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Reproduction directory (default runs/<preset>)."),
-    data_dir: Optional[str] = typer.Option(None, help="Folder with the dataset's files (paper: MNIST IDX; cifar10: python batches)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Reproduction directory (default runs/<preset>)."),
+    data_dir: str | None = typer.Option(None, help="Folder with the dataset's files (paper: MNIST IDX; cifar10: python batches)."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set seeds=[1,2] --set train.n_probe=4."),
     jobs: int = typer.Option(2, help="Parallel worker processes."),
-    device: Optional[str] = typer.Option(None, help="Device of the training runs (cpu, cuda, ...); the same as --set train.device=..."),
+    device: str | None = typer.Option(None, help="Device of the training runs (cpu, cuda, ...); the same as --set train.device=..."),
     overwrite: bool = typer.Option(False, help="Replace a reproduction made with another config."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:

@@ -21,7 +21,7 @@ cross-entropy), ``sparsemax`` (Gini / Tsallis α = 2), ``entmax15`` (Tsallis α 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

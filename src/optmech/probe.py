@@ -18,12 +18,20 @@ import weakref
 import torch
 from torch import nn
 
-from .losses import FenchelYoungLoss, get_loss
-from .losses import check_logits
+from .losses import FenchelYoungLoss, check_logits, get_loss
 from .metrics import Measurement, measure_from
 from .structure import (
-    EngineMethod, EngineOptions, ForwardCapture, RouteReport, check_outputs, full_float32, prepare_inputs, probing, structural_matrix,
-    tf32_enabled, trainable_parameters,
+    EngineMethod,
+    EngineOptions,
+    ForwardCapture,
+    RouteReport,
+    check_outputs,
+    full_float32,
+    prepare_inputs,
+    probing,
+    structural_matrix,
+    tf32_enabled,
+    trainable_parameters,
 )
 
 log = logging.getLogger("optmech.probe")
@@ -225,7 +233,7 @@ class Probe:
             self._assert_consistent(m, A.dtype, check_rtol)
         return m
 
-    def capture(self) -> "StepCapture":
+    def capture(self) -> StepCapture:
         """Reuse a training step's forward: hooks record it, ``measure`` then needs only the backward passes.
 
         Example::
@@ -272,7 +280,7 @@ class Probe:
 
 
 #: models for which :meth:`StepCapture.measure` already said that it measures on a forward of its own
-_LOGGED_STANDALONE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_LOGGED_STANDALONE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class StepCapture:
@@ -285,7 +293,7 @@ class StepCapture:
         self.reuse = not self.forward.unclaimed
         self.tf32 = False
 
-    def __enter__(self) -> "StepCapture":
+    def __enter__(self) -> StepCapture:
         self.tf32 = tf32_enabled()  # the settings the training forward about to be captured runs under
         if self.reuse:
             self.forward.__enter__()

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import pandas as pd
+
 from ..metrics import local_pearson_rows
 from ..records import Reproduction, probe_arrays
 from .calibration import EffectTest, Unit, empirical_claim, permute_labels, shuffle_time, spearman, swap_pairs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,7 +11,6 @@ from ..data import DATASETS
 from ..losses import available_losses
 from ..models import FAMILIES, INIT_SCHEMES, PAPER_MAPPINGS
 from ..structure import available_methods
-
 
 #: field -> options accepted (looked up when validating, so registries stay the one source of truth)
 _NAMED_CHOICES = {
@@ -36,25 +35,25 @@ class TrainConfig(BaseModel):
 
     model: str = Field("a", description="paper letter a–d (through `mapping`) or a family: mlp, snet, cnn, resnet")
     depth: int = Field(1, ge=0, description="k, the number of repeated blocks")
-    skip: Optional[bool] = Field(None, description="skip connections (families only; letters fix it)")
+    skip: bool | None = Field(None, description="skip connections (families only; letters fix it)")
     mapping: str = Field("reconstruction", description="a–d mapping, see optmech.models.PAPER_MAPPINGS")
     init: str = "pytorch"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dataset: str = "mnist5k"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     loss: str = "softmax"
-    alpha: Optional[float] = Field(None, gt=1.0, description="Tsallis α for loss='entmax'")
+    alpha: float | None = Field(None, gt=1.0, description="Tsallis α for loss='entmax'")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(1, ge=1)
-    steps: Optional[int] = Field(None, ge=1, description="train exactly this many optimiser steps, passing over the "
+    steps: int | None = Field(None, ge=1, description="train exactly this many optimiser steps, passing over the "
                                  "training set as often as needed (replaces epochs; the paper's one epoch of MNIST is 938)")
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     eval_every: int = Field(100, ge=1, description="held-out loss and accuracy before every n-th step and after the last")
-    eval_samples: Optional[int] = Field(None, ge=1, description="held-out images for the evaluations along training "
+    eval_samples: int | None = Field(None, ge=1, description="held-out images for the evaluations along training "
                                         "(a fixed subset; all when unset); the final evaluation always uses all")
     channels_last: bool = Field(True, description="train convolutions in channels-last memory format (1.4–1.6x faster "
                                 "steps on the CPU; the same values up to rounding)")
@@ -112,7 +111,7 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.model in FAMILIES and self.skip is None:
             object.__setattr__(self, "skip", False)
         if self.model not in FAMILIES and self.skip is not None:

@@ -7,7 +7,7 @@ training run shared by two figures (model a at k = 1 is in Figs 2–4 and 6–9)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from .reproduce_config import ReproduceConfig
 from .theory_runs import THEORY_EXPERIMENTS

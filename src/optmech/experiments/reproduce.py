@@ -25,17 +25,17 @@ import os
 import queue as queue_module
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .. import data as datasets
 from ..records import read_json, write_json_atomic, write_parquet_atomic
-from .depth_sweep import DepthSweepConfig, depth_sweep
 from .config import TrainConfig
-from .reproduce_config import ReproduceConfig
+from .depth_sweep import DepthSweepConfig, depth_sweep
 from .registry import EXPERIMENTS, Job
+from .reproduce_config import ReproduceConfig
 from .theory_runs import run_theory_experiment
 from .train import RunDirError, check_device, environment_versions, train
 

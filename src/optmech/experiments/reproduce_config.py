@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -78,7 +77,7 @@ class ClaimSettings(_Frozen):
     ``probe_every`` steps, a window of w records spans w·probe_every iterations."""
 
     window: int = Field(50, ge=3, description="local Pearson window, in records")
-    growing_from: Optional[int] = Field(None, ge=2, description="the authors' variant: windows grow from this record until full (they used 2)")
+    growing_from: int | None = Field(None, ge=2, description="the authors' variant: windows grow from this record until full (they used 2)")
     smooth: int = Field(25, ge=1, description="moving-median window (records) before locating the onset")
     onset_drop_bits: float = Field(0.5, gt=0, description="onset: first record this far below the first 10 records' median")
     converge_tol_bits: float = Field(0.25, gt=0, description="structural convergence: |G − G_final| stays below this")
@@ -111,7 +110,7 @@ class ReproduceConfig(_Frozen):
     name: str
     description: str = ""
     dataset: str = "mnist5k"
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     mapping: str = "reconstruction"
     seeds: list[int] = Field(default_factory=lambda: [1], description="training seeds (one run per model, depth and seed)")
     bounds_models: list[str] = Field(default_factory=lambda: ["a", "b", "c", "d"], description="Figs 2–4")

@@ -129,7 +129,7 @@ def output_bias(s: TheorySettings) -> pd.DataFrame:
             model = build_paper(letter, depth=depth, seed=s.seed, dtype=torch.float64)
             last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
             seen = {}
-            handle = last.register_forward_hook(lambda mod, inp, out: seen.__setitem__("h", inp[0].detach()))
+            handle = last.register_forward_hook(lambda mod, inp, out, seen=seen: seen.__setitem__("h", inp[0].detach()))
             A = structural_matrix(model, x, method="auto").A
             with torch.no_grad():
                 model(x)

@@ -22,9 +22,9 @@ import platform
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -34,8 +34,17 @@ from ..losses import NonFiniteLogitsError, get_loss
 from ..metrics import NonFiniteStructureError
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
-from ..records import (RecordWriter, fixed_probe_medians, load_checkpoint, read_json, read_records, save_checkpoint,
-                       step_aggregates, write_json_atomic, write_parquet_atomic)
+from ..records import (
+    RecordWriter,
+    fixed_probe_medians,
+    load_checkpoint,
+    read_json,
+    read_records,
+    save_checkpoint,
+    step_aggregates,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from .config import TrainConfig
 
 __all__ = ["train", "evaluate", "RunResult", "RunDirError"]

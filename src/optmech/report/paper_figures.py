@@ -4,7 +4,7 @@ paper says it shows, and the claims it bears on (their verdicts become the capti
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from ..records import Reproduction
 from . import figures as F

@@ -9,7 +9,7 @@ per-sample quantity; the context restores every module's mode, every buffer and 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

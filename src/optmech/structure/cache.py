@@ -71,7 +71,7 @@ class ModelCache:
     def __init__(self) -> None:
         self.workspace = Workspace()
         self.auto: dict[tuple, str] = {}
-        self.copy_output: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        self.copy_output: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.own_layout = False
         self.one_by_one = False
         self.warned: set[frozenset] = set()
@@ -82,7 +82,7 @@ class ModelCache:
         self.__init__()
 
 
-_CACHES: "weakref.WeakKeyDictionary[nn.Module, ModelCache]" = weakref.WeakKeyDictionary()
+_CACHES: weakref.WeakKeyDictionary[nn.Module, ModelCache] = weakref.WeakKeyDictionary()
 
 
 def model_cache(model: nn.Module) -> ModelCache:

@@ -52,7 +52,7 @@ class GenericPathWarning(UserWarning):
 
 
 def claim_parameters(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], options: EngineOptions,
-                     capture: "ForwardCapture") -> tuple[list[Claim], list[str], dict[str, str]]:
+                     capture: ForwardCapture) -> tuple[list[Claim], list[str], dict[str, str]]:
     """(the claims of the module rules and of the direct rule, the θ names no module rule claimed, {name: why} for
     those of a module a rule handles but could not take)."""
     wanted = {id(p): n for n, p in named_params}
@@ -118,7 +118,7 @@ class ForwardCapture:
         for claim in self.claims:
             claim.made.clear()
 
-    def __enter__(self) -> "ForwardCapture":
+    def __enter__(self) -> ForwardCapture:
         self._forget_forward()
         by_rule: dict[int, tuple] = {}
         for claim in self.claims:

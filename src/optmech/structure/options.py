@@ -53,10 +53,10 @@ class EngineOptions:
                 raise TypeError(f"{field}: expected a bool, got {type(getattr(self, field)).__name__} instead.")
 
     @classmethod
-    def training_step(cls) -> "EngineOptions":
+    def training_step(cls) -> EngineOptions:
         """Options that change nothing the training step computes: no layout change, no taps, no recomputed
         modules, no watching of the forward (the pooled fold only reads the graph)."""
         return cls(channels_last=False, relu_taps=False, recompute=False, direct=False)
 
-    def replace(self, **changes) -> "EngineOptions":
+    def replace(self, **changes) -> EngineOptions:
         return dataclasses.replace(self, **changes)

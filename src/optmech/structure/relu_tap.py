@@ -19,7 +19,7 @@ forward. Otherwise the tap's backward is the ReLU's backward into a fresh tensor
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

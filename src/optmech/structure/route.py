@@ -9,7 +9,7 @@ inspecting the engine's internals.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 __all__ = ["Route", "RouteReport"]
 

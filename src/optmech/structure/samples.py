@@ -18,6 +18,7 @@ What no check here covers: a model that reorders the samples within the batch be
 from __future__ import annotations
 
 import torch
+
 __all__ = ["candidate_dims", "sample_dims"]
 
 

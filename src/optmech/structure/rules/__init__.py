@@ -5,6 +5,7 @@ rule           handles                                                file
 =============  =====================================================  =========================================
 linear         ``nn.Linear``                                          :mod:`.linear`
 conv           ``nn.Conv1d/2d/3d`` (grouped, depthwise, any padding)  :mod:`.conv`
+conv_transpose ``nn.ConvTranspose1d/2d`` (ungrouped)                   :mod:`.conv_transpose`
 norm           BatchNorm (running statistics), LayerNorm, RMSNorm,    :mod:`.norm`
                GroupNorm
 embedding      ``nn.Embedding``                                       :mod:`.embedding`
@@ -26,6 +27,7 @@ from torch import nn
 from .attention import AttentionRule
 from .base import AccumulatorContext, Claim, Layer, Record, Rule
 from .conv import ConvRule
+from .conv_transpose import ConvTransposeRule
 from .direct import DirectRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
@@ -38,6 +40,7 @@ __all__ = ["MODULE_RULES", "DIRECT", "rule_for", "Rule", "Claim", "Layer", "Reco
 MODULE_RULES: tuple[Rule, ...] = (
     LinearRule(),
     ConvRule(),
+    ConvTransposeRule(),
     NormRule(),
     EmbeddingRule(),
     AttentionRule(),

@@ -73,7 +73,7 @@ def _in_projection(module: nn.MultiheadAttention) -> list[torch.Tensor]:
     return weights + ([module.in_proj_bias] if module.in_proj_bias is not None else [])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _signature(kind: type) -> inspect.Signature:
     return inspect.signature(kind.forward)
 

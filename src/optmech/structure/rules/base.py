@@ -47,7 +47,7 @@ class Layer:
     name: str
     module: nn.Module | None
     params: list[str]
-    rule: "Rule"
+    rule: Rule
     feature_dims: int | None = None
     key: object = None  # the rule's own key for the layer (a recurrent module's (kind, layer, direction))
 
@@ -61,7 +61,7 @@ class Claim:
     layers are fast together or not at all (blocks of one packed weight).
     """
 
-    rule: "Rule"
+    rule: Rule
     module: nn.Module | None
     params: list[str]
     layers: list[Layer]
@@ -91,8 +91,8 @@ class AccumulatorContext:
     logits' graph facts, and the capture's per-forward notes (``scratch``, keyed by rule)."""
 
     n_classes: int
-    capture: "ForwardCapture"
-    graph: "GraphUses"
+    capture: ForwardCapture
+    graph: GraphUses
 
     @property
     def options(self):
@@ -132,7 +132,7 @@ class Rule:
         """The parameters of ``module`` this rule claims (default: weight and bias, where present)."""
         return [p for p in (getattr(module, "weight", None), getattr(module, "bias", None)) if p is not None]
 
-    def claims(self, path: str, module: nn.Module, names: list[str], capture: "ForwardCapture") -> list[Claim]:
+    def claims(self, path: str, module: nn.Module, names: list[str], capture: ForwardCapture) -> list[Claim]:
         """The claims on ``module``'s parameters ``names`` (default: one layer, the module itself)."""
         layer = Layer(path or "(root)", module, names, self, self.layer_feature_dims(module))
         return [Claim(self, module, names, [layer])]
@@ -140,7 +140,7 @@ class Rule:
     def layer_feature_dims(self, module: nn.Module) -> int | None:
         return self.feature_dims
 
-    def install(self, capture: "ForwardCapture", claims: list[Claim]) -> list:
+    def install(self, capture: ForwardCapture, claims: list[Claim]) -> list:
         """Register this rule's forward hooks for its claims; return the handles (default: :meth:`record_hook`)."""
         handles = []
         for claim in claims:
@@ -148,7 +148,7 @@ class Rule:
                 handles.append(layer.module.register_forward_hook(self.record_hook(capture, layer)))
         return handles
 
-    def record_hook(self, capture: "ForwardCapture", layer: Layer):
+    def record_hook(self, capture: ForwardCapture, layer: Layer):
         """A forward hook recording (input, output) of ``layer``'s module; it hands the model a copy of the output
         when a later in-place op overwrote it on an earlier call (``ModelCache.copy_output``)."""
 
@@ -160,7 +160,7 @@ class Rule:
 
         return hook
 
-    def check(self, layer: Layer, records: list[Record], graph: "GraphUses", n: int, capture: "ForwardCapture") -> list[int] | str:
+    def check(self, layer: Layer, records: list[Record], graph: GraphUses, n: int, capture: ForwardCapture) -> list[int] | str:
         """The dimensions of the recorded z that may hold the n samples, or why the layer goes to the generic path.
 
         Default: the module ran exactly once on the logits' graph, its output was not modified in place (else it is
@@ -182,7 +182,7 @@ class Rule:
         dims = candidate_dims(records[0].z, n, layer.feature_dims)
         return dims or "no dimension of its layer's output has the batch's size"
 
-    def after_forward(self, capture: "ForwardCapture", claim: Claim) -> None:
+    def after_forward(self, capture: ForwardCapture, claim: Claim) -> None:
         """Called once the forward has run, before the checks (a rule that makes its layers from the forward)."""
 
     def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> Accumulator:

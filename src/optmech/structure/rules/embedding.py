@@ -30,7 +30,7 @@ class EmbeddingRule(Rule):
     def matches(self, module: nn.Module) -> bool:
         return type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq
 
-    def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> "EmbeddingGram":
+    def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> EmbeddingGram:
         return EmbeddingGram(layer.module, record.a, ctx.n_classes, ctx.workspace)
 
 

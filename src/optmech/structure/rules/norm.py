@@ -41,7 +41,7 @@ class NormRule(Rule):
     def layer_feature_dims(self, module: nn.Module) -> int | None:
         return len(module.normalized_shape) if isinstance(module, FEATURE_NORMS) else None
 
-    def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> "NormGram":
+    def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> NormGram:
         return NormGram(layer.module, record.a, ctx.n_classes)
 
 
