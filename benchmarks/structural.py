@@ -52,128 +52,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `benchmarks.*` from any working directory
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from optmech.structure.attention import _arguments as _attention_arguments  # noqa: E402
-from optmech.structure.attention import _runs, attention_plans
-from optmech.structure.plan import _NORM_TYPES, plan_layers  # noqa: E402
-from optmech.structure.recurrent import recurrent_plans  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from optmech import Probe, structural_matrix  # noqa: E402
-from optmech.models import build_paper, n_params  # noqa: E402
-from optmech.models.families import MLP  # noqa: E402
-from optmech.structure._context import probing, trainable_parameters  # noqa: E402
-from optmech.structure.contract import contraction_costs  # noqa: E402
-from optmech.structure.layout import _to_channels_last  # noqa: E402
-from optmech.structure.patches import layer_patches, out_features, release_workspace  # noqa: E402
-
-BATCH, N_CLASSES = 64, 10
-MODELS = ["a1", "a5", "b1", "b5", "c1", "c5", "d1", "d5", "mlp256", "mlp1024"]
-EXTRA_MODELS = ["sep", "tfm", "vit", "pool", "lstm"]  # timed on request (--models sep tfm vit pool lstm), not by default
-
-
-def separable_cnn() -> torch.nn.Module:
-    """A MobileNet-style depthwise-separable CNN (not one of the paper's models; grouped convolutions):
-    Conv(1→16) → ReLU, then three blocks of depthwise Conv3×3 (groups = channels) → ReLU → pointwise
-    Conv1×1 → ReLU (16→32; 32→64 and 64→64 with stride 2 in the depthwise conv), global average pool,
-    Linear(64→10)."""
-    def block(c_in: int, c_out: int, stride: int) -> list[torch.nn.Module]:
-        return [torch.nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in), torch.nn.ReLU(),
-                torch.nn.Conv2d(c_in, c_out, 1), torch.nn.ReLU()]
-
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), *block(16, 32, 1), *block(32, 64, 2), *block(64, 64, 2),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, N_CLASSES),
-    )
-
-
-class RowTransformer(torch.nn.Module):
-    """A small transformer over the image's rows (not one of the paper's models; ``nn.MultiheadAttention``):
-    the 28 rows as 28 tokens of 28 pixels, Linear(28→64) plus fixed sinusoidal positions, two
-    ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, batch-first, no dropout), mean over
-    the tokens, Linear(64→10)."""
-
-    def __init__(self, dim: int = 64, rows: int = 28) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Linear(rows, dim)
-        position = torch.arange(rows)[:, None] * torch.exp(torch.arange(0, dim, 2) * (-math.log(1e4) / dim))
-        self.register_buffer("position", torch.cat([position.sin(), position.cos()], 1))
-        layer = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = torch.nn.Linear(dim, N_CLASSES)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x.flatten(1, 2)) + self.position).mean(1))
-
-
-class SmallViT(torch.nn.Module):
-    """A small vision transformer (not one of the paper's models; parameters used directly): 4×4 patches by a
-    strided Conv2d(1→64), a class token (expanded and concatenated), a learned positional embedding (added),
-    two ``nn.TransformerEncoderLayer`` (4 heads, feed-forward 128, pre-norm, batch-first, no dropout), a final
-    LayerNorm, the class token's row to Linear(64→10)."""
-
-    def __init__(self, dim: int = 64, patch: int = 4) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.patch = torch.nn.Conv2d(1, dim, patch, stride=patch)
-        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos = torch.nn.Parameter(torch.randn(1, (28 // patch) ** 2 + 1, dim) * 0.02)
-        layer = torch.nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, N_CLASSES)
-
-    def forward(self, x):
-        h = self.patch(x).flatten(2).transpose(1, 2)
-        h = torch.cat((self.cls.expand(h.shape[0], -1, -1), h), dim=1) + self.pos
-        return self.head(self.norm(self.encoder(h))[:, 0])
-
-
-class AttentionPoolingTransformer(RowTransformer):
-    """``tfm`` with an attention-pooling head in place of the mean (not one of the paper's models;
-    cross-attention): a learned query, expanded over the batch, attends to the encoded rows
-    (``nn.MultiheadAttention``, 4 heads, key is value), then Linear(64→10)."""
-
-    def __init__(self, dim: int = 64, rows: int = 28) -> None:
-        super().__init__(dim, rows)
-        self.query = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pool = torch.nn.MultiheadAttention(dim, 4, batch_first=True)
-
-    def forward(self, x):
-        h = self.encoder(self.embed(x.flatten(1, 2)) + self.position)
-        return self.head(self.pool(self.query.expand(h.shape[0], -1, -1), h, h, need_weights=False)[0][:, 0])
-
-
-class RowLSTM(torch.nn.Module):
-    """A recurrent classifier over the image's rows (not one of the paper's models; ``nn.LSTM``): the 28 rows
-    as 28 steps of 28 pixels, a two-layer LSTM of width 64 (batch-first), the last step's output, Linear(64→10)."""
-
-    def __init__(self, hidden: int = 64, rows: int = 28) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.lstm = torch.nn.LSTM(rows, hidden, num_layers=2, batch_first=True)
-        self.head = torch.nn.Linear(hidden, N_CLASSES)
-
-    def forward(self, x):
-        return self.head(self.lstm(x.flatten(1, 2))[0][:, -1])
-
-
-def make_model(name: str) -> torch.nn.Module:
-    if name == "sep":
-        return separable_cnn()
-    if name == "vit":
-        return SmallViT()
-    if name == "tfm":
-        return RowTransformer()
-    if name == "pool":
-        return AttentionPoolingTransformer()
-    if name == "lstm":
-        return RowLSTM()
-    if name.startswith("mlp"):
-        return MLP(1, False, (1, 28, 28), N_CLASSES, width=int(name[3:]))
-    return build_paper(name[0], depth=int(name[1:]), seed=0)
-
+from benchmarks.models import BATCH, EXTRA_MODELS, MODELS, N_CLASSES, make_model
+from optmech import Probe, structural_matrix
+from optmech.models import n_params
+from optmech.structure import EngineOptions, ForwardCapture, clear_cache, probing, trainable_parameters
+from optmech.structure.cache import Workspace
+from optmech.structure.contract import contraction_costs
+from optmech.structure.layout import to_channels_last
+from optmech.structure.patches import layer_patches, out_features
 
 GEMM_SIZE = 2048
 
@@ -203,40 +92,56 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
     lie inside the attention call). A recurrent module (LSTM/GRU/RNN) runs its own fused kernel: the passes
     go through it to its input, and its weights are priced as ``gram``'s Linear layers over time."""
     named = trainable_parameters(model)
-    plans, rest = plan_layers(model, named)
-    attention = attention_plans(model, named, set(rest))
-    recurrent = recurrent_plans(model, named, set(rest))
-    steps = {}  # recurrent module -> its number of steps
-
-    def recurrent_input(module, args):  # the module's input as a leaf that the passes reach
-        steps[module] = args[0].shape[1 if module.batch_first else 0]
-        return (args[0].detach().requires_grad_(), *args[1:])
-    blocks = {}  # MultiheadAttention module -> [(positions, input width, output width)] of its in-projection blocks, and L_q
-
-    def record_blocks(module, args, kwargs):
-        a = _attention_arguments(module, args, kwargs)
-        seq = 1 if module.batch_first else 0
-        runs = _runs(a["query"], a["key"], a["value"], module._qkv_same_embed_dim)
-        blocks[module] = ([(x.shape[seq], x.shape[-1], len(roles) * module.embed_dim) for roles, x in runs], a["query"].shape[seq])
-
-    shape_hooks = [a.module.register_forward_pre_hook(record_blocks, with_kwargs=True) for a in attention]
+    # the layers and their shapes as the standalone gram call records them (attention's blocks, recurrent steps)
+    capture = ForwardCapture(model, named, EngineOptions())
+    with probing(model), capture, torch.enable_grad():
+        model(x)
+    for claim in capture.claims:
+        claim.rule.after_forward(capture, claim)
+    n, macs = x.shape[0], 0.0
+    for claim in capture.claims:
+        for layer in claim.all_layers():
+            records = capture.records.get(id(layer), [])
+            if not records:
+                continue
+            a, z = records[0].a, records[0].z
+            rule, m = claim.rule.name, layer.module
+            if rule in ("linear", "attention", "recurrent"):  # Linear layers over positions (stand-ins for the projections)
+                K = m.in_features
+                macs += min(contraction_costs(n, N_CLASSES, a[0].numel() // K, K, m.out_features, m.bias is not None).values())
+            elif rule == "conv":  # a grouped conv: g convolutions of K/g inputs and d/g outputs (structure/grouped.py)
+                patches, g = layer_patches(m, a, Workspace()), m.groups
+                costs = contraction_costs(n * g, N_CLASSES, patches.shape[2], patches.shape[1] // g, out_features(m) // g, m.bias is not None)
+                macs += min(costs.values())
+            elif rule == "norm":  # Σ_positions b_c ⊙ x̂ and Σ_positions b_c, then their Gram
+                size = sum(t.numel() for t in (m.weight, getattr(m, "bias", None)) if t is not None)
+                macs += N_CLASSES * z.numel() + n * N_CLASSES**2 * size
+            elif rule == "direct":  # Σ over the broadcast dimensions, then the Gram of the parameter's entries
+                size = capture.by_name[layer.params[0]].numel()
+                macs += N_CLASSES * z.numel() + n * N_CLASSES**2 * size
+            else:
+                raise NotImplementedError(f"the bound has no price for rule {rule!r}")
+    fast = [layer.module for c in capture.claims for layer in c.layers if c.rule.name in ("linear", "conv", "norm")]
+    recurrent = [c.module for c in capture.claims if c.rule.name == "recurrent"]
 
     def captured_forward(channels_last=False):
+        """The model's own forward (no recomputed modules), recording the fast layers' outputs and the
+        recurrent modules' inputs (as leaves): the tensors the passes reach."""
         captured = {}
 
         def hook(module, args, output):
-            if channels_last and type(module) is torch.nn.Conv2d and _to_channels_last(output):
+            if channels_last and type(module) is torch.nn.Conv2d and to_channels_last(output):
                 output = output.contiguous(memory_format=torch.channels_last)  # as gram hands it on
-            captured[module] = (args[0].detach(), output)
+            captured[module] = output
             return output
 
         def pre_hook(module, args):
-            args = recurrent_input(module, args)
-            captured[module] = (None, args[0])
-            return args
+            leaf = args[0].detach().requires_grad_()
+            captured[module] = leaf
+            return (leaf, *args[1:])
 
-        hooks = [p.module.register_forward_hook(hook) for p in plans]
-        hooks += [r.module.register_forward_pre_hook(pre_hook) for r in recurrent]
+        hooks = [m.register_forward_hook(hook) for m in fast]
+        hooks += [m.register_forward_pre_hook(pre_hook) for m in recurrent]
         try:
             with torch.enable_grad():
                 out = model(x)
@@ -245,31 +150,9 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
                 h.remove()
         return out, captured
 
+    layers = fast + recurrent
     out, captured = captured_forward()
-    for h in shape_hooks:
-        h.remove()
-    layers = [p.module for p in plans] + [r.module for r in recurrent]
-    zs = [captured[m][1] for m in layers]
-    macs = 0.0
-    for r in recurrent:
-        for part in r.plans:
-            stand_in = part.module
-            macs += min(contraction_costs(x.shape[0], N_CLASSES, steps[r.module], stand_in.in_features, stand_in.out_features, False).values())
-    for a in attention:
-        runs, Lq = blocks[a.module]
-        E, bias = a.module.embed_dim, a.module.in_proj_bias is not None
-        for L, d_in, d_out in runs:
-            macs += min(contraction_costs(x.shape[0], N_CLASSES, L, d_in, d_out, bias).values())
-        macs += min(contraction_costs(x.shape[0], N_CLASSES, Lq, E, E, a.module.out_proj.bias is not None).values())
-    for p in plans:
-        if isinstance(p.module, _NORM_TYPES):  # Σ_positions b_c ⊙ x̂ and Σ_positions b_c, then their Gram
-            size = sum(t.numel() for t in (p.module.weight, getattr(p.module, "bias", None)) if t is not None)
-            macs += N_CLASSES * captured[p.module][1].numel() + x.shape[0] * N_CLASSES**2 * size
-            continue
-        a = layer_patches(p.module, captured[p.module][0])
-        g = getattr(p.module, "groups", 1)  # a grouped conv: g convolutions of K/g inputs and d/g outputs (structure/grouped.py)
-        costs = contraction_costs(x.shape[0] * g, N_CLASSES, a.shape[2], a.shape[1] // g, out_features(p.module) // g, p.module.bias is not None)
-        macs += min(costs.values())
+    zs = [captured[m] for m in layers]
 
     def forward():
         with torch.enable_grad():
@@ -280,13 +163,13 @@ def bound_parts(model, x) -> tuple[callable, callable, callable, callable, calla
 
     def forward_and_backwards(channels_last=False):
         fresh, cap = captured_forward(channels_last)
-        targets = [cap[m][1] for m in layers]
+        targets = [cap[m] for m in layers]
         for c in range(N_CLASSES):
             torch.autograd.grad(fresh[:, c].sum(), targets, retain_graph=c < N_CLASSES - 1)
 
     def forward_and_one_vmapped_backward():
         fresh, cap = captured_forward()
-        targets = [cap[m][1] for m in layers]
+        targets = [cap[m] for m in layers]
         eye = torch.eye(N_CLASSES, dtype=fresh.dtype, device=fresh.device).unsqueeze(1).expand(N_CLASSES, *fresh.shape)
         torch.autograd.grad(fresh, targets, grad_outputs=eye, is_grads_batched=True)
 
@@ -372,7 +255,7 @@ def peak_memory_mib(name: str, method: str, batch: int = BATCH) -> float:
 
 def cuda_peak_memory_mib(fn) -> float:
     """Peak CUDA allocation of one call above what was allocated before it (the engine's workspaces released first)."""
-    release_workspace()
+    clear_cache()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

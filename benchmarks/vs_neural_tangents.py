@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.jax_port import to_jax  # noqa: E402
-from benchmarks.structural import BATCH, MODELS, make_model  # noqa: E402
+from benchmarks.models import BATCH, MODELS, make_model  # noqa: E402
 from optmech import structural_matrix  # noqa: E402
 
 

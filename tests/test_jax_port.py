@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def test_jax_port_matches_the_torch_model_in_float64(name):
     jax.config.update("jax_enable_x64", True)
     from benchmarks.jax_port import to_jax
-    from benchmarks.structural import make_model
+    from benchmarks.models import make_model
 
     model = make_model(name).double()
     apply, params = to_jax(model, np.float64)
