@@ -1,6 +1,6 @@
 """Side-by-side timing of the structural-matrix methods against a training step and the arithmetic bound.
 
-    .venv/bin/python benchmarks/structural.py                 # all models, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/structural.py                 # the ten default models, about 12 minutes on 2 cores
     .venv/bin/python benchmarks/structural.py --models a1 mlp1024 --rounds 3 --no-loop
     .venv-nt/bin/python benchmarks/structural.py          # with the neural-tangents column (own environment)
     python benchmarks/structural.py --device cuda --batch 64 256   # on a GPU (peak memory from the CUDA allocator)
@@ -16,7 +16,8 @@ slowdown of whatever follows the GEMM that prices the contraction, hit every ent
   together as one unit on a fresh graph each round: the sequence every exact method must run)
   + the cheapest per-layer Gram contraction (its multiply-adds, from the layer shapes, at the GEMM
   throughput of a 2048² matrix product timed in the same rounds). The forward and one backward
-  timed alone are printed too; C × that single warm backward is what earlier versions used.
+  timed alone are printed too (C × that single warm backward is a weaker bound: a repeated warm backward
+  on a kept graph is not what a method runs).
   On the CPU the sequence is also timed with the Conv2d outputs in channels-last, as ``gram``
   runs the model, and ``gram``'s ratio to that bound is printed under the model.
 

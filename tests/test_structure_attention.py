@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention`` on ``gram``'s fast path (structure/attention.py) and layers whose samples are
+"""``nn.MultiheadAttention`` on ``gram``'s fast path (structure/rules/attention.py) and layers whose samples are
 not along their first dimension (structure/samples.py): exact against the float64 oracle, with the
 generic path unused where the fast path covers the model and used (still exact) where it does not."""
 

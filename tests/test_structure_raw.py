@@ -1,4 +1,4 @@
-"""Parameters the forward uses directly (structure/raw.py): a class token or a learned query expanded, a
+"""Parameters the forward uses directly (structure/rules/direct.py): a class token or a learned query expanded, a
 positional embedding added, a layer scale or temperature multiplied. Exact against the float64 oracle;
 on the fast path when their one use is one of those patterns, on the generic path (still exact) when not."""
 

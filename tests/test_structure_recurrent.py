@@ -1,4 +1,4 @@
-"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` on ``gram``'s fast path (structure/recurrent.py), and models that
+"""``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` on ``gram``'s fast path (structure/rules/recurrent.py), and models that
 ``vmap`` cannot batch over samples on the generic path (structure/jacobian.py): exact against the float64
 oracle, with the generic path unused where the fast path covers the model and used (still exact) where
 it does not."""

@@ -252,8 +252,8 @@ class Probe:
         would hand those parameters to the generic path, a vmapped backward through the whole network,
         while the standalone call recomputes attention in steps and follows direct uses (it may change
         the forward's graph, the training step's may not be touched): then ``measure`` runs
-        :meth:`measure` on a forward of its own (logged once at INFO on ``optmech.probe``), 2.0–2.2×
-        faster on the benchmark's transformers, and the hooks stay off the training forward.
+        :meth:`measure` on a forward of its own (logged once at INFO on ``optmech.probe``), faster on
+        such models (docs/engine.md), and the hooks stay off the training forward.
         """
         active = mode_dependent_modules(self.model)
         if active:

@@ -45,11 +45,11 @@ class LayerGram(Accumulator):
     - ``materialise``: G_c = Σ_s b_{c,s} âᵀ_s with â the patches (n, K, S) plus a row of ones when
       there is a bias (its gradient Σ_s b_{c,s} is then one more row of the same GEMM); then
       A = ⟨G_c, G_c'⟩. With thin patches (K + 1 ≤ 2·d_out) each b_c is contracted as it arrives,
-      G_cᵀ = â b_cᵀ (n, K+1, d_out), never copied (the â·bᵀ orientation is 1–2× faster on CPU than
-      b·âᵀ for these shapes); otherwise the b_c are buffered like ``ghost`` and contracted in one
-      batched GEMM, with the patches built only then.
+      G_cᵀ = â b_cᵀ (n, K+1, d_out), never copied (the â·bᵀ orientation: docs/engine.md); otherwise
+      the b_c are buffered like ``ghost`` and contracted in one batched GEMM, with the patches built
+      only then.
     - ``ghost``: the b_c are copied into one (n, C·d_out, S) buffer so that the contraction is one
-      batched GEMM (about 4× faster on CPU than C thin ones): A = ⟨b_c, b_c' Γ⟩, Γ = aᵀa (S×S), or
+      batched GEMM rather than C thin ones: A = ⟨b_c, b_c' Γ⟩, Γ = aᵀa (S×S), or
       (‖a‖²)·b_c·b_c' for a vector Linear (S = 1); plus the bias term ⟨Σ_s b_c, Σ_s b_c'⟩.
     """
 
@@ -148,8 +148,8 @@ class LayerGram(Accumulator):
 
         Channels-last z: the buffer is (C, n, S, d) in memory; relaid out once as (n, S, C·d) (a
         buffer shared by layers of that shape), the weight gradients of all classes are one GEMM
-        â·[b_0 … b_C−1] → (n, K[+1], C·d) with no transposed operand (for a5's 28×28 layers 1.4–1.6×
-        the throughput of the b·âᵀ product below, timed alone), reordered to (n, C, (K+1)·d) for the Gram.
+        â·[b_0 … b_C−1] → (n, K[+1], C·d) with no transposed operand, reordered to (n, C, (K+1)·d) for
+        the Gram.
         Contiguous z: relaid out as (n, C, d, S) and contracted as the untapped buffer.
         """
         C, n, d, S = self.buffer.shape[0], self.buffer.shape[1], self.d_out, self.S

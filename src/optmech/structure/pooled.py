@@ -14,10 +14,8 @@ gathered once per call (n·d·(K+1)·S' values), G_c = ã · (mask ⊙ g_c) for 
 GEMM, then A = ⟨G_c, G_c'⟩. Used when the model's graph is exactly that chain (z feeds only the ReLU,
 the ReLU only the pool), when ã is no larger than the ∂f/∂z buffer the layer would otherwise keep
 (n·C·d·S values) and when it costs at most twice the multiply-adds of the layer's best unfolded
-form (the skipped backward passes are worth more than that). On the paper's models it saves about a
-quarter of ``gram``'s time on SNet (Conv(1→8) → ReLU → MaxPool(2)) and 4–5 % on the ResNet class
-(stem Conv(1→16) → ReLU → MaxPool(3, stride 1)); benchmarks/README.md. Used on the CPU only: on
-an H100 (exact there too) it took 0.81–1.19× the unfolded time on these launch-bound models.
+form (the skipped backward passes are worth more than that). Used on the CPU only (``EngineOptions.fold_pools``);
+docs/engine.md has what it saves and why not on a GPU.
 """
 
 from __future__ import annotations
@@ -108,7 +106,7 @@ class PooledConvGram(Accumulator):
         patches = layer_patches(self.module, self.input, self.ws, self.module.bias is not None, owner=SHARED)  # (n, K+1, S)
         K1, S = patches.shape[1:]
         # ã stored position-major (n, d, S', K+1), so that the contraction is an NN product of contiguous
-        # operands (for SNet's 512 products of 10×196 by 196×10: 0.4 ms, against 1.8 ms with one transposed)
+        # operands (faster than with one operand transposed: docs/engine.md)
         gathered = self.ws.get(self.module, "pooled-patches", (n, d, S_pooled, K1), patches.dtype, patches.device)
         index = self.indices.unsqueeze(2).expand(n, d, K1, S_pooled)
         torch.gather(patches.unsqueeze(1).expand(n, d, K1, S), 3, index, out=gathered.transpose(2, 3))

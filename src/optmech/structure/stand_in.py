@@ -1,4 +1,4 @@
-"""What the hooks that recompute a module's call in steps share (:mod:`.attention`, :mod:`.recurrent`).
+"""What the hooks that recompute a module's call in steps share (:mod:`.rules.attention`, :mod:`.rules.recurrent`).
 
 - :func:`stand_in`: a Linear module on the meta device (no memory) with one recomputed projection's
   shape, kept in the model's cache per owner module and key, that the projection's layer and the
