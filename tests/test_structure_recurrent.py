@@ -3,7 +3,7 @@
 oracle, with the generic path unused where the fast path covers the model and used (still exact) where
 it does not."""
 
-import logging
+import warnings
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from oracles import structural_oracle
 from torch import nn
 
 from optmech import structural_matrix
-from optmech.structure import EngineOptions, clear_cache
+from optmech.structure import EngineOptions, SlowPathWarning, clear_cache
 from optmech.structure.rules.recurrent import recurrent_steps
 
 
@@ -136,29 +136,33 @@ class Uncovered(nn.Module):
         return self.head(h)
 
 
-def test_calls_the_fast_path_does_not_cover_go_to_the_generic_path_exactly(caplog):
+def test_calls_the_fast_path_does_not_cover_go_to_the_generic_path_exactly():
     torch.manual_seed(0)
     model = Uncovered().double()
     x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     A_ref, _ = structural_oracle(model, x)
-    with caplog.at_level(logging.INFO, logger="optmech.structure"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _r = structural_matrix(model, x, method="gram")
     assert rel_err(_r.A, A_ref) < RTOL[torch.float64]
     slow = {name.split(".")[0] for name in _r.route.generic()}
     assert slow == {"packed", "proj", "twice", "shared"}
-    assert "vmap" in caplog.text  # the generic path took them one sample at a time, and said so
+    said = [str(w.message) for w in caught if issubclass(w.category, SlowPathWarning)]
+    assert any("cannot vmap" in s for s in said)  # the generic path took them one sample at a time, and said so
+    assert any("packed" in s and "generic torch.func path" in s for s in said)
 
 
-def test_jacobian_takes_a_model_vmap_cannot_batch_one_sample_at_a_time(caplog):
+def test_jacobian_takes_a_model_vmap_cannot_batch_one_sample_at_a_time():
     model, x = _case("lstm-2-layers-bidirectional")
     clear_cache(model)  # no initial state: the module's zeros are not batched
     A_ref, _ = structural_oracle(model, x)
-    with caplog.at_level(logging.INFO, logger="optmech.structure"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _r = structural_matrix(model, x, method="jacobian", per_layer=True, chunk_size=3)
         A, groups = _r.A, _r.per_layer
         again = structural_matrix(model, x, method="jacobian").A
     assert rel_err(A, A_ref) < RTOL[torch.float64] and rel_err(again, A) < 1e-14  # chunked and not
-    assert caplog.text.count("cannot vmap") == 1  # said once; the model is remembered
+    assert [issubclass(w.category, SlowPathWarning) and "cannot vmap" in str(w.message) for w in caught] == [True]  # said once
     _r = structural_matrix(model, x, method="loop", per_layer=True)
     _, loop_groups = _r.A, _r.per_layer
     assert set(groups) == set(loop_groups)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from .structure import (
     RouteReport,
     check_outputs,
     full_float32,
+    model_cache,
     prepare_inputs,
     probing,
     structural_matrix,
@@ -279,10 +279,6 @@ class Probe:
             )
 
 
-#: models for which :meth:`StepCapture.measure` already said that it measures on a forward of its own
-_LOGGED_STANDALONE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
 class StepCapture:
     """Returned by :meth:`Probe.capture`: records one forward, then :meth:`measure` on it."""
 
@@ -314,8 +310,9 @@ class StepCapture:
 
         probe._check_targets(x, targets)
         if not self.reuse:
-            if probe.model not in _LOGGED_STANDALONE:
-                _LOGGED_STANDALONE.add(probe.model)
+            said = model_cache(probe.model).warned  # said once per model
+            if frozenset({"capture: own forward"}) not in said:
+                said.add(frozenset({"capture: own forward"}))
                 log.info("capture: %s has parameters the training forward's capture leaves to the generic path (%s); "
                          "measuring on a forward of its own (faster)", type(probe.model).__name__, ", ".join(self.forward.unclaimed[:6]))
             return probe.measure(inputs, targets)

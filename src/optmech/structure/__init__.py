@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from ._context import check_outputs, full_float32, prepare_inputs, probing, tf32_enabled, trainable_parameters
 from .cache import ModelCache, clear_cache, model_cache
-from .capture import ForwardCapture, GenericPathWarning
+from .capture import ForwardCapture
 from .engine import EngineMethod, StructuralMatrix, available_methods, structural_matrix
 from .loop import jacobian_rows_loop
 from .options import EngineOptions
-from .route import Route, RouteReport
+from .route import GenericPathWarning, Route, RouteReport, SlowPathWarning
 
 __all__ = [
     "EngineMethod", "EngineOptions", "StructuralMatrix", "Route", "RouteReport", "structural_matrix", "available_methods",
-    "clear_cache", "model_cache", "ModelCache", "ForwardCapture", "GenericPathWarning", "jacobian_rows_loop", "trainable_parameters", "prepare_inputs",
+    "clear_cache", "model_cache", "ModelCache", "ForwardCapture", "GenericPathWarning", "SlowPathWarning", "jacobian_rows_loop", "trainable_parameters", "prepare_inputs",
     "check_outputs", "probing", "full_float32", "tf32_enabled",
 ]

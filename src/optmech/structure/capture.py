@@ -32,7 +32,7 @@ from .graph import graph_uses
 from .jacobian import structural_matrix_jacobian
 from .options import EngineOptions
 from .passes import one_pass, stream_logit_jacobians
-from .route import Route
+from .route import GenericPathWarning, Route
 from .rules import DIRECT, AccumulatorContext, Claim, Layer, Record, rule_for
 from .samples import sample_dims
 
@@ -44,11 +44,6 @@ log = logging.getLogger("optmech.structure")
 UNCLAIMED = "no rule claims it (no rule for its module's type)"
 #: reasons that resolve themselves on the next call (logged at INFO, not warned)
 _TRANSIENT = ("fast from the next call on",)
-
-
-class GenericPathWarning(UserWarning):
-    """Some parameters went through the generic ``torch.func`` path of ``gram`` (exact, slower); said once per
-    model and set of reasons. Filter it with ``warnings.filterwarnings("ignore", category=GenericPathWarning)``."""
 
 
 def claim_parameters(model: nn.Module, named_params: list[tuple[str, torch.Tensor]], options: EngineOptions,

@@ -9,12 +9,12 @@ A forward that ``vmap`` cannot batch over samples (``nn.LSTM``, ``nn.GRU``, ``nn
 kernels, outside ``gram``'s recomputation of them; a custom op with no batching rule) is taken one
 sample at a time, one ``torch.autograd.grad`` per class over these parameters only (:mod:`.loop`'s
 rows: faster than a per-sample ``jacrev`` on an LSTM, whose vectorised backward cannot run oneDNN's RNN
-kernel). The model's cache remembers it, and it is said once at INFO on ``optmech.structure``.
+kernel). The model's cache remembers it, and a :class:`.route.SlowPathWarning` says so once.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 
 import torch
 from torch import nn
@@ -23,8 +23,7 @@ from torch.func import functional_call, jacrev, vmap
 from ._context import add_group, forward_failure, layer_of
 from .cache import ModelCache, model_cache
 from .loop import jacobian_rows_loop
-
-log = logging.getLogger("optmech.structure")
+from .route import SlowPathWarning
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of per-sample Jacobians
 
@@ -68,10 +67,12 @@ def structural_matrix_jacobian(
             except RuntimeError as err:  # e.g. "Batching rule not implemented for aten::lstm.input"
                 if forward_failure(model, xs, err) is not None:
                     raise  # the model's own forward fails on these inputs: not a vmap limitation
-                cache.one_by_one = True
-                log.info(
-                    "jacobian: torch.func cannot vmap %s's forward over samples (%s); taking the Jacobians one "
-                    "sample at a time (exact, slower)", type(model).__name__, str(err).splitlines()[0],
+                cache.one_by_one = True  # said once per model: the cache remembers it
+                warnings.warn(
+                    f"jacobian: torch.func cannot vmap {type(model).__name__}'s forward over samples "
+                    f"({str(err).splitlines()[0]}); taking the Jacobians of {', '.join(n for n, _ in named_params[:4])}"
+                    f"{' …' if len(named_params) > 4 else ''} one sample at a time (exact, slower)",
+                    SlowPathWarning, stacklevel=2,
                 )
         tensors = [p for _, p in named_params]
         with torch.enable_grad():

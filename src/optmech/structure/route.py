@@ -11,7 +11,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 
-__all__ = ["Route", "RouteReport"]
+__all__ = ["Route", "RouteReport", "SlowPathWarning", "GenericPathWarning"]
+
+
+class SlowPathWarning(UserWarning):
+    """The engine took an exact but slower path than it could on other models (said once per model). Filter with
+    ``warnings.filterwarnings("ignore", category=optmech.structure.SlowPathWarning)``."""
+
+
+class GenericPathWarning(SlowPathWarning):
+    """Some parameters went through the generic ``torch.func`` path of ``gram`` (exact, slower); said once per
+    model and set of reasons, naming each parameter and why."""
 
 
 @dataclasses.dataclass(frozen=True)
