@@ -120,7 +120,7 @@ class Probe:
     Args:
         model: any ``nn.Module`` mapping (batch, ...) to logits (batch, classes).
         loss: a loss name (see :func:`optmech.get_loss`) or a ``FenchelYoungLoss``.
-        method: engine method for A_x (``"auto"``, ``"jacobian"``, ``"loop"``).
+        method: engine method for A_x (``"auto"``, ``"gram"``, ``"jacobian"``, ``"loop"``).
         weights: (α, β, γ) of the structural error S = αG + βU + γL; default (1, 1, 1),
             under which S = 2U (the paper gives no values).
         rank_rtol: λmin ≤ rank_rtol·λmax flags a sample as rank deficient (default C·eps(dtype)).
@@ -130,6 +130,13 @@ class Probe:
             ``layer_trace:<module>`` columns).
         options: how the ``gram`` method may run (:class:`optmech.EngineOptions`).
         **loss_kwargs: options of the loss (``label_smoothing``, ``alpha``).
+
+    Attributes:
+        route: the :class:`optmech.RouteReport` of the latest measurement (which rule took each parameter,
+            or why it went to the generic path); None before the first.
+
+    Raises (from ``measure``):
+        ValueError: one logit per sample (E_f = 0 by construction), bad inputs or targets (named).
 
     Example:
         >>> probe = Probe(model, loss="softmax")
