@@ -15,9 +15,9 @@ def passes(monkeypatch):
     seen: list[bool] = []
     inner = capture.stream_logit_jacobians
 
-    def spy(out, zs, n_classes, sinks, batched, keep_graph=False):
+    def spy(out, zs, n_classes, sinks, batched, keep_graph=False, **kw):
         seen.append(batched)
-        return inner(out, zs, n_classes, sinks, batched, keep_graph)
+        return inner(out, zs, n_classes, sinks, batched, keep_graph, **kw)
 
     monkeypatch.setattr(capture, "stream_logit_jacobians", spy)
     return seen

@@ -29,7 +29,7 @@ def _batch(n=6, shape=(1, 8, 8), seed=0):
 def test_gradient_norm_and_theorem3_on_every_sample(family, loss, kw):
     model = build(family, depth=1, skip=True, input_shape=(1, 8, 8), seed=1, dtype=torch.float64)
     x, y = _batch()
-    m = Probe(model, loss, check=True, **kw).measure(x, y)  # check: eᵀAe vs autograd to 1e-8
+    m = Probe(model, loss, check=True, extras=("perp", "gic"), **kw).measure(x, y)  # check: eᵀAe vs autograd to 1e-8
     rel = (m.gradient_norm_autograd - m.gradient_norm).abs() / m.gradient_norm.clamp_min(1e-300)
     assert (rel[m.gradient_norm > 0] < 1e-8).all()
     assert m.bound_holds.all()
@@ -274,7 +274,7 @@ def test_gic_diagnostics_from_an_explicit_jacobian():
 
     model = build("snet", depth=1, input_shape=(1, 8, 8), seed=4, dtype=torch.float64)
     x, y = _batch(3)
-    m = Probe(model).measure(x, y)
+    m = Probe(model, extras=("gic",)).measure(x, y)
     J = per_sample_jacobian(model.eval(), x)
     norms = J.norm(dim=2)
     Jn = J / norms.unsqueeze(-1)
@@ -377,3 +377,16 @@ def test_a_structural_matrix_that_overflowed_is_a_clear_error():
     q = torch.eye(3)[:2]
     with pytest.raises(NonFiniteStructureError, match=r"NaN or inf in samples \[1\].*overflowed torch.float32"):
         measure_from(A, p, q, torch.zeros(2), simplex=True)
+
+
+def test_extension_columns_are_computed_only_when_asked():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    x, y = _batch(4)
+    plain = Probe(model).measure(x, y)
+    full = Probe(model, extras=("perp", "gic")).measure(x, y)
+    for column in ("lambda_min_perp", "lower_perp", "gic_norm_ratio", "gic_max_cos"):
+        assert torch.isnan(getattr(plain, column)).all() and not torch.isnan(getattr(full, column)).any(), column
+    assert torch.equal(plain.upper, full.upper) and torch.equal(plain.lambda_min, full.lambda_min)
+    with pytest.raises(ValueError, match=r"extras: expected a subset of \['perp', 'gic'\], got \['nope'\]"):
+        Probe(model, extras=("nope",))

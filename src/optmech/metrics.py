@@ -42,6 +42,10 @@ __all__ = [
 
 
 
+#: The extension columns a measurement may add: the bracket from A_x restricted to 1^⊥ ("perp": ``*_perp``) and
+#: the descriptive GIC proxies ("gic": ``gic_*``). Each costs more than the paper's quantities at large C.
+EXTRAS = ("perp", "gic")
+
 #: Relative tolerance of the Theorem 3 check. Both sides come from the same A_x in float64, so the
 #: only error is float64 rounding in eigvalsh and eᵀAe (about C·2.2e-16·λmax); 1e-9 leaves margin.
 THEOREM3_RTOL = 1e-9
@@ -244,6 +248,7 @@ def measure_from(
     gradient_norm_autograd: torch.Tensor | None = None,
     method: str = "auto",
     per_layer: dict[str, torch.Tensor] | None = None,
+    extras: tuple[str, ...] = EXTRAS,
 ) -> Measurement:
     """Every per-sample quantity from the structural matrices and the prediction/target vectors.
 
@@ -258,7 +263,12 @@ def measure_from(
         gradient_norm_autograd: (batch,) independent ‖g‖², stored as given.
         method: the engine method that produced A (recorded).
         per_layer: optional {module path: (batch, C, C)} shares of A, kept on the Measurement.
+        extras: the extension columns to compute (:data:`EXTRAS`): ``"perp"`` (the 1^⊥ spectrum: a second
+            eigendecomposition) and ``"gic"`` (the GIC diagnostics); the others are NaN.
     """
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"extras: expected a subset of {list(EXTRAS)}, got {sorted(unknown)} instead.")
     alpha, beta, gamma = (float(w) for w in weights)
     if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
         raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
@@ -284,7 +294,7 @@ def measure_from(
     S = torch.where(deficient, inf, alpha * G + beta * U + gamma * L)
 
     nan = torch.full_like(lam_min, math.nan)
-    if simplex and C > 1:  # the same bracket from A_x restricted to 1^⊥ (e ⊥ 1 on the simplex)
+    if "perp" in extras and simplex and C > 1:  # the same bracket from A_x restricted to 1^⊥ (e ⊥ 1 on the simplex)
         lam_p = perp_spectrum(A64)
         lmin_p, lmax_p = lam_p[:, 0], lam_p[:, -1]
         _, _, _, lower_p, upper_p, holds_p = _bracket(lmin_p, lmax_p, g2, log_g2, E_f, C, A.dtype, rank_rtol)
@@ -292,7 +302,7 @@ def measure_from(
         lmin_p = lmax_p = lower_p = upper_p = nan
         holds_p = torch.ones_like(holds)
 
-    norm_ratio, max_cos = gic_diagnostics(A64)
+    norm_ratio, max_cos = gic_diagnostics(A64) if "gic" in extras else (nan, nan)
     return Measurement(
         loss=loss.detach().to(torch.float64),
         fitting_error=E_f,

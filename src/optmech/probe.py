@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .losses import FenchelYoungLoss, check_logits, get_loss
-from .metrics import Measurement, measure_from
+from .metrics import EXTRAS, Measurement, measure_from
 from .structure import (
     EngineMethod,
     EngineOptions,
@@ -129,6 +129,8 @@ class Probe:
         per_layer: also keep each module's share A_x^(l) (``Measurement.per_layer``; the frame gets
             ``layer_trace:<module>`` columns).
         options: how the ``gram`` method may run (:class:`optmech.EngineOptions`).
+        extras: extension columns to compute besides the paper's: ``"perp"`` (the bracket from A_x restricted
+            to 1^⊥, a second eigendecomposition) and/or ``"gic"`` (GIC diagnostics); default none (NaN).
         **loss_kwargs: options of the loss (``label_smoothing``, ``alpha``).
 
     Attributes:
@@ -156,6 +158,7 @@ class Probe:
         check: bool = False,
         per_layer: bool = False,
         options: EngineOptions | None = None,
+        extras: tuple[str, ...] = (),
         **loss_kwargs,
     ) -> None:
         trainable_parameters(model)  # validates the model early
@@ -170,6 +173,10 @@ class Probe:
         self.check = check
         self.per_layer = per_layer
         self.options = EngineOptions() if options is None else options
+        self.extras = tuple(extras)
+        unknown = set(self.extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"extras: expected a subset of {list(EXTRAS)}, got {sorted(unknown)} instead.")
         #: the route report of the latest measurement (which path each parameter went through)
         self.route = None
 
@@ -234,7 +241,7 @@ class Probe:
         m = measure_from(
             A, p, q, loss,
             simplex=self.loss.simplex, weights=self.weights, rank_rtol=self.rank_rtol,
-            gradient_norm_autograd=auto, method=ran, per_layer=groups,
+            gradient_norm_autograd=auto, method=ran, per_layer=groups, extras=self.extras,
         )
         if auto is not None:
             self._assert_consistent(m, A.dtype, check_rtol)

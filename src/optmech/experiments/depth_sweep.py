@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import data as datasets
+from ..metrics import EXTRAS
 from ..models import INIT_SCHEMES, PAPER_MAPPINGS, build_paper, n_params, paper_spec
 from ..probe import Probe
 from ..records import atomic_write
@@ -85,7 +86,7 @@ def depth_sweep(config: DepthSweepConfig, out: str | Path) -> pd.DataFrame:
             for seed in config.seeds:
                 model = build_paper(letter, depth=depth, mapping=config.mapping, init=config.init,
                                     input_shape=heldout.input_shape, seed=seed)
-                frame = Probe(model, method=config.method).measure(x, y).to_frame()
+                frame = Probe(model, method=config.method, extras=EXTRAS).measure(x, y).to_frame()
                 frame.insert(0, "model", letter)
                 frame.insert(1, "family", family)
                 frame.insert(2, "skip", skip)

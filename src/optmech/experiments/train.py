@@ -31,7 +31,7 @@ import torch
 
 from .. import data as datasets
 from ..losses import NonFiniteLogitsError, get_loss
-from ..metrics import NonFiniteStructureError
+from ..metrics import EXTRAS, NonFiniteStructureError
 from ..models import FAMILIES, build, build_paper, n_params, paper_spec
 from ..probe import Probe, mode_dependent_modules
 from ..records import (
@@ -261,8 +261,10 @@ def train(
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if config.channels_last:  # faster convolution kernels; Linear-only models are unchanged
         model = model.to(memory_format=torch.channels_last)
-    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=False, per_layer=config.per_layer)
-    checked = Probe(model, criterion, method=config.method, weights=config.weights, check=True, per_layer=config.per_layer) \
+    probe = Probe(model, criterion, method=config.method, weights=config.weights, check=False, per_layer=config.per_layer,
+                  extras=EXTRAS)
+    checked = Probe(model, criterion, method=config.method, weights=config.weights, check=True, per_layer=config.per_layer,
+                    extras=EXTRAS) \
         if config.check else probe
 
     # the training batch is measured on the training forward itself when train and eval forwards agree

@@ -28,16 +28,26 @@ class Accumulator:
     count: int
     #: how the share is contracted (reported per parameter in the route report)
     form: str = "?"
-    #: the tensor whose gradient b_c = ∂f_c/∂target this accumulator reads (set by the rule)
+    #: the tensor whose gradient b_c = ∂f_c/∂target this accumulator reads (set by the rule, or the layer's output)
     target: torch.Tensor | None = None
+    #: False: the share needs no b_c (a closed form); the backward passes leave the layer out
+    reads_gradient: bool = True
     #: whether a ReLU tap writes b_c into this accumulator's buffer (one class per backward pass then)
     tapped: bool = False
+
+    #: (h, W): the backward passes of the other layers may start at h with the cotangents W[c] instead of at the
+    #: logits with one-hot ones (the logits layer f = h Wᵀ + b: ∂f_c/∂h = W[c]); None otherwise
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add(self, b: torch.Tensor) -> None:
         raise NotImplementedError
 
     def result(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def add_into(self, total: torch.Tensor) -> None:
+        """total += this layer's share (n, C, C); accumulators whose share has structure add it without forming it."""
+        total += self.result()
 
     def _take_all(self, bs: torch.Tensor) -> bool:
         return False
@@ -55,9 +65,13 @@ class _Wrapped(Accumulator):
         self.inner = inner
         self.n_classes, self.count = inner.n_classes, 0
         self.form, self.target, self.tapped = inner.form, inner.target, inner.tapped
+        self.reads_gradient, self.seed = inner.reads_gradient, inner.seed
 
     def result(self) -> torch.Tensor:
         return self.inner.result()
+
+    def add_into(self, total: torch.Tensor) -> None:
+        self.inner.add_into(total)
 
 
 class SamplesMoved(_Wrapped):

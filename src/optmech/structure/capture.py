@@ -140,7 +140,7 @@ class ForwardCapture:
         return total, routes
 
     def fast_parts(self, out: torch.Tensor, n_classes: int, keep_graph: bool = False) -> tuple[list, list[str], dict[str, Route]]:
-        """([(group name, (n, C, C))] of the fast layers, the θ names left to the generic path, {name: Route}).
+        """([(group name, accumulator)] of the fast layers, the θ names left to the generic path, {name: Route}).
 
         Writes no result, so that a caller may retry after an error (the forward is consumed either way).
         """
@@ -183,14 +183,14 @@ class ForwardCapture:
                     reasons.setdefault(name, self.refused.get(name, UNCLAIMED))
             generic = [name for name, _ in self.named_params if name in reasons]
             self._report(reasons)
-            ctx = AccumulatorContext(n_classes, self, graph)
+            ctx = AccumulatorContext(n_classes, self, graph, out)
             accumulators, names = [], []
             for layer, dim in fast:
                 record = self.records[id(layer)][0]
                 record.sample_dim = dim
                 moved = dim != 0 and layer.rule.moves_samples
                 acc = layer.rule.accumulator(layer, dataclasses.replace(record, a=record.a.movedim(dim, 0)) if moved else record, ctx)
-                if acc.target is None:
+                if acc.target is None and acc.reads_gradient:
                     acc.target = record.z
                 if moved:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
                     acc = SamplesMoved(acc, dim)
@@ -202,14 +202,27 @@ class ForwardCapture:
             for (layer, _), acc in zip(fast, accumulators):
                 routes.update((name, Route(name, layer.rule.name, acc.form)) for name in layer.params)
             routes = {name: routes[name] for name, _ in self.named_params}
-            if not accumulators:
-                return [], generic, routes
-            zs = [acc.target for acc in accumulators]
-            batched = one_pass(out, zs, all(layer.rule.gpu_one_pass for layer, _ in fast), accumulators, graph, self.options.pass_bytes)
-            stream_logit_jacobians(out, zs, n_classes, accumulators, batched, keep_graph)
-            return [(name, acc.result()) for name, acc in zip(names, accumulators)], generic, routes
+            streamed = [acc for acc in accumulators if acc.reads_gradient]
+            if streamed:
+                zs = [acc.target for acc in streamed]
+                seed = self._seed(accumulators, graph)
+                gpu = all(layer.rule.gpu_one_pass for (layer, _), acc in zip(fast, accumulators) if acc.reads_gradient)
+                batched = one_pass(out, zs, gpu, streamed, graph, self.options.pass_bytes)
+                stream_logit_jacobians(out, zs, n_classes, streamed, batched, keep_graph, seed=seed)
+            return list(zip(names, accumulators)), generic, routes
         finally:
             self._forget_forward()
+
+    @staticmethod
+    def _seed(accumulators: list, graph) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h, W) when the logits are a Linear layer's output f = h Wᵀ + b on the fast path (a closed form) and h
+        feeds only that layer: every other layer's output lies upstream of h, so the passes start at h with the
+        cotangents ∂f_c/∂h = W[c] (no C × C work at the logits). None otherwise (start at the logits)."""
+        seeds = [acc.seed for acc in accumulators if acc.seed is not None]
+        if len(seeds) != 1:
+            return None
+        h, W = seeds[0]
+        return (h, W) if graph.consumers.get(id(h.grad_fn), 0) == 1 else None
 
     def _report(self, reasons: dict[str, str]) -> None:
         """Warn (:class:`GenericPathWarning`), once per model and set of reasons, which parameters go generic and why;
@@ -235,15 +248,20 @@ class ForwardCapture:
         self, parts: list, generic: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,
         groups: dict | None = None, rows: slice | None = None, total: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """total[rows] += the fast parts and the generic path's share for ``generic`` (groups alike)."""
+        """total[rows] += the fast parts [(group name, accumulator)] and the generic path's share for ``generic``
+        (groups alike)."""
         n = out.shape[0]
         rows = rows or slice(0, n)
         if total is None:
             total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
         n_all = total.shape[0]
-        for name, part in parts:
-            total[rows] += part
-            add_group(groups, name, rows, part, n_all)
+        for name, acc in parts:
+            if groups is None:
+                acc.add_into(total[rows])
+            else:
+                part = acc.result()
+                total[rows] += part
+                add_group(groups, name, rows, part, n_all)
         if generic:
             keep = set(generic)
             sub: dict[str, torch.Tensor] | None = {} if groups is not None else None

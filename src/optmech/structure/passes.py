@@ -37,22 +37,36 @@ def one_pass(out: torch.Tensor, zs: list[torch.Tensor], gpu_one_pass: bool, sink
 
 
 def stream_logit_jacobians(
-    out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool, keep_graph: bool = False
+    out: torch.Tensor, zs: list[torch.Tensor], n_classes: int, sinks: list, batched: bool, keep_graph: bool = False,
+    seed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Feed b_c = ∂f_c/∂z (shape (n, *z.shape[1:])) of every layer to ``sinks[i].add`` for c = 0…C−1.
 
-    ``batched``: one backward of the C one-hot cotangents at once (``is_grads_batched``, a vmap over
-    the cotangents), whose (C, n, ...) result goes to ``sink.add_classes`` (no per-class slicing and
-    restacking); otherwise C backward passes, each batched over the samples. See
-    :func:`one_pass` for the choice. The batched form falls back to the C passes for graphs whose
-    backward cannot be vmapped (exact either way).
+    ``batched``: one backward of the C cotangents at once (``is_grads_batched``, a vmap over the
+    cotangents), whose (C, n, ...) result goes to ``sink.add_classes`` (no per-class slicing and
+    restacking); otherwise C backward passes, each batched over the samples. See :func:`one_pass` for the
+    choice. The batched form falls back to the C passes for graphs whose backward cannot be vmapped
+    (exact either way).
+
+    ``seed`` (h, W): the passes start at h (n, d), the input of the logits layer f = h Wᵀ + b, with the
+    cotangents ∂f_c/∂h = W[c] broadcast over the samples (views: nothing of size C × C is formed); every z
+    must lie upstream of h. Otherwise they start at the logits with the one-hot cotangents.
     """
     n = out.shape[0]
+    if seed is not None:
+        h, W = seed
+        source = h
+        cotangent = lambda c: W[c].expand_as(h)  # noqa: E731
+        all_classes = lambda: W[:, None, :].expand(n_classes, *h.shape)  # noqa: E731
+    else:
+        source = out
+        cotangent = None
+        all_classes = lambda: torch.eye(n_classes, dtype=out.dtype, device=out.device).unsqueeze(1).expand(n_classes, n, n_classes)  # noqa: E731
     if batched:
-        eye = torch.eye(n_classes, dtype=out.dtype, device=out.device).unsqueeze(1).expand(n_classes, n, n_classes)
         try:
             # (the graph is kept: a node without a batching rule may raise after others have run)
-            grads = torch.autograd.grad(out, zs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            grads = torch.autograd.grad(source, zs, grad_outputs=all_classes(), retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
         except RuntimeError:
             grads = None  # not vmappable: the loop below is exact too
         if grads is not None:
@@ -60,8 +74,11 @@ def stream_logit_jacobians(
                 sink.add_classes(torch.zeros(n_classes, *z.shape, dtype=z.dtype, device=z.device) if g is None else g)
             return
     for c in range(n_classes):
-        # the gradient of the class's sum over samples (no one-hot grad_outputs tensor: less peak memory)
         last = not keep_graph and c == n_classes - 1
-        grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=not last, allow_unused=True)
+        if cotangent is None:
+            # the gradient of the class's sum over samples (no one-hot grad_outputs tensor: less peak memory)
+            grads = torch.autograd.grad(out[:, c].sum(), zs, retain_graph=not last, allow_unused=True)
+        else:
+            grads = torch.autograd.grad(source, zs, grad_outputs=cotangent(c), retain_graph=not last, allow_unused=True)
         for sink, g, z in zip(sinks, grads, zs):
             sink.add(torch.zeros_like(z) if g is None else g)

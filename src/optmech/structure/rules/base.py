@@ -82,6 +82,7 @@ class Record:
     version: int
     scale: torch.Tensor | None = None
     extra: object = None
+    input: torch.Tensor | None = None  # the input as the forward saw it, with its graph (the logits layer's seed)
     sample_dim: int = 0  # the dimension of z holding the samples (set by the capture after the checks)
 
 
@@ -93,6 +94,7 @@ class AccumulatorContext:
     n_classes: int
     capture: ForwardCapture
     graph: GraphUses
+    logits: torch.Tensor | None = None  # the forward's output f (batch, C)
 
     @property
     def options(self):
@@ -153,7 +155,7 @@ class Rule:
         when a later in-place op overwrote it on an earlier call (``ModelCache.copy_output``)."""
 
         def hook(module, args, output):
-            capture.record(layer, Record(args[0].detach(), output, output._version))
+            capture.record(layer, Record(args[0].detach(), output, output._version, input=args[0]))
             if module in capture.cache.copy_output:
                 return output.clone()  # the model continues on a copy; z keeps its value and its graph
             return None
