@@ -42,12 +42,16 @@ class Accumulator:
     def add(self, b: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """This layer's share (n, C, C), as a new tensor or (``into``) added into it."""
         raise NotImplementedError
 
+    def result(self) -> torch.Tensor:
+        return self.contract(None)
+
     def add_into(self, total: torch.Tensor) -> None:
-        """total += this layer's share (n, C, C); accumulators whose share has structure add it without forming it."""
-        total += self.result()
+        """total += this layer's share (n, C, C), without forming it apart where the contraction can accumulate."""
+        self.contract(total)
 
     def _take_all(self, bs: torch.Tensor) -> bool:
         return False
@@ -67,11 +71,8 @@ class _Wrapped(Accumulator):
         self.form, self.target, self.tapped = inner.form, inner.target, inner.tapped
         self.reads_gradient, self.seed = inner.reads_gradient, inner.seed
 
-    def result(self) -> torch.Tensor:
-        return self.inner.result()
-
-    def add_into(self, total: torch.Tensor) -> None:
-        self.inner.add_into(total)
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.contract(into)
 
 
 class SamplesMoved(_Wrapped):

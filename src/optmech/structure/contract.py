@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["contraction_costs", "materialised_gram", "ghost_gram", "class_major_gram"]
+__all__ = ["contraction_costs", "materialised_gram", "ghost_gram", "class_major_gram", "gram_of"]
 
 
 def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
@@ -32,22 +32,35 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
 
 
-def materialised_gram(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """A = ⟨G_c, G_c'⟩ with G_c = b_c âᵀ, for b of shape (n, C, d, S) and patches â (n, K[+1], S): one batched GEMM."""
+def gram_of(F_: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """F Fᵀ per sample for F (n, C, features): a new (n, C, C) tensor, or added into ``into`` in the same GEMM
+    (one pass over the (n, C, C) result, which at large C is what the contraction's time goes to)."""
+    if into is None:
+        return F_ @ F_.transpose(1, 2)
+    return into.baddbmm_(F_, F_.transpose(1, 2))
+
+
+def materialised_gram(b: torch.Tensor, a: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A = ⟨G_c, G_c'⟩ with G_c = b_c âᵀ, for b of shape (n, C, d, S) and patches â (n, K[+1], S): one batched GEMM.
+    ``into``: add A into it (:func:`gram_of`)."""
     n, C, d, S = b.shape
     F_ = (b.reshape(n, C * d, S) @ a.transpose(1, 2)).reshape(n, C, -1)  # (n, C, (K+1)·d)
-    return F_ @ F_.transpose(1, 2)
+    return gram_of(F_, into)
 
 
-def ghost_gram(b: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs."""
+def ghost_gram(b: torch.Tensor, gamma: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A[c, c'] = Σ_{s,t} Γ[s, t] (b_{c,s}·b_{c',t}) for b of shape (n, C, d, S) and Γ (n, S, S): two batched GEMMs.
+    ``into``: add A into it."""
     n, C, d, S = b.shape
     mixed = (b.reshape(n, C * d, S) @ gamma).reshape(n, C, d * S)
-    return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+    if into is None:
+        return b.reshape(n, C, d * S) @ mixed.transpose(1, 2)
+    return into.baddbmm_(b.reshape(n, C, d * S), mixed.transpose(1, 2))
 
 
-def class_major_gram(G: torch.Tensor) -> torch.Tensor:
-    """A[c, c'] = ⟨G_c, G_c'⟩ per sample for per-class gradients held class-major, G of shape (C, n, …): (n, C, C)."""
+def class_major_gram(G: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """A[c, c'] = ⟨G_c, G_c'⟩ per sample for per-class gradients held class-major, G of shape (C, n, …): (n, C, C).
+    ``into``: add A into it."""
     C, n = G.shape[:2]
     F_ = G.reshape(C, n, -1).transpose(0, 1)  # (n, C, features)
-    return F_ @ F_.transpose(1, 2)
+    return gram_of(F_, into)

@@ -19,7 +19,7 @@ import torch
 
 from .accumulator import Accumulator
 from .cache import SHARED, Workspace
-from .contract import contraction_costs, ghost_gram, materialised_gram
+from .contract import contraction_costs, ghost_gram, gram_of, materialised_gram
 from .patches import layer_dims, layer_patches
 
 __all__ = ["GroupedConvGram"]
@@ -56,7 +56,7 @@ class GroupedConvGram(Accumulator):
         self.buffer.copy_(bs.reshape(C, n, self.groups, self.d_group, self.S).permute(1, 2, 0, 3, 4))
         return True
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
         n, g, C, d, S = self.buffer.shape
         b = self.buffer.view(n * g, C, d, S)
@@ -66,8 +66,8 @@ class GroupedConvGram(Accumulator):
             out = materialised_gram(b, a)
         else:
             out = ghost_gram(b, a.transpose(1, 2) @ a)  # Γ_j = (â_{j,s}·â_{j,t}), (n·g, S, S)
-        out = out.view(n, g, C, C).sum(1)
+        out = out.view(n, g, C, C).sum(1) if into is None else into.add_(out.view(n, g, C, C).sum(1))
         if self.bias:
             sums = self.buffer.sum(4).transpose(1, 2).reshape(n, C, g * d)  # Σ_s b_c over all output channels
-            out = out + sums @ sums.transpose(1, 2)
+            out = gram_of(sums, out)
         return out

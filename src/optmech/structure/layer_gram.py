@@ -16,7 +16,7 @@ from torch import nn
 
 from .accumulator import Accumulator
 from .cache import SHARED, Workspace
-from .contract import class_major_gram, contraction_costs, ghost_gram, materialised_gram
+from .contract import class_major_gram, contraction_costs, ghost_gram, gram_of, materialised_gram
 from .layout import is_channels_last
 from .patches import layer_dims, layer_patches, out_features
 
@@ -124,26 +124,25 @@ class LayerGram(Accumulator):
             self.buffer.copy_(bs.reshape(C, n, self.d_out, self.S).transpose(0, 1))
         return True
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
         if self.immediate:
-            return class_major_gram(self.buffer)  # (C, n, K+1, d_out)
+            return class_major_gram(self.buffer, into)  # (C, n, K+1, d_out)
         a = self.a if self.a is not None else layer_patches(self.module, self.input, self.ws, self.ones_row, owner=SHARED)
         if self.tapped:
-            return self._tapped_result(a)
+            return self._tapped_result(a, into)
         if self.strategy == "materialise":
-            return materialised_gram(self.buffer, a)
+            return materialised_gram(self.buffer, a, into)
         if self.strategy == "ghost" and self.S == 1:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = self.class_major.transpose(0, 1) if self.class_major is not None else torch.stack(self.vectors, 1)  # (n, C, d_out)
             scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
-            return scale[:, None, None] * (F_ @ F_.transpose(1, 2))
-        out = ghost_gram(self.buffer, a.transpose(1, 2) @ a)  # Γ = (a_s·a_t), (n, S, S)
+            return gram_of(F_ * scale.sqrt()[:, None, None], into)
+        out = ghost_gram(self.buffer, a.transpose(1, 2) @ a, into)  # Γ = (a_s·a_t), (n, S, S)
         if self.bias:
-            bs = self.buffer.sum(3)  # (n, C, d_out)
-            out = out + bs @ bs.transpose(1, 2)
+            out = gram_of(self.buffer.sum(3), out)  # + ⟨Σ_s b_c, Σ_s b_c'⟩, (n, C, d_out)
         return out
 
-    def _tapped_result(self, a: torch.Tensor) -> torch.Tensor:
+    def _tapped_result(self, a: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """The materialised contraction from the class-major buffer (C, *z.shape) the taps wrote.
 
         Channels-last z: the buffer is (C, n, S, d) in memory; relaid out once as (n, S, C·d) (a
@@ -156,9 +155,9 @@ class LayerGram(Accumulator):
         if not is_channels_last(self.buffer[0]):
             by_sample = self.ws.get(SHARED, "dfdz-samples", (n, C, d, S), a.dtype, a.device)
             by_sample.copy_(self.buffer.reshape(C, n, d, S).transpose(0, 1))
-            return materialised_gram(by_sample, a)
+            return materialised_gram(by_sample, a, into)
         per_position = self.ws.get(SHARED, "dfdz-positions", (n, S, C, d), a.dtype, a.device)
         per_position.copy_(self.buffer.movedim(2, -1).reshape(C, n, S, d).permute(1, 2, 0, 3))
         Gt = torch.bmm(a, per_position.view(n, S, C * d))  # (n, K[+1], C·d): the G_cᵀ side by side
         F_ = Gt.view(n, -1, C, d).transpose(1, 2).reshape(n, C, -1)  # (n, C, (K+1)·d)
-        return F_ @ F_.transpose(1, 2)
+        return gram_of(F_, into)

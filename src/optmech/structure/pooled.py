@@ -25,6 +25,7 @@ from torch import nn
 
 from .accumulator import Accumulator
 from .cache import SHARED, Workspace
+from .contract import gram_of
 from .patches import layer_patches
 from .relu_tap import is_tap_node
 
@@ -100,7 +101,7 @@ class PooledConvGram(Accumulator):
             torch.mul(g, self.keep.unsqueeze(2), out=self.buffer)
         return True
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         n, d, C, S_pooled = self.buffer.shape
         assert self.count == C, "every class must be added once"
         patches = layer_patches(self.module, self.input, self.ws, self.module.bias is not None, owner=SHARED)  # (n, K+1, S)
@@ -112,4 +113,4 @@ class PooledConvGram(Accumulator):
         torch.gather(patches.unsqueeze(1).expand(n, d, K1, S), 3, index, out=gathered.transpose(2, 3))
         Gt = self.buffer.reshape(n * d, C, S_pooled) @ gathered.view(n * d, S_pooled, K1)  # (n·d, C, K+1): the G_cᵀ
         F_ = Gt.view(n, d, C, K1).transpose(1, 2).reshape(n, C, d * K1)
-        return F_ @ F_.transpose(1, 2)
+        return gram_of(F_, into)

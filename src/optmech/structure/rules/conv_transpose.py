@@ -69,6 +69,6 @@ class ConvTransposeGram(Accumulator):
         torch.cat(parts, 1, out=self.buffer[self.count])
         self.count += 1
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        return class_major_gram(self.buffer)
+        return class_major_gram(self.buffer, into)

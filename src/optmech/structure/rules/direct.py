@@ -172,9 +172,9 @@ class RawParameterGram(Accumulator):
         self.buffer[self.count] = g.reshape(g.shape[0], -1)
         self.count += 1
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        return class_major_gram(self.buffer)  # (C, n, |V|)
+        return class_major_gram(self.buffer, into)  # (C, n, |V|)
 
 
 class _Watching:

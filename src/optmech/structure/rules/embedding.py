@@ -62,6 +62,6 @@ class EmbeddingGram(Accumulator):
         self.buffer.copy_(bs.reshape(C, n, -1, self.buffer.shape[2]).permute(1, 0, 3, 2))
         return True
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        return ghost_gram(self.buffer, self.gamma)
+        return ghost_gram(self.buffer, self.gamma, into)

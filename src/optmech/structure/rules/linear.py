@@ -51,9 +51,9 @@ class LogitsLinearGram(Accumulator):
         if h is not None and h.grad_fn is not None and h.dim() == 2:
             self.seed = (h, module.weight.detach())
 
-    def result(self) -> torch.Tensor:
-        eye = torch.eye(self.n_classes, dtype=self.scale.dtype, device=self.scale.device)
-        return self.scale[:, None, None] * eye
-
-    def add_into(self, total: torch.Tensor) -> None:
-        total.diagonal(dim1=1, dim2=2).add_(self.scale[:, None].to(total.dtype))
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        if into is None:
+            eye = torch.eye(self.n_classes, dtype=self.scale.dtype, device=self.scale.device)
+            return self.scale[:, None, None] * eye
+        into.diagonal(dim1=1, dim2=2).add_(self.scale[:, None].to(into.dtype))
+        return into

@@ -91,6 +91,6 @@ class NormGram(Accumulator):
         torch.cat(parts, 2, out=self.buffer)
         return True
 
-    def result(self) -> torch.Tensor:
+    def contract(self, into: torch.Tensor | None = None) -> torch.Tensor:
         assert self.count == self.n_classes, "every class must be added once"
-        return class_major_gram(self.buffer)  # (C, n, |γ| + |β|)
+        return class_major_gram(self.buffer, into)  # (C, n, |γ| + |β|)
