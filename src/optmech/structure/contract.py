@@ -22,11 +22,12 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
 
     - ``ghost``: Γ = a aᵀ (S×S), M = Γ b (S × C·d_out), A = b M: n·S²·K + n·S²·C·d_out + n·C²·S·d_out
     - ``materialise``: G_c = Σ_s b_{c,s} a_sᵀ, A = ⟨G_c, G_c'⟩: n·C·d_out·S·K + n·C²·d_out·K
-    For S = 1 (a Linear layer on vectors) ghost is n·K + n·C²·d_out. The bias adds n·C·S·d_out + n·C²·d_out.
+    For S = 1 (a Linear layer on vectors) ghost is n·K + n·C²·d_out, the bias included (the +1 of ‖a‖² + 1).
+    Otherwise the bias adds n·C·S·d_out + n·C²·d_out.
     """
     extra = (n * C * S * d_out + n * C * C * d_out) if bias else 0.0
-    if S == 1:
-        return {"ghost": float(n * K + n * C * C * d_out + extra), "materialise": float(n * C * d_out * K + n * C * C * d_out * K + extra)}
+    if S == 1:  # ghost: (‖a‖² + 1)·B Bᵀ, the bias inside the scale
+        return {"ghost": float(n * K + n * C * C * d_out), "materialise": float(n * C * d_out * K + n * C * C * d_out * K + extra)}
     ghost = n * S * S * K + n * S * S * C * d_out + n * C * C * S * d_out
     materialise = n * C * d_out * S * K + n * C * C * d_out * K
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
