@@ -21,7 +21,7 @@ import math
 import pandas as pd
 import torch
 
-from .errors import NonFiniteStructureError
+from .errors import NonFiniteStructureError, check_finite_structure
 
 __all__ = [
     "COLUMNS",
@@ -273,14 +273,7 @@ def measure_from(
     if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
         raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
     n, C = p.shape
-    finite = torch.isfinite(A).flatten(1).all(1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        raise NonFiniteStructureError(
-            f"A: expected finite structural matrices, got NaN or inf in samples {bad[:10]}{'…' if len(bad) > 10 else ''}: "
-            f"J_x J_xᵀ overflowed {A.dtype} (the Jacobian's entries are beyond its range). Probe a float64 copy of the "
-            "model (model.double()) or look for exploding weights or activations."
-        )
+    check_finite_structure(A)
     A64, p64, q64 = A.to(torch.float64), p.to(torch.float64), q.to(torch.float64)
     e = p64 - q64
     E_f = fitting_error(p64, q64)

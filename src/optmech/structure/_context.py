@@ -14,8 +14,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..errors import NonFiniteLogitsError, NonFiniteStructureError, bad_samples
-
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) for every parameter with requires_grad, tied tensors listed once."""
@@ -124,28 +122,6 @@ def forward_failure(model: nn.Module, inputs: torch.Tensor, err: BaseException) 
             "model expects, or fix the model's forward."
         )
     return None
-
-
-def check_finite(A: torch.Tensor, logits) -> None:
-    """Raise when A (batch, C, C) holds NaN or inf: NonFiniteLogitsError when the logits do (``logits()`` gives them),
-    else NonFiniteStructureError (J_x J_xᵀ overflowed A's dtype). Names the samples."""
-    if bool(torch.isfinite(A.sum())):  # one reduction first: finite unless some entry is NaN/inf or the sum overflowed
-        return
-    finite = torch.isfinite(A).flatten(1).all(1)
-    if bool(finite.all()):
-        return
-    out = logits()
-    finite_logits = torch.isfinite(out).all(1)
-    if not bool(finite_logits.all()):
-        raise NonFiniteLogitsError(
-            f"model output: expected finite logits, got NaN or inf in samples {bad_samples(finite_logits)}, so their "
-            "structural matrices are undefined. Look for a diverged model (NaN weights) or inputs it cannot handle."
-        )
-    raise NonFiniteStructureError(
-        f"A: expected finite structural matrices, got NaN or inf in samples {bad_samples(finite)} with finite logits: "
-        f"J_x J_xᵀ overflowed {A.dtype} (the Jacobian's entries are beyond its range). Probe a float64 copy of the "
-        "model (model.double()) or look for exploding weights or activations."
-    )
 
 
 def _legacy_tf32_state() -> tuple[str, bool] | None:

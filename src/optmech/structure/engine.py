@@ -11,10 +11,11 @@ import warnings
 import torch
 from torch import nn
 
-from ._context import check_finite, check_outputs, forward_failure, prepare_inputs, probing, trainable_parameters
+from ..errors import check_finite_structure
+from ._context import check_outputs, forward_failure, prepare_inputs, probing, trainable_parameters
 from .cache import ModelCache, model_cache
 from .capture import ForwardCapture
-from .gram import structural_matrix_gram
+from .gram import gram_capture, structural_matrix_gram
 from .jacobian import structural_matrix_jacobian
 from .loop import structural_matrix_loop
 from .options import EngineOptions
@@ -158,22 +159,24 @@ def structural_matrix(
             with torch.no_grad():
                 return model(x)
 
-        check_finite(result.A, logits)
+        check_finite_structure(result.A, logits)
     log.debug("structural_matrix: method=%s batch=%d classes=%d", result.method, x.shape[0], result.A.shape[1])
     return result
 
 
-def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chunk_size, per_layer) -> StructuralMatrix:
+def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chunk_size, per_layer,
+         capture: ForwardCapture | None = None) -> StructuralMatrix:
     groups: dict[str, torch.Tensor] | None = {} if per_layer else None
     if chosen is EngineMethod.AUTO:
-        ran, key = _auto_choice(model, x, named, options, cache, chunk_size, per_layer)
+        capture = gram_capture(model, named, options, cache, x.device)  # its claims decide; gram then runs with it
+        ran, key = _auto_choice(capture, x, named, options, cache, chunk_size, per_layer)
         if key is not None:  # first call of this kind: time both exact methods, keep the faster
-            return _auto_trial(model, x, named, options, cache, chunk_size, per_layer, key)
+            return _auto_trial(model, x, named, options, cache, chunk_size, per_layer, key, capture)
         chosen = ran
     logits: list[torch.Tensor] = []
     if chosen is EngineMethod.GRAM:
         A, routes = structural_matrix_gram(model, x, named, options=options, cache=cache, chunk_size=chunk_size,
-                                           groups=groups, logits=logits)
+                                           groups=groups, logits=logits, capture=capture)
         route = RouteReport("gram", list(routes.values()))
     else:
         with torch.no_grad():
@@ -186,7 +189,7 @@ def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chun
     return StructuralMatrix(A, chosen.value, route, groups, torch.cat(logits) if logits else None)
 
 
-def _auto_choice(model, x, named, options, cache: ModelCache, chunk_size, per_layer) -> tuple[EngineMethod, tuple | None]:
+def _auto_choice(capture: ForwardCapture, x, named, options, cache: ModelCache, chunk_size, per_layer) -> tuple[EngineMethod, tuple | None]:
     """``auto``'s method and, when it must first be measured, the cache key for :func:`_auto_trial`.
 
     No module rule claims a parameter: ``jacobian``. Every parameter claimed, on the CPU: ``gram`` (its
@@ -196,7 +199,6 @@ def _auto_choice(model, x, named, options, cache: ModelCache, chunk_size, per_la
     ``jacobian``'s few vmapped kernels can beat ``gram``'s many small ones: the first call with a given model
     and call signature times both and keeps the faster (docs/engine.md has the measurements).
     """
-    capture = ForwardCapture(model, named, options, cache)
     module_claims = [c for c in capture.claims if c.module is not None]
     if not module_claims:
         return EngineMethod.JACOBIAN, None
@@ -207,7 +209,7 @@ def _auto_choice(model, x, named, options, cache: ModelCache, chunk_size, per_la
     return (EngineMethod(known), None) if known is not None else (EngineMethod.GRAM, key)
 
 
-def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_layer, key) -> StructuralMatrix:
+def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_layer, key, capture) -> StructuralMatrix:
     """Run ``gram`` and ``jacobian``, timed; remember the faster in the model's cache; return its result.
 
     On the CPU, when ``gram``'s forward left no parameter generic (a rule took parameters used directly, or
@@ -228,7 +230,7 @@ def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_lay
             if cuda:
                 torch.cuda.synchronize(x.device)
             start = time.perf_counter()
-            results[method] = _run(model, x, named, method, options, cache, chunk_size, per_layer)
+            results[method] = _run(model, x, named, method, options, cache, chunk_size, per_layer, capture)
             if cuda:
                 torch.cuda.synchronize(x.device)
             runs.append(time.perf_counter() - start)

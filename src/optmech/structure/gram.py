@@ -39,9 +39,14 @@ from .capture import ForwardCapture
 from .options import EngineOptions
 from .route import Route
 
-__all__ = ["structural_matrix_gram"]
+__all__ = ["structural_matrix_gram", "gram_capture"]
 
 log = logging.getLogger("optmech.structure")
+
+
+def gram_capture(model: nn.Module, named_params, options: EngineOptions, cache: ModelCache, device: torch.device) -> ForwardCapture:
+    """The capture a ``gram`` call on ``device`` runs with (ReLU taps on the CPU only); ``auto`` inspects its claims."""
+    return ForwardCapture(model, named_params, options if device.type == "cpu" else options.replace(relu_taps=False), cache)
 
 
 def structural_matrix_gram(
@@ -55,6 +60,7 @@ def structural_matrix_gram(
     chunk_size: int | None = None,
     groups: dict[str, torch.Tensor] | None = None,
     logits: list[torch.Tensor] | None = None,
+    capture: ForwardCapture | None = None,
 ) -> tuple[torch.Tensor, dict[str, Route]]:
     """(A (batch, C, C), {parameter: Route}) by the rules' Gram contractions, the rest through torch.func.
 
@@ -67,6 +73,7 @@ def structural_matrix_gram(
         chunk_size: samples per chunk (bounds the memory of activations and B's).
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
         logits: if a list, receives the detached logits of each chunk's forward.
+        capture: the :func:`gram_capture` to run with, when the caller made it already (``auto``).
 
     With ``options.channels_last`` on the CPU, a forward that raises a RuntimeError on channels-last Conv2d
     outputs is rerun in the model's own layout, which the model's cache keeps for later calls (logged at INFO).
@@ -75,8 +82,7 @@ def structural_matrix_gram(
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
     total = None
-    cpu = inputs.device.type == "cpu"
-    capture = ForwardCapture(model, named_params, options if cpu else options.replace(relu_taps=False), cache)
+    capture = gram_capture(model, named_params, options, cache, inputs.device) if capture is None else capture
     routes: dict[str, Route] = {}
     for start in range(0, n, chunk):
         x = inputs[start : start + chunk]
