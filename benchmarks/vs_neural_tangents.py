@@ -4,11 +4,16 @@
     .venv-nt/bin/python benchmarks/vs_neural_tangents.py --models c1 mlp256 --rounds 5
 
 For each model of benchmarks/structural.py (batch 64, C = 10, float32) it times, round by round and
-interleaved: a PyTorch training step, ``structural_matrix(method="gram").A``, and the per-sample NTK
+interleaved (each call after a 50-ms pause, so that neither runtime's idle threads spin into the other's
+call): a PyTorch training step, ``structural_matrix(method="gram").A``, and the per-sample NTK
 blocks A_x from ``nt.empirical_ntk_fn(apply, trace_axes=(), vmap_axes=0,
-implementation=STRUCTURED_DERIVATIVES)``, jitted (compile time reported apart), two ways: vmapped
-over single samples ("nt per-sample") and as the diagonal of the whole (batch, batch, C, C) kernel
-("nt full kernel", the usual call, which computes batch× more blocks than needed), where ``apply`` is the model replayed in JAX with the same weights (benchmarks/jax_port.py).
+implementation=STRUCTURED_DERIVATIVES)``, jitted (compile time reported apart), where ``apply`` is the model
+replayed in JAX with the same weights (benchmarks/jax_port.py), three ways: vmapped over single samples ("nt
+per-sample", neural-tangents at its best: Linear weights stored (in, out) and applied as ``x @ W``, the form its
+structured rules recognise), the same with PyTorch's layout replayed as ``x @ W.T`` ("nt x@W.T port", which
+hides the dense layers from those rules: shown to measure what the port's layout costs neural-tangents), and as the
+diagonal of the whole (batch, batch, C, C) kernel ("nt full kernel", the usual call, which computes batch× more
+blocks than needed).
 It prints medians, ratios to the step and to ``gram``, and each method's max relative error against
 the float64 per-sample autograd oracle (``method="loop"``) on 4 samples. It measures; it is not a test.
 """
@@ -37,6 +42,10 @@ from benchmarks.jax_port import to_jax  # noqa: E402
 from benchmarks.models import BATCH, MODELS, make_model  # noqa: E402
 from optmech import structural_matrix  # noqa: E402
 
+#: seconds of quiet before each timed call: XLA's and PyTorch's thread pools share the 2 cores, and a pool still
+#: spinning after its own call slows whichever call comes next
+PAUSE = 0.05
+
 
 def nt_blocks(apply, full: bool = False):
     """jitted (params, x) -> (batch, C, C): neural-tangents' NTK of each sample with itself, either
@@ -52,10 +61,10 @@ def rel_errors(name: str) -> dict[str, float]:
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = structural_matrix(model, x, method="loop").A.numpy()
     gram = structural_matrix(model, x, method="gram").A.numpy()
-    apply, params = to_jax(model, np.float64)
     scale = np.abs(ref).max()
     out = {"gram": float(np.abs(gram - ref).max() / scale)}
-    for key, full in (("nt per-sample", False), ("nt full kernel", True)):
+    for key, full, linear in (("nt per-sample", False, "stored"), ("nt x@W.T port", False, "torch"), ("nt full kernel", True, "stored")):
+        apply, params = to_jax(model, np.float64, linear=linear)
         ntk = np.asarray(nt_blocks(apply, full)(params, jnp.asarray(x.numpy())))
         out[key] = float(np.abs(ntk - ref).max() / scale)
     return out
@@ -80,12 +89,13 @@ def main() -> None:
         y = torch.randint(0, 10, (BATCH,))
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         apply, params = to_jax(model, np.float32)
-        blocks, full = nt_blocks(apply), nt_blocks(apply, full=True)
+        apply_t, params_t = to_jax(model, np.float32, linear="torch")
+        blocks, full, blocks_t = nt_blocks(apply), nt_blocks(apply, full=True), nt_blocks(apply_t)
         xj = jnp.asarray(x.numpy())
         compile_s = []
-        for fn in (blocks, full):
+        for fn, ps in ((blocks, params), (blocks_t, params_t), (full, params)):
             t0 = time.perf_counter()
-            fn(params, xj).block_until_ready()
+            fn(ps, xj).block_until_ready()
             compile_s.append(time.perf_counter() - t0)
 
         def step():
@@ -97,6 +107,7 @@ def main() -> None:
             "step": step,
             "gram": lambda: structural_matrix(model, x, method="gram").A,
             "nt per-sample": lambda: blocks(params, xj).block_until_ready(),
+            "nt x@W.T port": lambda: blocks_t(params_t, xj).block_until_ready(),
             "nt full kernel": lambda: full(params, xj).block_until_ready(),
         }
         for fn in runs.values():
@@ -104,6 +115,7 @@ def main() -> None:
         times = {k: [] for k in runs}
         for _ in range(args.rounds):
             for k, fn in runs.items():
+                time.sleep(PAUSE)
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
@@ -112,7 +124,7 @@ def main() -> None:
         for k in runs:
             err = f"{errs[k]:.1e}" if k in errs else ""
             print(f"{name:8s} {k:16s} {1000 * med[k]:10.1f} {med[k] / med['step']:8.2f} {med[k] / med['gram']:8.2f} {err:>12s}")
-        print(f"{'':8s} (neural-tangents compile {compile_s[0]:.1f} s / {compile_s[1]:.1f} s, not counted)", flush=True)
+        print(f"{'':8s} (neural-tangents compile {compile_s[0]:.1f} s / {compile_s[1]:.1f} s / {compile_s[2]:.1f} s, not counted)", flush=True)
         # the same model in A: gram against neural-tangents in float32 on this batch
         A_t = structural_matrix(model, x, method="gram").A.numpy()
         A_j = np.asarray(blocks(params, xj))

@@ -30,6 +30,7 @@ __all__ = [
     "gradient_norm",
     "spectrum",
     "perp_spectrum",
+    "symmetric_float64",
     "rank_tolerance",
     "theorem3_holds",
     "measure_from",
@@ -91,13 +92,27 @@ def gradient_norm(A: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bi,bij,bj->b", e, A, e)
 
 
-def spectrum(A: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of each A_x in float64, ascending. (batch, C, C) -> (batch, C).
+def symmetric_float64(A: torch.Tensor) -> torch.Tensor:
+    """(A_x + A_xᵀ)/2 in float64, a new tensor. (batch, C, C) -> (batch, C, C).
 
-    On A's own device (on a GPU, faster than a round trip through the CPU: docs/engine.md).
+    A_x is symmetric up to the rounding of the GEMMs that built it; the quadratic forms eᵀA_xe only see this
+    symmetric part, and the spectrum is that of this part. One sample at a time: a (C, C) slice and its
+    transpose stay in cache, where the batched transpose-add strides through all of A (3× slower at C = 1000).
     """
-    A = A.to(torch.float64)
-    return torch.linalg.eigvalsh(0.5 * (A + A.transpose(-1, -2)))
+    out = torch.empty(A.shape, dtype=torch.float64, device=A.device)
+    for a, o in zip(A, out):
+        a = a.to(torch.float64)
+        torch.add(a, a.transpose(-1, -2), out=o).mul_(0.5)
+    return out
+
+
+def spectrum(A: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of each (A_x + A_xᵀ)/2 in float64, ascending. (batch, C, C) -> (batch, C).
+
+    On A's own device (on a GPU, faster than a round trip through the CPU: docs/engine.md). A dense symmetric
+    eigendecomposition (LAPACK ``syevd``): O(C³) per sample, the probe's largest cost at C ≳ 300 on a CPU.
+    """
+    return torch.linalg.eigvalsh(symmetric_float64(A))
 
 
 @functools.lru_cache(maxsize=16)
@@ -116,7 +131,7 @@ def perp_spectrum(A: torch.Tensor) -> torch.Tensor:
     extreme eigenvalues: a bracket at least as tight as Theorem 3's (Cauchy interlacing).
     """
     V = _perp_basis(A.shape[-1], A.device)
-    return spectrum(V.T @ A.to(torch.float64) @ V)
+    return spectrum(V.T @ symmetric_float64(A) @ V)
 
 
 def rank_tolerance(lambda_max: torch.Tensor, n_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -183,8 +198,9 @@ def _log2(x: torch.Tensor) -> torch.Tensor:
 class Measurement:
     """Per-sample quantities for one batch; every tensor field has shape (batch,).
 
-    Float fields are float64, flags are bool. ``A`` (batch, C, C) and ``eigenvalues`` (batch, C)
-    are kept for inspection but not written by :meth:`to_frame`. See :data:`COLUMNS`.
+    Float fields are float64, flags are bool. ``A`` (batch, C, C), as measured (its own dtype, the model's
+    when the engine computed it; every quantity comes from its symmetric part in float64), and ``eigenvalues``
+    (batch, C), float64, are kept for inspection but not written by :meth:`to_frame`. See :data:`COLUMNS`.
     """
 
     loss: torch.Tensor
@@ -274,12 +290,12 @@ def measure_from(
         raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
     n, C = p.shape
     check_finite_structure(A)
-    A64, p64, q64 = A.to(torch.float64), p.to(torch.float64), q.to(torch.float64)
+    A64, p64, q64 = symmetric_float64(A), p.to(torch.float64), q.to(torch.float64)
     e = p64 - q64
     E_f = fitting_error(p64, q64)
     g2 = torch.clamp(gradient_norm(A64, e), min=0.0)
     log_g2 = _log2(g2)
-    lam = spectrum(A64)
+    lam = torch.linalg.eigvalsh(A64)
     lam_min, lam_max = lam[:, 0], lam[:, -1]
     deficient, U, L, lower, upper, holds = _bracket(lam_min, lam_max, g2, log_g2, E_f, C, A.dtype, rank_rtol)
     inf = torch.full_like(lam_min, math.inf)
@@ -288,7 +304,7 @@ def measure_from(
 
     nan = torch.full_like(lam_min, math.nan)
     if "perp" in extras and simplex and C > 1:  # the same bracket from A_x restricted to 1^⊥ (e ⊥ 1 on the simplex)
-        lam_p = perp_spectrum(A64)
+        lam_p = spectrum(_perp_basis(C, A64.device).T @ A64 @ _perp_basis(C, A64.device))
         lmin_p, lmax_p = lam_p[:, 0], lam_p[:, -1]
         _, _, _, lower_p, upper_p, holds_p = _bracket(lmin_p, lmax_p, g2, log_g2, E_f, C, A.dtype, rank_rtol)
     else:
@@ -323,7 +339,7 @@ def measure_from(
         gradient_norm_autograd=nan if gradient_norm_autograd is None else gradient_norm_autograd.to(torch.float64),
         gic_norm_ratio=norm_ratio,
         gic_max_cos=max_cos,
-        A=A64,
+        A=A,
         eigenvalues=lam,
         method=method,
         weights=(alpha, beta, gamma),
