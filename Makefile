@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make run    install everything into .venv and run the main job
-#   make test   install everything into .venv, lint (ruff) and run the test suite
+#   make test   install everything into .venv (the integrations' extras too), lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 # Pin torch to the local CPU wheel by default; `make TORCH_CONSTRAINT= run` lifts the pin.
@@ -15,12 +15,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test]"
 	touch $@
 
+# the integrations' packages (Lightning, transformers, TensorBoard, W&B, MLflow): the tests use them, the main job never
+$(VENV)/.installed-integrations: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test,integrations]"
+	touch $@
+
 install: $(VENV)/.installed
 
 run: install
 	$(VENV)/bin/optmech reproduce --preset quick --out $(RUN_DIR) --jobs 2 --overwrite
 
-test: install
+test: $(VENV)/.installed-integrations
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/python -m pytest -q
 

@@ -20,7 +20,8 @@ ALLOWED = {
     "theory": set(),
     "report": {"metrics", "records", "theory"},
     "experiments": {"data", "losses", "models", "probe", "records", "structure", "metrics", "theory"},
-    "cli": {"experiments", "data", "records", "probe", "report"},
+    "integrations": {"metrics", "probe", "records"},  # sinks and callbacks: above the probe, beside the experiments
+    "cli": {"experiments", "data", "records", "probe", "report", "integrations"},
 }
 
 

@@ -77,6 +77,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out with the same options."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    log: list[str] = typer.Option([], "--log", help="Also send each measurement's summary to KIND:TARGET (repeatable): "
+                                  "tensorboard:DIR, wandb:PROJECT, mlflow:URI, parquet:FILE (extras: optmech[tensorboard] ...)."),
 ) -> None:
     """Train one model with the probe on a schedule and record every measurement."""
     from pydantic import ValidationError
@@ -95,6 +97,15 @@ def train(
     except ValidationError as exc:
         _fail(_format_validation(exc))
 
+    from .integrations.sinks import open_sink
+
+    sinks = []
+    try:
+        for spec in log:
+            sinks.append(open_sink(spec))
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("records {task.fields[records]}"), TextColumn("Thm-3 violations {task.fields[violations]}"),
@@ -105,6 +116,9 @@ def train(
 
     def on_step(info: dict) -> None:
         nonlocal task
+        for probe_set, m in info.get("measurements", ()):
+            for sink in sinks:
+                sink.log(info["measured_step"], m, f"optmech/{probe_set}")
         if plain:
             if info["step"] % max(1, info["total"] // 10) == 0 or info["step"] == info["total"]:
                 console.print(f"step {info['step']}/{info['total']}  loss {info['loss']:.4f}  records {info['records']}  "
@@ -123,6 +137,9 @@ def train(
         if task is not None:
             progress.stop()
         _fail(str(exc), code=3 if isinstance(exc, ConsistencyError) else 2)
+    finally:
+        for sink in sinks:
+            sink.close()
     if task is not None:
         progress.stop()
     _print_summary(result)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from .structure import (
     tf32_enabled,
     trainable_parameters,
 )
+from .structure.signature import Batch, OutputSelector, bound, select_logits
 
 log = logging.getLogger("optmech.probe")
 
@@ -118,7 +120,7 @@ class Probe:
     """Measures the paper's per-sample quantities on a model.
 
     Args:
-        model: any ``nn.Module`` mapping (batch, ...) to logits (batch, classes).
+        model: any ``nn.Module`` mapping a batch to logits (batch, classes), or to an output holding them.
         loss: a loss name (see :func:`optmech.get_loss`) or a ``FenchelYoungLoss``.
         method: engine method for A_x (``"auto"``, ``"gram"``, ``"jacobian"``, ``"loop"``).
         weights: (α, β, γ) of the structural error S = αG + βU + γL; default (1, 1, 1),
@@ -131,6 +133,9 @@ class Probe:
         options: how the ``gram`` method may run (:class:`optmech.EngineOptions`).
         extras: extension columns to compute besides the paper's: ``"perp"`` (the bracket from A_x restricted
             to 1^⊥, a second eigendecomposition) and/or ``"gic"`` (GIC diagnostics); default none (NaN).
+        output: where the logits are in the model's output: by default the output itself, its ``.logits``
+            (Hugging Face), its ``"logits"`` key or its first item; else a key or attribute name, an index, or a
+            function of the output (:func:`optmech.structure.signature.select_logits`).
         **loss_kwargs: options of the loss (``label_smoothing``, ``alpha``).
 
     Attributes:
@@ -159,6 +164,7 @@ class Probe:
         per_layer: bool = False,
         options: EngineOptions | None = None,
         extras: tuple[str, ...] = (),
+        output: OutputSelector = None,
         **loss_kwargs,
     ) -> None:
         trainable_parameters(model)  # validates the model early
@@ -177,14 +183,16 @@ class Probe:
         unknown = set(self.extras) - set(EXTRAS)
         if unknown:
             raise ValueError(f"extras: expected a subset of {list(EXTRAS)}, got {sorted(unknown)} instead.")
+        self.output = output
         #: the route report of the latest measurement (which path each parameter went through)
         self.route = None
 
-    def measure(self, inputs: torch.Tensor, targets: torch.Tensor, *, check: bool | None = None) -> Measurement:
+    def measure(self, inputs: torch.Tensor | tuple | Mapping, targets: torch.Tensor, *, check: bool | None = None) -> Measurement:
         """Per-sample quantities for a batch.
 
         Args:
-            inputs: (batch, ...) model inputs.
+            inputs: (batch, ...) model inputs, or a tuple (positional) or mapping (keyword) of such tensors, e.g. a
+                tokenizer's ``{"input_ids": ..., "attention_mask": ...}``; each split along dimension 0.
             targets: (batch,) class indices or (batch, classes) target distributions.
             check: override the probe's ``check`` for this call.
 
@@ -194,29 +202,33 @@ class Probe:
         Raises:
             ConsistencyError: with check, when eᵀAe and autograd disagree beyond tolerance.
         """
-        x = prepare_inputs(self.model, inputs)
-        self._check_targets(x, targets)
+        batch = prepare_inputs(self.model, inputs)
+        self._check_targets(batch, targets)
+        with contextlib.ExitStack() as stack:
+            with probing(self.model):  # the output check's forward (first call) in eval semantics
+                x = stack.enter_context(bound(self.model, batch, self.output, cache=model_cache(self.model)))
 
-        def engine():
-            result = structural_matrix(
-                self.model, x, method=self.method, options=self.options, chunk_size=self.chunk_size, per_layer=self.per_layer
-            )
-            self.route = result.route
-            logits = result.logits
-            if logits is None:  # the method that ran had no eval forward over the batch: one more
-                with probing(self.model), torch.no_grad():
-                    logits = check_outputs(self.model(x), x.shape[0])
-            return logits, result.A, result.per_layer, result.method
+            def engine():
+                result = structural_matrix(
+                    self.model, x, method=self.method, options=self.options, chunk_size=self.chunk_size, per_layer=self.per_layer
+                )
+                self.route = result.route
+                logits = result.logits
+                if logits is None:  # the method that ran had no eval forward over the batch: one more
+                    with probing(self.model), torch.no_grad():
+                        logits = check_outputs(self.model(x), x.shape[0])
+                return logits, result.A, result.per_layer, result.method
 
-        return self._assemble(x, targets, engine, self.check if check is None else check, eval_semantics=True)
+            return self._assemble(x, targets, engine, self.check if check is None else check, eval_semantics=True)
 
     @staticmethod
-    def _check_targets(x: torch.Tensor, targets: torch.Tensor) -> None:
+    def _check_targets(x: torch.Tensor | Batch, targets: torch.Tensor) -> None:
         if not isinstance(targets, torch.Tensor):
             raise TypeError(f"targets: expected a torch.Tensor, got {type(targets).__name__} instead.")
-        if targets.shape[:1] != x.shape[:1]:
+        n = x.size if isinstance(x, Batch) else x.shape[0]
+        if targets.shape[:1] != (n,):
             raise ValueError(
-                f"targets: expected {x.shape[0]} targets to match the inputs' batch, got shape {tuple(targets.shape)} instead."
+                f"targets: expected {n} targets to match the inputs' batch, got shape {tuple(targets.shape)} instead."
             )
 
     def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool, check_rtol: float | None = None) -> Measurement:
@@ -313,16 +325,17 @@ class StepCapture:
         if self.reuse:
             self.forward.__exit__(*exc)
 
-    def measure(self, inputs: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> Measurement:
+    def measure(self, inputs: torch.Tensor | tuple | Mapping, targets: torch.Tensor, logits: object) -> Measurement:
         """The Measurement of the captured forward (inputs, targets as in :meth:`Probe.measure`)."""
         probe = self.probe
-        x = prepare_inputs(probe.model, inputs)
-        logits = check_outputs(logits, x.shape[0])
+        batch = prepare_inputs(probe.model, inputs)
+        n = batch.size if isinstance(batch, Batch) else batch.shape[0]
+        logits = check_outputs(select_logits(logits, probe.output), n)
         if logits.grad_fn is None:
             raise ValueError("logits: expected the output of the captured forward with its graph, got a tensor without grad_fn. "
                              "Run the forward inside `with probe.capture()` and without torch.no_grad().")
 
-        probe._check_targets(x, targets)
+        probe._check_targets(batch, targets)
         if not self.reuse:
             said = model_cache(probe.model).warned  # said once per model
             if frozenset({"capture: own forward"}) not in said:
@@ -340,6 +353,7 @@ class StepCapture:
         # the backward passes and the check in IEEE float32; the forward was the training step's, so
         # when it may have run in TF32 (float32 on a GPU) the check allows for that (CHECK_RTOL_TF32)
         tf32_forward = self.tf32 and logits.is_cuda and logits.dtype == torch.float32
-        with full_float32():
+        # the model as a function of one tensor for the generic path and the check (a structured batch: its indices)
+        with full_float32(), bound(probe.model, batch, probe.output, cache=model_cache(probe.model)) as x:
             return probe._assemble(x, targets, engine, probe.check, eval_semantics=False,
                                    check_rtol=CHECK_RTOL_TF32 if tf32_forward else None)

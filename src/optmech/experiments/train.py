@@ -232,8 +232,8 @@ def train(
         out: the run directory.
         resume: continue an interrupted run with the same config.
         overwrite: replace an existing run directory.
-        on_step: called after every step with a dict (step, total, loss, records, violations);
-            the CLI draws its progress bar from it.
+        on_step: called after every step with a dict (step, total, loss, records, violations, measurements: the
+            step's [(probe set, Measurement)], taken before step ``measured_step`` as the records say); the CLI draws its progress bar and feeds its ``--log`` sinks from it.
 
     Returns:
         :class:`RunResult` with the run directory, the records folder and the summary.
@@ -401,7 +401,8 @@ def train(
             })
         timings["writing_s"] += time.perf_counter() - t0
         if on_step is not None:
-            on_step({"step": step, "total": total_steps, "loss": last_loss, "records": n_records, "violations": violations})
+            on_step({"step": step, "total": total_steps, "loss": last_loss, "records": n_records, "violations": violations,
+                     "measurements": [(probe_set, m) for probe_set, m, _ in measurements], "measured_step": step - 1})
 
     # --- summary ------------------------------------------------------------------------------
     records = read_records(run_dir)

@@ -9,10 +9,12 @@ per-sample quantity; the context restores every module's mode, every buffer and 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
+
+from .signature import Batch, OutputSelectionError
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -66,10 +68,25 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def prepare_inputs(model: nn.Module, inputs: torch.Tensor, name: str = "inputs") -> torch.Tensor:
-    """Check a batch of inputs and cast floating inputs to the model's dtype and device."""
+def prepare_inputs(model: nn.Module, inputs: object, name: str = "inputs") -> torch.Tensor | Batch:
+    """Check a batch of inputs and cast floating inputs to the model's dtype and device.
+
+    A tensor gives a tensor; a tuple or mapping of tensors (:class:`.signature.Batch`) gives a Batch of the same
+    structure, every tensor checked and cast (named ``inputs['attention_mask']``, ``inputs[1]``).
+    """
+    if isinstance(inputs, Batch):
+        return inputs
+    if isinstance(inputs, (tuple, list, Mapping)):
+        return Batch(inputs, name).map(lambda key, t: _prepare_tensor(model, t, f"{name}[{key!r}]"))
+    return _prepare_tensor(model, inputs, name)
+
+
+def _prepare_tensor(model: nn.Module, inputs: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor of shape (batch, ...), got {type(inputs).__name__} instead.")
+        raise TypeError(
+            f"{name}: expected a torch.Tensor of shape (batch, ...), or a tuple or mapping of them (the model's positional "
+            f"or keyword inputs), got {type(inputs).__name__} instead."
+        )
     if inputs.is_inference():  # made under torch.inference_mode (Lightning's validate/test): a normal copy for autograd
         with torch.inference_mode(False):
             inputs = inputs.clone()
@@ -98,26 +115,31 @@ def check_outputs(out: object, batch: int) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"model output: expected a tensor of logits (batch, classes), got {type(out).__name__} instead. "
-            "Wrap the model so that forward returns the logits tensor."
+            "Pass output=... (a key or attribute name, an index, or a function of the output that returns the logits)."
         )
     if out.dim() != 2 or out.shape[0] != batch:
         raise ValueError(
             f"model output: expected logits of shape ({batch}, classes), got shape {tuple(out.shape)} instead. "
-            "Wrap the model so that forward returns one row of logits per sample."
+            "Return (or select with output=...) one row of logits per sample, e.g. a sequence model's logits at one position."
         )
     return out
 
 
-def forward_failure(model: nn.Module, inputs: torch.Tensor, err: BaseException) -> ValueError | None:
+def forward_failure(model: nn.Module, inputs: torch.Tensor, err: BaseException, shown: str | None = None) -> Exception | None:
     """A clear error to raise from ``err`` when the model's own forward fails on ``inputs`` (a wrong width, a wrong
-    dtype: the user's mistake, not the engine's), or None when a plain forward runs (the engine's path failed)."""
+    dtype: the user's mistake, not the engine's), or None when a plain forward runs (the engine's path failed).
+    ``shown``: how to describe the inputs (default: their shape and dtype). No logits in the model's output: that
+    error itself (it names ``output=``)."""
     try:
         with torch.no_grad():
             model(inputs)
+    except OutputSelectionError as no_logits:
+        return no_logits
     except Exception as plain:  # noqa: BLE001 - any failure of the user's forward is reported the same way
         first = str(plain).splitlines()[0] if str(plain) else type(plain).__name__
+        shown = shown or f"shape {tuple(inputs.shape)} and dtype {inputs.dtype}"
         return ValueError(
-            f"inputs: the model's own forward fails on inputs of shape {tuple(inputs.shape)} and dtype {inputs.dtype} "
+            f"inputs: the model's own forward fails on inputs of {shown} "
             f"({type(plain).__name__}: {first}), before the engine ran. Pass inputs of the shape, dtype and device the "
             "model expects, or fix the model's forward."
         )

@@ -66,6 +66,8 @@ class ModelCache:
         one_by_one: ``vmap`` could not batch the forward over samples: ``jacobian`` takes samples one at a time.
         warned: the (parameter, reason) sets already reported as generic (said once per model).
         stand_ins: the meta-device Linear modules that stand for recomputed projections (:mod:`.stand_in`).
+        plain_output: whether the model, called on one tensor, returns its logits as a tensor (None: not yet seen);
+            otherwise :func:`.signature.select_logits` finds them in its output.
     """
 
     def __init__(self) -> None:
@@ -76,6 +78,7 @@ class ModelCache:
         self.one_by_one = False
         self.warned: set[frozenset] = set()
         self.stand_ins: dict[tuple, nn.Linear] = {}
+        self.plain_output: bool | None = None
 
     def clear(self) -> None:
         """Forget everything: the next call behaves as a first call."""

@@ -101,6 +101,8 @@ class ForwardCapture:
         self.channels_last = options.channels_last and convs and not self.cache.own_layout
         self.records: dict[int, list[Record]] = {}  # id(layer) -> what its hooks recorded in this forward
         self.scratch: dict[str, object] = {}  # the rules' notes on this forward, by rule name
+        #: the samples in the forward about to run, when the caller knows it (the standalone call sets it)
+        self.batch_size: int | None = None
         self._handles: list = []
 
     def record(self, layer: Layer, record: Record) -> None:

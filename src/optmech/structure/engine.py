@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -20,6 +21,7 @@ from .jacobian import structural_matrix_jacobian
 from .loop import structural_matrix_loop
 from .options import EngineOptions
 from .route import Route, RouteReport
+from .signature import OutputSelector, bound
 
 __all__ = ["EngineMethod", "StructuralMatrix", "structural_matrix", "available_methods"]
 
@@ -94,6 +96,7 @@ def structural_matrix(
     options: EngineOptions | None = None,
     chunk_size: int | None = None,
     per_layer: bool = False,
+    output: OutputSelector = None,
 ) -> StructuralMatrix:
     """Per-sample structural matrices A_x = J_x J_xᵀ for a batch (paper Sec. 4.3).
 
@@ -103,14 +106,19 @@ def structural_matrix(
     the model's modes, buffers, ``.grad`` fields and the RNG state are left as they were.
 
     Args:
-        model: an ``nn.Module`` mapping inputs (batch, ...) to logits (batch, classes).
-        inputs: (batch, ...). Floating inputs are cast to the model's dtype and device.
+        model: an ``nn.Module`` mapping inputs (batch, ...) to logits (batch, classes), or to an output holding them.
+        inputs: a tensor (batch, ...), a tuple of tensors (the forward's positional inputs) or a mapping of them
+            (keyword inputs, e.g. ``{"input_ids": ..., "attention_mask": ...}``), each split along dimension 0.
+            Floating inputs are cast to the model's dtype, and every tensor to its device.
         method: ``"auto"``, ``"gram"``, ``"jacobian"`` or ``"loop"`` (see :class:`EngineMethod`).
         options: how ``gram`` may run (:class:`.options.EngineOptions`; default ``EngineOptions()``).
         chunk_size: samples per vectorised chunk (default: the whole batch for ``gram``, 256 MiB of Jacobians
             for ``jacobian``).
         per_layer: also return the per-module shares (a module's share is J_l J_lᵀ over its own parameters;
             tied tensors count once, with the module that registers them).
+        output: where the logits are in the model's output (:func:`.signature.select_logits`): by default the
+            output itself (a tensor), its ``.logits`` (Hugging Face), its ``"logits"`` key or its first item;
+            else a key or attribute name, an index, or a function of the output.
 
     Returns:
         :class:`StructuralMatrix` with ``A`` (batch, classes, classes), the method that ran, the route report,
@@ -133,13 +141,21 @@ def structural_matrix(
     named = trainable_parameters(model)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size: expected a positive integer or None, got {chunk_size!r} instead.")
-    x = prepare_inputs(model, inputs)
+    batch = prepare_inputs(model, inputs)
     cache = model_cache(model)
-    with probing(model):
+    shown = None if isinstance(batch, torch.Tensor) else batch.describe()
+    with probing(model), contextlib.ExitStack() as stack:
+        try:
+            x = stack.enter_context(bound(model, batch, output, cache=cache))  # one tensor, the model a function of it
+        except Exception as err:
+            failure = forward_failure(model, batch, err) if isinstance(batch, torch.Tensor) else None
+            if failure is not None:
+                raise failure from err
+            raise
         try:
             result = _run(model, x, named, chosen, options, cache, chunk_size, per_layer)
         except Exception as err:
-            failure = forward_failure(model, x, err)
+            failure = forward_failure(model, x, err, shown)
             if failure is not None:
                 raise failure from err
             if chosen is not EngineMethod.AUTO or not isinstance(err, RuntimeError):
@@ -160,7 +176,7 @@ def structural_matrix(
                 return model(x)
 
         check_finite_structure(result.A, logits)
-    log.debug("structural_matrix: method=%s batch=%d classes=%d", result.method, x.shape[0], result.A.shape[1])
+    log.debug("structural_matrix: method=%s batch=%d classes=%d", result.method, result.A.shape[0], result.A.shape[1])
     return result
 
 

@@ -88,6 +88,7 @@ def structural_matrix_gram(
         x = inputs[start : start + chunk]
         while True:
             try:
+                capture.batch_size = x.shape[0]
                 with capture, torch.enable_grad():
                     out = check_outputs(model(x), x.shape[0])
                 if total is None:  # C from the first chunk's logits: no separate forward to find it

@@ -7,6 +7,11 @@ Claims ``weight`` (E, vocabulary × dim). ∂f_c/∂E = Σ_t e_{tok_t} b_{c,t}�
 the ghost form with Γ the token-equality matrix (positions holding ``padding_idx`` get no gradient and are
 left out). The (vocabulary × dim) gradient is never formed. Not with ``max_norm`` (renormalises the weight in
 place) or ``scale_grad_by_freq`` (couples the samples). Position-wise.
+
+Indices shared by the whole batch (a leading dimension of 1, as BERT's position ids (1, T)) give an output that a
+later op broadcasts over the samples, where no per-sample gradient of it exists. In the standalone call
+(``EngineOptions.recompute``) the hook hands the model an n-fold copy of that output instead, the same values, so
+that the backward passes reach each sample's b_c; the tokens are the shared ones for every sample.
 """
 
 from __future__ import annotations
@@ -29,6 +34,20 @@ class EmbeddingRule(Rule):
 
     def matches(self, module: nn.Module) -> bool:
         return type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq
+
+    def record_hook(self, capture, layer: Layer):
+        default = super().record_hook(capture, layer)
+
+        def hook(module, args, output):
+            n = capture.batch_size
+            if not (capture.options.recompute and n is not None and n > 1 and args[0].dim() >= 1 and args[0].shape[0] == 1):
+                return default(module, args, output)
+            copies = output.expand(n, *output.shape[1:]).clone()  # one per sample, each with its own gradient
+            tokens = args[0].detach().expand(n, *args[0].shape[1:])
+            capture.record(layer, Record(tokens, copies, copies._version, input=args[0]))
+            return copies
+
+        return hook
 
     def accumulator(self, layer: Layer, record: Record, ctx: AccumulatorContext) -> EmbeddingGram:
         return EmbeddingGram(layer.module, record.a, ctx.n_classes, ctx.workspace)
