@@ -15,9 +15,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test]"
 	touch $@
 
-# the integrations' packages (Lightning, transformers, TensorBoard, W&B, MLflow): the tests use them, the main job never
+# the integrations' packages (Lightning, transformers, TensorBoard, W&B, MLflow) and Ray: the tests use them, the main job never
 $(VENV)/.installed-integrations: $(VENV)/.installed
-	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test,integrations]"
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_CONSTRAINT) -e ".[test,integrations,ray]"
 	touch $@
 
 install: $(VENV)/.installed

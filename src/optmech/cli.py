@@ -175,20 +175,28 @@ def reproduce(
     out: Path | None = typer.Option(None, "--out", "-o", help="Reproduction directory (default runs/<preset>)."),
     data_dir: str | None = typer.Option(None, help="Folder with the dataset's files (paper: MNIST IDX; cifar10: python batches)."),
     set_: list[str] = typer.Option([], "--set", help="Override a preset key, e.g. --set seeds=[1,2] --set train.n_probe=4."),
-    jobs: int = typer.Option(2, help="Parallel worker processes."),
+    jobs: int = typer.Option(2, help="Parallel worker processes (local); with --executor ray on a local instance, CPUs / jobs per task."),
     device: str | None = typer.Option(None, help="Device of the training runs (cpu, cuda, ...); the same as --set train.device=..."),
+    executor: str = typer.Option("local", help="Where the jobs run: local (worker processes) or ray (Ray tasks; optmech[ray])."),
+    address: str | None = typer.Option(None, help="With --executor ray: the cluster (auto, or HOST:PORT); default a local Ray instance."),
+    cpus_per_job: int | None = typer.Option(None, help="With --executor ray: CPUs per task and its torch threads (default: CPUs / --jobs locally, 1 on a cluster)."),
     overwrite: bool = typer.Option(False, help="Replace a reproduction made with another config."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Reproduce the paper: train, sweep and check every claim, then write claims.json and report.html.
 
     Re-running the same command skips finished runs and completes interrupted ones.
+    On a Ray cluster (--executor ray --address auto) --out must be a path every node sees (docs/cluster.md).
     """
     from pydantic import ValidationError
 
+    from .experiments.executors import make_executor
     from .experiments.reproduce import ReproduceError
     from .experiments.reproduce import reproduce as run_reproduction
     from .experiments.reproduce_config import PresetError, load_preset
+
+    if jobs < 1:
+        _fail(f"jobs: expected a positive number of processes, got {jobs}.")
 
     try:
         config = load_preset(preset, overrides=[*set_, *([f"train.device={device}"] if device else [])], data_dir=data_dir)
@@ -197,6 +205,12 @@ def reproduce(
     except PresetError as exc:
         _fail(str(exc))
     run_dir = out or Path("runs") / config.name
+    try:
+        runner = make_executor(executor, jobs=jobs, address=address, device=str(config.train.get("device", "cpu")), cpus_per_job=cpus_per_job)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    if executor == "local":
+        runner = None  # reproduce's default: this process for one job, else the local pool
     progress = Progress(TextColumn("[bold]reproduce[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
                         TimeElapsedColumn(), console=console, disable=quiet)
 
@@ -231,7 +245,7 @@ def reproduce(
             progress.console.print(f"[bold red]failed[/] {info['key']}: {info['error']}", highlight=False)
 
     try:
-        result = run_reproduction(config, run_dir, jobs=jobs, overwrite=overwrite, on_event=on_event)
+        result = run_reproduction(config, run_dir, jobs=jobs, overwrite=overwrite, on_event=on_event, executor=runner)
     except ReproduceError as exc:
         if task is not None:
             progress.stop()

@@ -1,4 +1,4 @@
-"""``optmech reproduce``: every experiment of the paper as resumable jobs, run in parallel processes.
+"""``optmech reproduce``: every experiment of the paper as resumable jobs, run in parallel processes or on Ray.
 
     config = load_preset("quick")
     result = reproduce(config, "runs/quick", jobs=2)
@@ -18,11 +18,8 @@ completes interrupted ones. The claims and the report are built afterwards from 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
-import multiprocessing
 import os
-import queue as queue_module
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +31,7 @@ from .. import data as datasets
 from ..records import read_json, write_json_atomic, write_parquet_atomic
 from .config import TrainConfig
 from .depth_sweep import DepthSweepConfig, depth_sweep
+from .executors import Events, Executor, InProcess, LocalPool, RayExecutor
 from .registry import EXPERIMENTS, Job
 from .reproduce_config import ReproduceConfig
 from .theory_runs import run_theory_experiment
@@ -66,21 +64,12 @@ def job_done(job: Job, run_dir: Path, config: ReproduceConfig) -> bool:
     return (run_dir / f"{job.key}.parquet").is_file()
 
 
-#: a worker process's progress queue, set by the pool's initializer
-_PROGRESS = None
-
-
-def _init_worker(queue) -> None:
-    global _PROGRESS
-    _PROGRESS = queue
-
-
 def run_job(job: Job, run_dir: str, config_json: dict, threads: int | None = None, progress=None) -> tuple[str, float]:
-    """Run (or continue) one job; returns (key, wall seconds). Top-level so worker processes can call it.
+    """Run (or continue) one job; returns (key, wall seconds). Top-level, so that any executor's workers can call it
+    (:mod:`.executors`); idempotent: a finished job's files are rewritten equal, an interrupted one resumes.
 
-    ``progress``: anything with ``put((key, step, total))`` (in a worker, the pool's queue), told about
-    a training job's steps about a hundred times per run."""
-    progress = progress if progress is not None else _PROGRESS
+    ``progress``: anything with ``put((key, step, total, pid))`` (a queue of the executor), told about a training
+    job's steps about a hundred times per run."""
     if threads:
         torch.set_num_threads(threads)
     config = ReproduceConfig(**config_json)
@@ -95,7 +84,7 @@ def run_job(job: Job, run_dir: str, config_json: dict, threads: int | None = Non
         if progress is not None:
             def on_step(info: dict) -> None:
                 if info["step"] % max(1, info["total"] // 100) == 0 or info["step"] == info["total"]:
-                    progress.put((job.key, info["step"], info["total"]))
+                    progress.put((job.key, info["step"], info["total"], os.getpid()))
         train(config.train_config(model, depth, seed, init), out, resume=(out / "run.json").is_file(), on_step=on_step)
     elif job.kind == "sweep":
         init, model = job.params
@@ -164,21 +153,22 @@ def reproduce(
     jobs: int = 1,
     overwrite: bool = False,
     on_event: Callable[[dict], None] | None = None,
+    executor: Executor | None = None,
 ) -> ReproduceResult:
-    """Run every job of ``config`` that is not finished in ``out``, ``jobs`` processes at a time.
+    """Run every job of ``config`` that is not finished in ``out``, on ``executor``.
 
-    With ``jobs > 1`` the workers are spawned processes, which re-import the calling script: call
-    ``reproduce`` under ``if __name__ == "__main__":`` there (the CLI does). Re-running with the same
-    config continues the reproduction; a different config is refused
-    unless ``overwrite``. ``on_event`` receives {"event": "start"|"queued"|"done"|"skip"|"failed", "key",
-    "done", "total"} ("start" when run in this process, "queued" when handed to a worker), and
-    {"event": "progress", "key", "step", "steps"} as a training job advances. A failed
-    job does not stop the others; :class:`ReproduceError` lists the failures at the end.
-    Each worker uses ``cpu_count // jobs`` torch threads.
+    ``executor`` (:mod:`.executors`): by default ``jobs`` local processes (:class:`.executors.LocalPool`; this process
+    when ``jobs == 1``); :class:`.executors.RayExecutor` runs them as Ray tasks. Spawned local workers re-import the
+    calling script: call ``reproduce`` under ``if __name__ == "__main__":`` there (the CLI does). Re-running with the
+    same config continues the reproduction; a different config is refused unless ``overwrite``. ``on_event``
+    receives {"event": "start"|"queued"|"done"|"skip"|"failed", "key", "done", "total"} ("start" when run in this
+    process, "queued" when handed to a worker), and {"event": "progress", "key", "step", "steps", "pid"} as a
+    training job advances. A failed job does not stop the others; :class:`ReproduceError` lists the failures at
+    the end.
     """
     if jobs < 1:
         raise ValueError(f"jobs: expected a positive number of processes, got {jobs}.")
-    run_dir = Path(out)
+    run_dir = executor.check_run_dir(out) if isinstance(executor, RayExecutor) else Path(out)
     _check_dataset(config)
     check_device(TrainConfig(**config.train))  # a missing GPU fails here, not in every training job
     meta = _start_meta(run_dir, config, overwrite)
@@ -200,60 +190,24 @@ def reproduce(
         write_json_atomic(run_dir / "reproduce.json", meta)
         emit({"event": "done", "key": key, "done": n_done, "total": total, "wall_s": wall})
 
-    config_json = config.model_dump(mode="json")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
     failures: dict[str, str] = {}
 
-    class _Emitter:  # run_job's progress sink when the job runs in this process
-        def put(self, item) -> None:
-            emit({"event": "progress", "key": item[0], "step": item[1], "steps": item[2]})
+    def failed(key: str, error: str) -> None:
+        failures[key] = error
+        emit({"event": "failed", "key": key, "done": n_done, "total": total, "error": error})
 
-    if jobs == 1 or len(todo) <= 1:
-        for job in todo:
-            emit({"event": "start", "key": job.key, "done": n_done, "total": total})
-            try:
-                finished(*run_job(job, str(run_dir), config_json, progress=_Emitter()))
-            except Exception as exc:  # noqa: BLE001 - one failed job must not stop the others
-                failures[job.key] = f"{type(exc).__name__}: {exc}"
-                emit({"event": "failed", "key": job.key, "done": n_done, "total": total, "error": failures[job.key]})
-    else:
-        ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no forked OpenMP state
-        queue = ctx.Queue()  # the workers' progress, handed over when each worker starts
-        pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
-
-        def drain() -> None:
-            while True:
-                try:
-                    key, step, steps = queue.get_nowait()
-                except queue_module.Empty:
-                    return
-                emit({"event": "progress", "key": key, "step": step, "steps": steps})
-
-        try:
-            futures = {}
-            for job in todo:
-                futures[pool.submit(run_job, job, str(run_dir), config_json, threads)] = job
-                emit({"event": "queued", "key": job.key, "done": n_done, "total": total})
-            pending = set(futures)
-            while pending:
-                ready, pending = cf.wait(pending, timeout=0.5, return_when=cf.FIRST_COMPLETED)
-                drain()
-                for fut in ready:
-                    try:
-                        finished(*fut.result())
-                    except Exception as exc:  # noqa: BLE001 - the other jobs go on; failures are reported at the end
-                        key = futures[fut].key
-                        failures[key] = f"{type(exc).__name__}: {exc}"
-                        emit({"event": "failed", "key": key, "done": n_done, "total": total, "error": failures[key]})
-        except BaseException:  # interrupted: stop the workers now (their finished parts and checkpoints are kept)
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-        drain()
+    events = Events(
+        queued=lambda key: emit({"event": "queued", "key": key, "done": n_done, "total": total}),
+        start=lambda key: emit({"event": "start", "key": key, "done": n_done, "total": total}),
+        progress=lambda key, step, steps, pid=None: emit({"event": "progress", "key": key, "step": step, "steps": steps, "pid": pid}),
+        done=finished,
+        failed=failed,
+    )
+    if executor is None:
+        executor = InProcess() if jobs == 1 or len(todo) <= 1 else LocalPool(jobs)
+    executor.run(todo, run_dir, config.model_dump(mode="json"), events)
     wall = time.perf_counter() - started
-    meta["sessions"].append({"ran": [j.key for j in todo], "wall_s": round(wall, 3), "jobs": jobs,
+    meta["sessions"].append({"ran": [j.key for j in todo], "wall_s": round(wall, 3), "jobs": jobs, "executor": executor.name,
                              "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     meta["status"] = "failed" if failures else "complete"
     meta["failures"] = failures
