@@ -204,9 +204,8 @@ class Probe:
         """
         batch = prepare_inputs(self.model, inputs)
         self._check_targets(batch, targets)
-        with contextlib.ExitStack() as stack:
-            with probing(self.model):  # the output check's forward (first call) in eval semantics
-                x = stack.enter_context(bound(self.model, batch, self.output, cache=model_cache(self.model)))
+        # the model as a function of one tensor returning logits (a structured batch: of the samples' indices)
+        with bound(self.model, batch, self.output, cache=model_cache(self.model)) as x:
 
             def engine():
                 result = structural_matrix(
