@@ -86,3 +86,18 @@ def test_reproduce_refuses_a_bad_train_value_before_any_job(tmp_path):
     result = runner.invoke(app, ["reproduce", "--preset", "quick", "--out", str(tmp_path / "r"), "--quiet", "--device", "tpu"])
     assert result.exit_code == 2 and "train.device" in result.output and "unknown device 'tpu'" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_missing_extra_is_named_as_the_pip_command(monkeypatch, tmp_path):
+    import sys
+    from pathlib import Path
+
+    tiny = Path(__file__).parent / "data" / "tiny_preset.toml"
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    result = CliRunner().invoke(app, ["reproduce", "--preset", str(tiny), "--executor", "ray", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "pip install optmech[ray]" in result.output and "Traceback" not in result.output
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    result = CliRunner().invoke(app, ["train", "--log", f"tensorboard:{tmp_path / 'tb'}", "--out", str(tmp_path / "t")])
+    assert result.exit_code == 2 and "pip install optmech[tensorboard]" in result.output
+    result = CliRunner().invoke(app, ["reproduce", "--preset", str(tiny), "--executor", "slurm", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "executor: expected one of ['local', 'ray'], got 'slurm'" in result.output

@@ -27,7 +27,9 @@ def _root() -> None:
 
 def _fail(message: str, code: int = 2) -> None:
     """One message, no traceback; status 2 for bad input, 3 for an internal inconsistency (--check)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # "optmech[ray]" is text
     raise typer.Exit(code=code)
 
 
