@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -144,14 +143,8 @@ def structural_matrix(
     batch = prepare_inputs(model, inputs)
     cache = model_cache(model)
     shown = None if isinstance(batch, torch.Tensor) else batch.describe()
-    with probing(model), contextlib.ExitStack() as stack:
-        try:
-            x = stack.enter_context(bound(model, batch, output, cache=cache))  # one tensor, the model a function of it
-        except Exception as err:
-            failure = forward_failure(model, batch, err) if isinstance(batch, torch.Tensor) else None
-            if failure is not None:
-                raise failure from err
-            raise
+    # the model as a function of one tensor returning logits (a structured batch: of the samples' indices)
+    with probing(model), bound(model, batch, output, cache=cache) as x:
         try:
             result = _run(model, x, named, chosen, options, cache, chunk_size, per_layer)
         except Exception as err:
