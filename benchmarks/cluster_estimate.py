@@ -38,20 +38,29 @@ from optmech.experiments.reproduce import plan_jobs  # noqa: E402
 from optmech.experiments.reproduce_config import ReproduceConfig, load_preset  # noqa: E402
 
 HELDOUT = {"mnist": 10_000, "fashion-mnist": 10_000, "mnist5k": 1_000, "cifar10": 10_000, "digits": 360}
+TRAINING = {"mnist": 60_000, "fashion-mnist": 60_000, "mnist5k": 4_000, "cifar10": 50_000, "digits": 1_437}
+
+
+def _steps(config: ReproduceConfig) -> int:
+    """A training run's steps: ``steps``, else its epochs over the training split (the last batch partial)."""
+    t = config.train
+    if t.get("steps"):
+        return t["steps"]
+    per_epoch = -(-TRAINING[config.dataset] // t.get("batch_size", 64))
+    return min(per_epoch * t.get("epochs", 1), t.get("max_steps") or 10**9)
 
 
 def _evaluated(config: ReproduceConfig) -> float:
     """Held-out images evaluated along a training run and at its end."""
     t = config.train
-    steps = t.get("steps") or 938
-    points = steps // t.get("eval_every", 100) + 1
+    points = _steps(config) // t.get("eval_every", 100) + 1
     held = HELDOUT.get(config.dataset, 10_000)
     return points * min(t.get("eval_samples") or held, held) + held
 
 
 def _records(config: ReproduceConfig) -> float:
     t = config.train
-    return (t.get("steps") or 938) / t.get("probe_every", 1) * t.get("n_probe", 16)
+    return _steps(config) / t.get("probe_every", 1) * t.get("n_probe", 16)
 
 
 def measured_costs(run_dir: Path) -> tuple[ReproduceConfig, dict[str, dict]]:
@@ -77,7 +86,7 @@ def _train_key(key: str) -> tuple[str, str, str]:
 def estimate(measured: ReproduceConfig, costs: dict[str, dict], target: ReproduceConfig) -> dict[str, float]:
     """{job key of the target: estimated CPU-seconds}."""
     by_run = {_train_key(k): c for k, c in costs.items() if k.startswith("train/") and "training_s" in c}
-    steps = (target.train.get("steps") or 938) / (measured.train.get("steps") or 938)
+    steps = _steps(target) / _steps(measured)
     probes = _records(target) / _records(measured)
     evals = _evaluated(target) / _evaluated(measured)
     sweep = (len(target.sweep.depths) * len(target.sweep.seeds)) / (len(measured.sweep.depths) * len(measured.sweep.seeds))
