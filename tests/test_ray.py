@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -59,6 +62,33 @@ def test_ray_gives_the_local_executors_claims_and_rows(cluster, tmp_path):
         pd.testing.assert_frame_equal(ours[name], frame, check_exact=True, obj=name)
     again = reproduce(config, tmp_path / "ray", executor=RayExecutor())  # the driver rerun: nothing left to do
     assert again.ran == []
+
+
+def _running_tasks() -> int:
+    """Ray worker processes executing a job now (Ray titles them ``ray::<task name>``; jobs are named by key)."""
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return sum(line.startswith(("ray::train/", "ray::sweep/", "ray::theory/")) for line in out.splitlines())
+
+
+def test_no_more_jobs_run_at_once_than_the_cluster_has_cpus(cluster, tmp_path):
+    """A task waiting in ray.get lends its CPU to another task: progress reports must not wait (they did, and the
+    quick preset ran three training jobs at once on two CPUs)."""
+    config = load_preset(TINY, overrides=["depth_models=['a', 'b']", "depths=[0, 1]", "bounds_models=['c']", "train.steps=40"])
+    counts, stop = [], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            counts.append(_running_tasks())
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        reproduce(config, tmp_path / "r", executor=RayExecutor(cpus_per_job=1))
+    finally:
+        stop.set()
+        watcher.join()
+    assert max(counts) == 2, max(counts)  # both CPUs busy, never a third job
 
 
 def test_a_worker_killed_mid_training_is_retried_and_resumes_from_its_checkpoint(cluster, tmp_path):

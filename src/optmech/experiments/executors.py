@@ -143,6 +143,18 @@ class LocalPool:
         drain()
 
 
+class _RayProgress:
+    """A task's progress sink: each item sent to the driver's queue actor without waiting for the reply. A task that
+    waits on ``ray.get`` lends its CPU back to Ray, which then starts another task on it: with a blocking ``put``
+    every progress report let one more job run than the cluster has CPUs."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def put(self, item) -> None:
+        self.queue.actor.put_nowait.remote(item)
+
+
 class RayExecutor:
     """Every job a Ray task; Ray schedules them over the cluster's resources and retries a task whose worker or node
     was lost (up to ``max_retries`` times; the retry resumes from the job's checkpoint, so no row is lost or written
@@ -197,7 +209,7 @@ class RayExecutor:
             for job in jobs:
                 gpus = self.gpus_per_train_job if job.kind == "train" else 0
                 ref = task.options(num_cpus=self.cpus_per_job, num_gpus=gpus, name=job.key).remote(
-                    job, str(run_dir), config_json, self.cpus_per_job, queue)
+                    job, str(run_dir), config_json, self.cpus_per_job, _RayProgress(queue))
                 refs[ref] = job
                 events.queued(job.key)
 
