@@ -32,7 +32,7 @@ import torch
 
 from ..probe import Probe
 from ._batch import to_device
-from .sinks import Sink, histogram_values, summary_scalars
+from .sinks import Sink, TensorBoardSink, summary_scalars
 
 try:  # the package is `lightning` (2.x); `pytorch_lightning` is its older name
     import lightning.pytorch as pl
@@ -124,7 +124,7 @@ class ProbeCallback(pl.Callback):
             logger.log_metrics(scalars, step=step)
             writer = getattr(logger, "experiment", None)
             if type(logger).__name__ == "TensorBoardLogger" and writer is not None:
-                _histograms(writer, m, prefix, step)
+                TensorBoardSink(writer=writer).log_histograms(step, m, prefix)
         for sink in self.sinks:
             sink.log(step, m, prefix)
 
@@ -154,10 +154,3 @@ class ProbeCallback(pl.Callback):
 
 def _split(prefix: str, dataloader_idx: int) -> str:
     return prefix if dataloader_idx == 0 else f"{prefix}_{dataloader_idx}"
-
-
-def _histograms(writer, m, prefix: str, step: int) -> None:
-    for column, values in histogram_values(m).items():
-        if len(values):
-            writer.add_histogram(f"{prefix}/{column}", values, step)
-

@@ -107,6 +107,10 @@ class TensorBoardSink:
     def log(self, step: int, measurement: Measurement | pd.DataFrame, prefix: str = "optmech") -> None:
         for tag, value in summary_scalars(measurement, prefix).items():
             self.writer.add_scalar(tag, value, step)
+        self.log_histograms(step, measurement, prefix)
+
+    def log_histograms(self, step: int, measurement: Measurement | pd.DataFrame, prefix: str = "optmech") -> None:
+        """The per-sample values of :data:`HISTOGRAMS` only (a logger that already writes the scalars)."""
         for column, values in histogram_values(measurement).items():
             if len(values):
                 self.writer.add_histogram(f"{prefix}/{column}", values, step)
