@@ -9,15 +9,17 @@ Models: an MLP 784 → 256 → 256 → C (ReLU) and SNet's CNN (Conv(1→8) → 
 round. Per model and C:
 
 - **step**: a training step (forward, cross-entropy, backward, SGD with lr 0);
-- **floor**: the exact cost floor of A = J Jᵀ — one forward, the C activation backward passes to the outputs of
-  the layers before the logits layer, seeded at that layer's input with ∂f_c/∂h = W[c] (the faster of one
-  vmapped pass and C passes, timed together with the forward), plus every layer's cheapest contraction
-  (``structure/contract.py``'s multiply-adds; the logits layer's (‖a‖² + 1)·I is O(n·d)) priced at the
-  throughput of a 2048² float32 GEMM timed in the same rounds;
+- **floor**: the exact cost floor of A = J Jᵀ, the cheaper of two schedules: one forward, the C activation
+  backward passes to the outputs of the layers before the logits layer, seeded at that layer's input with
+  ∂f_c/∂h = W[c] (the faster of one vmapped pass and C passes, timed together with the forward), plus every
+  layer's cheapest contraction (``structure/contract.py``'s multiply-adds; the logits layer's (‖a‖² + 1)·I is
+  O(n·d)) priced at the throughput of a 2048² float32 GEMM timed in the same rounds; or, when the logits
+  layer's input is narrower than C (d < C), the same with d passes seeded with the rows of R (W = QR), d × d
+  contractions and the product Q M Qᵀ (``structure/head.py``);
 - **gram**: ``structural_matrix(model, x, method="gram")``;
 - **probe**: ``Probe(model).measure(x, y)`` with the default columns (no extras).
 
-It prints medians, each one's ratio to the step and to the floor, and (``--no-memory`` to skip) the growth of
+It prints medians, each one's ratio to the step, to the floor and to ``gram``, and (``--no-memory`` to skip) the growth of
 the peak resident set during one call in a fresh process, next to the size of A itself (B·C² floats).
 """
 
@@ -51,11 +53,19 @@ def make(name: str, C: int) -> torch.nn.Module:
     return build("snet", depth=1, n_classes=C, seed=0)
 
 
-def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int):
-    """(forward + C passes seeded at the logits layer's input, best of the two forms; contraction multiply-adds)."""
+def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, tuple]:
+    """The exact cost floor's parts for each schedule: {name: (one vmapped pass, k passes, multiply-adds)}, the passes
+    timed together with the forward.
+
+    - ``"C"``: C passes seeded at the logits layer's input h with ∂f_c/∂h = W[c], every layer contracted C × C;
+    - ``"d"`` (only when the logits layer's input is narrower than C, d < C): d passes seeded with the rows of R
+      (W = QR), every layer contracted d × d, and Q M Qᵀ formed (C·d² + C²·d per sample).
+
+    The logits layer's own (‖a‖² + 1)·I costs O(n·d) in both.
+    """
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     head, body = layers[-1], layers[:-1]
-    n = x.shape[0]
+    n, d = x.shape[0], head.in_features
 
     def forward():
         seen = {}
@@ -69,29 +79,43 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int):
         return seen
 
     seen = forward()
-    macs = float(n * head.in_features)  # (‖a‖² + 1)·I
-    for m in body:
-        a, z = seen[m]
-        if isinstance(m, torch.nn.Linear):
-            K, S, d = m.in_features, a[0].numel() // m.in_features, m.out_features
-        else:
-            K = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
-            S, d = z.shape[2] * z.shape[3], m.out_channels
-        macs += min(contraction_costs(n, C, S, K, d, m.bias is not None).values())
 
-    def passes(batched: bool):
+    def contractions(k: int) -> float:
+        macs = float(n * d)  # (‖a‖² + 1)·I
+        for m in body:
+            a, z = seen[m]
+            if isinstance(m, torch.nn.Linear):
+                K, S, width = m.in_features, a[0].numel() // m.in_features, m.out_features
+            else:
+                K = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
+                S, width = z.shape[2] * z.shape[3], m.out_channels
+            macs += min(contraction_costs(n, k, S, K, width, m.bias is not None).values())
+        return macs
+
+    def passes(seeds: torch.Tensor, batched: bool):
+        k = seeds.shape[0]
+
         def run():
             got = forward()
             h, zs = got[head][0], [got[m][1] for m in body]
-            W = head.weight.detach()
             if batched:
-                torch.autograd.grad(h, zs, grad_outputs=W[:, None, :].expand(C, *h.shape), is_grads_batched=True)
+                torch.autograd.grad(h, zs, grad_outputs=seeds[:, None, :].expand(k, *h.shape), is_grads_batched=True)
             else:
-                for c in range(C):
-                    torch.autograd.grad(h, zs, grad_outputs=W[c].expand_as(h), retain_graph=c < C - 1)
+                for c in range(k):
+                    torch.autograd.grad(h, zs, grad_outputs=seeds[c].expand_as(h), retain_graph=c < k - 1)
         return run
 
-    return passes(True), passes(False), macs
+    W = head.weight.detach()
+    schedules = {"C": (passes(W, True), passes(W, False), contractions(C))}
+    if d < C:
+        R = torch.linalg.qr(W.double())[1].to(W.dtype)
+        schedules["d"] = (passes(R, True), passes(R, False), contractions(d) + n * (C * d * d + C * C * d))
+    return schedules
+
+
+def model_head_width(model: torch.nn.Module) -> int:
+    """d: the width of the logits layer's input."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].in_features
 
 
 def timed(fn) -> float:
@@ -125,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     gemm_a = torch.randn(GEMM, GEMM, generator=torch.Generator().manual_seed(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32")
-    print(f"{'model':<5} {'C':>5} {'what':<6} {'median ms':>10} {'× step':>8} {'× floor':>8} {'peak MiB':>9}")
+    print(f"{'model':<5} {'C':>5} {'what':<6} {'median ms':>10} {'× step':>8} {'× floor':>8} {'× gram':>7} {'peak MiB':>9}")
     for name in args.models:
         for C in args.classes:
             model = make(name, C).eval()
@@ -133,15 +157,17 @@ def main() -> None:
             y = torch.randint(0, C, (BATCH,), generator=torch.Generator().manual_seed(2))
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             probe = Probe(model)
-            one_pass, c_passes, macs = floor_parts(model, x, C)
+            schedules = floor_parts(model, x, C)
 
             def step():
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
 
-            calls = {"step": step, "one_pass": one_pass, "c_passes": c_passes, "gemm": lambda: gemm_a @ gemm_a,
+            calls = {"step": step, "gemm": lambda: gemm_a @ gemm_a,
                      "gram": lambda: structural_matrix(model, x, method="gram"), "probe": lambda: probe.measure(x, y)}
+            for key, (one_pass, k_passes, _) in schedules.items():
+                calls[f"one_pass/{key}"], calls[f"k_passes/{key}"] = one_pass, k_passes
             for fn in calls.values():  # warm
                 fn()
             rounds = max(2, args.rounds if C <= 10 else args.rounds // 2 if C <= 100 else 2)
@@ -151,15 +177,22 @@ def main() -> None:
                     times[k].append(timed(fn))
             med = {k: statistics.median(v) for k, v in times.items()}
             rate = 2 * GEMM**3 / med["gemm"]
-            floor = min(med["one_pass"], med["c_passes"]) + 2 * macs / rate
+            floors = {key: min(med[f"one_pass/{key}"], med[f"k_passes/{key}"]) + 2 * macs / rate
+                      for key, (_, _, macs) in schedules.items()}
+            best = min(floors, key=floors.get)
+            floor = floors[best]
             A_mib = BATCH * C * C * 4 / 2**20
             for k in ("step", "gram", "probe"):
                 mem = "" if args.no_memory or k == "step" else f"{peak_memory_mib(name, C, k):.0f}"
-                print(f"{name:<5} {C:>5} {k:<6} {1e3 * med[k]:>10.1f} {med[k] / med['step']:>8.2f} {med[k] / floor:>8.2f} {mem:>9}")
-            print(f"{'':<5} {'':>5} floor = forward + {C} passes {1e3 * min(med['one_pass'], med['c_passes']):.1f} ms "
-                  f"({'one vmapped pass' if med['one_pass'] <= med['c_passes'] else f'{C} passes'}) + contraction "
-                  f"{macs / 1e9:.2f} GMAC ({2e3 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s); A itself {A_mib:.1f} MiB; "
-                  f"{rounds} rounds", flush=True)
+                print(f"{name:<5} {C:>5} {k:<6} {1e3 * med[k]:>10.1f} {med[k] / med['step']:>8.2f} {med[k] / floor:>8.2f} "
+                      f"{med[k] / med['gram']:>7.2f} {mem:>9}")
+            for key, (_, _, macs) in schedules.items():
+                k_seeds = C if key == "C" else model_head_width(model)
+                passes_ms = 1e3 * min(med[f"one_pass/{key}"], med[f"k_passes/{key}"])
+                print(f"{'':<5} {'':>5} {'floor' if key == best else 'other'} = forward + {k_seeds} passes {passes_ms:.1f} ms + "
+                      f"{'contractions' if key == 'C' else 'd × d contractions + Q M Qᵀ'} {macs / 1e9:.2f} GMAC "
+                      f"({2e3 * macs / rate:.1f} ms at {rate / 1e9:.0f} GFLOP/s): {1e3 * floors[key]:.1f} ms")
+            print(f"{'':<5} {'':>5} A itself {A_mib:.1f} MiB; {rounds} rounds", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,26 +123,32 @@ def test_theorem3_holds_detects_a_violation():
     assert holds.tolist() == [True, False, False]  # 0.4 < E_f·λmin fails the upper side; 5 > E_f·λmax the lower
 
 
-def test_consistency_check_catches_a_wrong_structural_matrix():
-    model = nn.Linear(3, 4).double()
-    x = torch.randn(2, 3, dtype=torch.float64)
-    probe = Probe(model, check=True)
+@pytest.mark.parametrize("narrow_head", [False, True])
+def test_consistency_check_catches_a_wrong_structural_matrix(monkeypatch, narrow_head):
+    """A doubled A, or doubled factors of a narrow logits layer (A = s·I + Q M Qᵀ), fails the autograd check."""
     import dataclasses
 
     import optmech.probe as probe_module
 
+    if narrow_head:  # the probe's quantities come from the factors, A is not formed
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 6)).double()
+    else:
+        model = nn.Linear(3, 4).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    probe = Probe(model, check=True)
     original = probe_module.structural_matrix
 
     def doubled(*a, **k):
         result = original(*a, **k)
+        assert (result.head is not None) == narrow_head and (result.A is None) == narrow_head
+        if narrow_head:
+            head = result.head
+            return dataclasses.replace(result, head=dataclasses.replace(head, core=2 * head.core, scale=2 * head.scale))
         return dataclasses.replace(result, A=2 * result.A)
 
-    probe_module.structural_matrix = doubled
-    try:
-        with pytest.raises(ConsistencyError, match="autograd gives"):
-            probe.measure(x, torch.tensor([0, 1]))
-    finally:
-        probe_module.structural_matrix = original
+    monkeypatch.setattr(probe_module, "structural_matrix", doubled)
+    with pytest.raises(ConsistencyError, match="autograd gives"):
+        probe.measure(x, torch.tensor([0, 1]))
 
 
 def test_frame_has_every_documented_column_and_float32_models_work():

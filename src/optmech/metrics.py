@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "fitting_error",
     "gradient_norm",
     "spectrum",
+    "eigvalsh",
+    "head_spectrum",
     "perp_spectrum",
     "symmetric_float64",
     "rank_tolerance",
@@ -106,13 +109,52 @@ def symmetric_float64(A: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: below this many multiply-adds per batch (n·C³) the eigensolver runs on the calling thread alone
+_THREADED_EIG_WORK = 2**22
+
+_eig_pool: ThreadPoolExecutor | None = None
+
+
+def eigvalsh(S: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of each symmetric matrix of a batch, ascending: ``torch.linalg.eigvalsh``, on the CPU with the
+    batch split across the intra-op threads. (batch, C, C) -> (batch, C), S's dtype.
+
+    LAPACK's ``syevd`` on one matrix of a few hundred rows makes little use of a second thread, so one thread per
+    part of the batch, each one-threaded, is about twice as fast on 2 cores (docs/engine.md); the intra-op thread
+    count is restored afterwards. On a GPU, and for small batches, one call.
+    """
+    global _eig_pool
+    threads = torch.get_num_threads()
+    n, C = S.shape[0], S.shape[-1]
+    if S.device.type != "cpu" or threads < 2 or n < 2 or n * C**3 < _THREADED_EIG_WORK:
+        return torch.linalg.eigvalsh(S)
+    if _eig_pool is None or _eig_pool._max_workers < threads:
+        _eig_pool = ThreadPoolExecutor(threads, thread_name_prefix="optmech-eigvalsh")
+    torch.set_num_threads(1)
+    try:
+        return torch.cat(list(_eig_pool.map(torch.linalg.eigvalsh, S.chunk(threads))))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spectrum(A: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of each (A_x + A_xᵀ)/2 in float64, ascending. (batch, C, C) -> (batch, C).
 
     On A's own device (on a GPU, faster than a round trip through the CPU: docs/engine.md). A dense symmetric
-    eigendecomposition (LAPACK ``syevd``): O(C³) per sample, the probe's largest cost at C ≳ 300 on a CPU.
+    eigendecomposition (LAPACK ``syevd``, :func:`eigvalsh`): O(C³) per sample, the probe's largest cost at
+    C ≳ 300 on a CPU unless the factors of a narrow logits layer give it (:func:`head_spectrum`).
     """
-    return torch.linalg.eigvalsh(symmetric_float64(A))
+    return eigvalsh(symmetric_float64(A))
+
+
+def head_spectrum(scale: torch.Tensor, core: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Eigenvalues of A_x = s_x·I + Q M_x Qᵀ (:class:`optmech.structure.head.LowRankHead`, Q with orthonormal
+    columns), float64, ascending, (batch, C): s_x + eig(M_x) and s_x for the other C − d, from a d × d eigensolver.
+    ``scale`` s (batch,), ``core`` (batch, d, d) the symmetric M_x in float64 (:func:`symmetric_float64`)."""
+    s = scale.to(torch.float64)[:, None]
+    core = eigvalsh(core)
+    rest = torch.zeros(core.shape[0], n_classes - core.shape[1], dtype=torch.float64, device=core.device)
+    return torch.sort(torch.cat([core, rest], 1) + s, dim=1).values
 
 
 @functools.lru_cache(maxsize=16)
@@ -199,8 +241,9 @@ class Measurement:
     """Per-sample quantities for one batch; every tensor field has shape (batch,).
 
     Float fields are float64, flags are bool. ``A`` (batch, C, C), as measured (its own dtype, the model's
-    when the engine computed it; every quantity comes from its symmetric part in float64), and ``eigenvalues``
-    (batch, C), float64, are kept for inspection but not written by :meth:`to_frame`. See :data:`COLUMNS`.
+    when the engine computed it; every quantity comes from its symmetric part in float64, or from the factors
+    ``head`` of a narrow logits layer), and ``eigenvalues`` (batch, C), float64, are kept for inspection but not
+    written by :meth:`to_frame`. See :data:`COLUMNS`.
     """
 
     loss: torch.Tensor
@@ -229,11 +272,18 @@ class Measurement:
     gradient_norm_autograd: torch.Tensor
     gic_norm_ratio: torch.Tensor
     gic_max_cos: torch.Tensor
-    A: torch.Tensor = dataclasses.field(repr=False)
+    given_A: torch.Tensor | None = dataclasses.field(repr=False)
     eigenvalues: torch.Tensor = dataclasses.field(repr=False)
     method: str = "auto"
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     per_layer: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    head: object = dataclasses.field(default=None, repr=False)  # optmech.structure.head.LowRankHead
+
+    @functools.cached_property
+    def A(self) -> torch.Tensor:
+        """(batch, C, C): the structural matrices as measured, in their own dtype (the model's): the engine's A, or
+        formed from the factors ``head`` (A = s·I + Q M Qᵀ) on first read when the engine left it to them."""
+        return self.given_A if self.given_A is not None else self.head.form()
 
     def __len__(self) -> int:
         return int(self.loss.shape[0])
@@ -265,11 +315,13 @@ def measure_from(
     method: str = "auto",
     per_layer: dict[str, torch.Tensor] | None = None,
     extras: tuple[str, ...] = EXTRAS,
+    head=None,
 ) -> Measurement:
     """Every per-sample quantity from the structural matrices and the prediction/target vectors.
 
     Args:
-        A: (batch, C, C) structural matrices, any floating dtype (its dtype sets the rank tolerance).
+        A: (batch, C, C) structural matrices, any floating dtype (its dtype sets the rank tolerance); None when
+            ``head`` is given (A is then formed only if an extra or a reader of ``Measurement.A`` needs it).
         p: (batch, C) predictions p = ∇Ω*(f).
         q: (batch, C) targets.
         loss: (batch,) per-sample loss values d_Ω(q, f).
@@ -281,6 +333,10 @@ def measure_from(
         per_layer: optional {module path: (batch, C, C)} shares of A, kept on the Measurement.
         extras: the extension columns to compute (:data:`EXTRAS`): ``"perp"`` (the 1^⊥ spectrum: a second
             eigendecomposition) and ``"gic"`` (the GIC diagnostics); the others are NaN.
+        head: the engine's factors A = s·I + Q M Qᵀ of these A (:attr:`optmech.structure.StructuralMatrix.head`, a
+            :class:`optmech.structure.head.LowRankHead`: ``scale`` s, ``basis`` Q in float64, ``core`` M, ``form()``):
+            then ‖g‖² = s‖e‖² + (Qᵀe)ᵀ M (Qᵀe) and the spectrum come from them (:func:`head_spectrum`), all in
+            float64, and A itself is read only by the extras.
     """
     unknown = set(extras) - set(EXTRAS)
     if unknown:
@@ -289,24 +345,38 @@ def measure_from(
     if min(alpha, beta, gamma) <= 0 or not all(math.isfinite(w) for w in (alpha, beta, gamma)):
         raise ValueError(f"weights: expected three finite positive numbers (α, β, γ), got {weights!r} instead.")
     n, C = p.shape
-    check_finite_structure(A)
-    A64, p64, q64 = symmetric_float64(A), p.to(torch.float64), q.to(torch.float64)
+    dtype = A.dtype if A is not None else head.core.dtype
+    p64, q64 = p.to(torch.float64), q.to(torch.float64)
     e = p64 - q64
     E_f = fitting_error(p64, q64)
-    g2 = torch.clamp(gradient_norm(A64, e), min=0.0)
+    A64 = None
+    if head is None:
+        check_finite_structure(A)
+        A64 = symmetric_float64(A)
+        g2 = gradient_norm(A64, e)
+        lam = eigvalsh(A64)
+    else:
+        head.check_finite()
+        core = symmetric_float64(head.core)
+        u = e @ head.basis  # Qᵀe, (n, d)
+        g2 = head.scale.to(torch.float64) * (e * e).sum(1) + gradient_norm(core, u)
+        lam = head_spectrum(head.scale, core, C)
+    g2 = torch.clamp(g2, min=0.0)
     log_g2 = _log2(g2)
-    lam = torch.linalg.eigvalsh(A64)
     lam_min, lam_max = lam[:, 0], lam[:, -1]
-    deficient, U, L, lower, upper, holds = _bracket(lam_min, lam_max, g2, log_g2, E_f, C, A.dtype, rank_rtol)
+    deficient, U, L, lower, upper, holds = _bracket(lam_min, lam_max, g2, log_g2, E_f, C, dtype, rank_rtol)
     inf = torch.full_like(lam_min, math.inf)
     G = torch.where(deficient, inf, U - L)
     S = torch.where(deficient, inf, alpha * G + beta * U + gamma * L)
 
     nan = torch.full_like(lam_min, math.nan)
+    if A64 is None and set(extras) & {"perp", "gic"}:
+        A = head.form() if A is None else A
+        A64 = symmetric_float64(A)
     if "perp" in extras and simplex and C > 1:  # the same bracket from A_x restricted to 1^⊥ (e ⊥ 1 on the simplex)
         lam_p = spectrum(_perp_basis(C, A64.device).T @ A64 @ _perp_basis(C, A64.device))
         lmin_p, lmax_p = lam_p[:, 0], lam_p[:, -1]
-        _, _, _, lower_p, upper_p, holds_p = _bracket(lmin_p, lmax_p, g2, log_g2, E_f, C, A.dtype, rank_rtol)
+        _, _, _, lower_p, upper_p, holds_p = _bracket(lmin_p, lmax_p, g2, log_g2, E_f, C, dtype, rank_rtol)
     else:
         lmin_p = lmax_p = lower_p = upper_p = nan
         holds_p = torch.ones_like(holds)
@@ -339,11 +409,12 @@ def measure_from(
         gradient_norm_autograd=nan if gradient_norm_autograd is None else gradient_norm_autograd.to(torch.float64),
         gic_norm_ratio=norm_ratio,
         gic_max_cos=max_cos,
-        A=A,
+        given_A=A,
         eigenvalues=lam,
         method=method,
         weights=(alpha, beta, gamma),
         per_layer=per_layer,
+        head=head,
     )
 
 

@@ -34,6 +34,7 @@ from .structure import (
     tf32_enabled,
     trainable_parameters,
 )
+from .structure.head import LowRankHead
 from .structure.signature import Batch, OutputSelector, bound, select_logits
 
 log = logging.getLogger("optmech.probe")
@@ -208,15 +209,16 @@ class Probe:
         with bound(self.model, batch, self.output, cache=model_cache(self.model)) as x:
 
             def engine():
-                result = structural_matrix(
-                    self.model, x, method=self.method, options=self.options, chunk_size=self.chunk_size, per_layer=self.per_layer
+                result = structural_matrix(  # A left to the factors of a narrow logits layer where they hold it
+                    self.model, x, method=self.method, options=self.options, chunk_size=self.chunk_size,
+                    per_layer=self.per_layer, dense=False,
                 )
                 self.route = result.route
                 logits = result.logits
                 if logits is None:  # the method that ran had no eval forward over the batch: one more
                     with probing(self.model), torch.no_grad():
                         logits = check_outputs(self.model(x), x.shape[0])
-                return logits, result.A, result.per_layer, result.method
+                return logits, result.A, result.per_layer, result.method, result.head
 
             return self._assemble(x, targets, engine, self.check if check is None else check, eval_semantics=True)
 
@@ -231,8 +233,8 @@ class Probe:
             )
 
     def _assemble(self, x, targets, engine, check: bool, *, eval_semantics: bool, check_rtol: float | None = None) -> Measurement:
-        """(logits, A, groups, method) from ``engine()``; p, q and the loss from the logits; the Measurement."""
-        logits, A, groups, ran = engine()
+        """(logits, A, groups, method, head) from ``engine()``; p, q and the loss from the logits; the Measurement."""
+        logits, A, groups, ran, head = engine()
         if logits.shape[1] < 2:
             raise ValueError(
                 f"model output: expected logits for at least 2 classes, got shape {tuple(logits.shape)}. With one class "
@@ -252,10 +254,10 @@ class Probe:
         m = measure_from(
             A, p, q, loss,
             simplex=self.loss.simplex, weights=self.weights, rank_rtol=self.rank_rtol,
-            gradient_norm_autograd=auto, method=ran, per_layer=groups, extras=self.extras,
+            gradient_norm_autograd=auto, method=ran, per_layer=groups, extras=self.extras, head=head,
         )
         if auto is not None:
-            self._assert_consistent(m, A.dtype, check_rtol)
+            self._assert_consistent(m, A.dtype if A is not None else head.core.dtype, check_rtol)
         return m
 
     def capture(self) -> StepCapture:
@@ -293,7 +295,7 @@ class Probe:
     def _assert_consistent(m: Measurement, dtype: torch.dtype, rtol: float | None = None) -> None:
         rtol = CHECK_RTOL.get(dtype, 1e-3) if rtol is None else rtol
         err = (m.gradient_norm_autograd - m.gradient_norm).abs()
-        tol = check_tolerance(m.gradient_norm, m.lambda_max, m.fitting_error, m.A.shape[-1], dtype, rtol)
+        tol = check_tolerance(m.gradient_norm, m.lambda_max, m.fitting_error, m.eigenvalues.shape[-1], dtype, rtol)
         bad = (err > tol).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
@@ -345,9 +347,11 @@ class StepCapture:
 
         def engine():
             groups = {} if probe.per_layer else None
-            A, routes = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True)
+            factors: dict = {}
+            A, routes = self.forward.structural_matrix(logits, x, n_classes=logits.shape[1], groups=groups, keep_graph=True,
+                                                       factors=factors, dense=False)
             probe.route = RouteReport("gram", list(routes.values()))
-            return logits, A, groups, "gram"
+            return logits, A, groups, "gram", LowRankHead.from_factors(factors)
 
         # the backward passes and the check in IEEE float32; the forward was the training step's, so
         # when it may have run in TF32 (float32 on a GPU) the check allows for that (CHECK_RTOL_TF32)

@@ -9,6 +9,7 @@ per-sample quantity; the context restores every module's mode, every buffer and 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -45,6 +46,15 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             "The structural matrix J_x J_xᵀ is taken over trainable parameters; unfreeze some."
         )
     return params
+
+
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that names the first caller outside optmech (the user's line),
+    counted from the function that calls this one."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "optmech":
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def layer_of(param_name: str) -> str:

@@ -25,10 +25,11 @@ import warnings
 import torch
 from torch import nn
 
-from ._context import add_group
+from ._context import add_group, outside_stacklevel
 from .accumulator import GradientScaled, SamplesMoved
 from .cache import ModelCache, model_cache
 from .graph import graph_uses
+from .head import ThroughHead, head_basis
 from .jacobian import structural_matrix_jacobian
 from .options import EngineOptions
 from .passes import one_pass, stream_logit_jacobians
@@ -132,19 +133,24 @@ class ForwardCapture:
     def structural_matrix(
         self, out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int, groups: dict | None = None,
         rows: slice | None = None, total: torch.Tensor | None = None, keep_graph: bool = False,
-    ) -> tuple[torch.Tensor, dict[str, Route]]:
+        factors: dict | None = None, dense: bool = True,
+    ) -> tuple[torch.Tensor | None, dict[str, Route]]:
         """(A, routes) for the captured forward (``out`` its logits, ``inputs`` its inputs, for the generic path).
 
-        ``keep_graph`` leaves the forward's graph usable for a later ``backward`` (training reuse).
+        ``keep_graph`` leaves the forward's graph usable for a later ``backward`` (training reuse); ``factors`` and
+        ``dense`` as in :meth:`add_parts` (A is None when left to the factors).
         """
-        parts, generic, routes = self.fast_parts(out, n_classes, keep_graph)
-        total = self.add_parts(parts, generic, out, inputs, n_classes=n_classes, groups=groups, rows=rows, total=total)
+        parts, generic, routes = self.fast_parts(out, n_classes, keep_graph, dense)
+        total = self.add_parts(parts, generic, out, inputs, n_classes=n_classes, groups=groups, rows=rows, total=total,
+                               factors=factors, dense=dense)
         return total, routes
 
-    def fast_parts(self, out: torch.Tensor, n_classes: int, keep_graph: bool = False) -> tuple[list, list[str], dict[str, Route]]:
+    def fast_parts(self, out: torch.Tensor, n_classes: int, keep_graph: bool = False,
+                   dense: bool = True) -> tuple[list, list[str], dict[str, Route]]:
         """([(group name, accumulator)] of the fast layers, the θ names left to the generic path, {name: Route}).
 
-        Writes no result, so that a caller may retry after an error (the forward is consumed either way).
+        Writes no result, so that a caller may retry after an error (the forward is consumed either way). ``dense``:
+        whether A will be formed (:meth:`add_parts`), which decides when a narrow logits layer's factors pay.
         """
         try:
             n = out.shape[0]
@@ -186,34 +192,53 @@ class ForwardCapture:
             generic = [name for name, _ in self.named_params if name in reasons]
             self._report(reasons)
             ctx = AccumulatorContext(n_classes, self, graph, out)
-            accumulators, names = [], []
-            for layer, dim in fast:
-                record = self.records[id(layer)][0]
-                record.sample_dim = dim
-                moved = dim != 0 and layer.rule.moves_samples
-                acc = layer.rule.accumulator(layer, dataclasses.replace(record, a=record.a.movedim(dim, 0)) if moved else record, ctx)
-                if acc.target is None and acc.reads_gradient:
-                    acc.target = record.z
-                if moved:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
-                    acc = SamplesMoved(acc, dim)
-                if record.scale is not None:  # b_c ⊙ m (GRU's hh)
-                    acc = GradientScaled(acc, record.scale)
-                accumulators.append(acc)
-                names.append(layer.name)
+            accumulators: list = [None] * len(fast)
+            # the layers at the logits first: a Linear there may start the others' passes at its input h (its seed),
+            # and when h is narrower than C the others run on d cotangents and contract d × d shares (.head)
+            at_logits = [i for i, (layer, _) in enumerate(fast) if self.records[id(layer)][0].z is out]
+            for i in at_logits:
+                accumulators[i] = self._accumulator(*fast[i], ctx)
+            seed = self._seed([accumulators[i] for i in at_logits], graph)
+            head = None
+            if seed is not None and self.options.factor_head:
+                width = sum(self.records[id(layer)][0].z.numel() for i, (layer, _) in enumerate(fast) if i not in at_logits)
+                head = head_basis(seed[1], n_classes, dense, width // max(n, 1))
+            ctx_below = ctx if head is None else AccumulatorContext(head.rank, self, graph, out)
+            for i, (layer, dim) in enumerate(fast):
+                if accumulators[i] is None:
+                    acc = self._accumulator(layer, dim, ctx_below)
+                    accumulators[i] = ThroughHead(acc, head, n_classes) if head is not None and acc.reads_gradient else acc
+            names = [layer.name for layer, _ in fast]
             routes = {name: Route(name, None, "generic", reason) for name, reason in reasons.items()}
             for (layer, _), acc in zip(fast, accumulators):
                 routes.update((name, Route(name, layer.rule.name, acc.form)) for name in layer.params)
             routes = {name: routes[name] for name, _ in self.named_params}
-            streamed = [acc for acc in accumulators if acc.reads_gradient]
+            streamed = [acc.inner if isinstance(acc, ThroughHead) else acc for acc in accumulators if acc.reads_gradient]
             if streamed:
                 zs = [acc.target for acc in streamed]
-                seed = self._seed(accumulators, graph)
                 gpu = all(layer.rule.gpu_one_pass for (layer, _), acc in zip(fast, accumulators) if acc.reads_gradient)
                 batched = one_pass(out, zs, gpu, streamed, graph, self.options.pass_bytes)
-                stream_logit_jacobians(out, zs, n_classes, streamed, batched, keep_graph, seed=seed)
+                if head is None:
+                    stream_logit_jacobians(out, zs, n_classes, streamed, batched, keep_graph, seed=seed)
+                else:  # the cotangents R[j] at h: ∂(h Rᵀ)_j/∂z
+                    stream_logit_jacobians(out, zs, head.rank, streamed, batched, keep_graph, seed=(seed[0], head.R))
             return list(zip(names, accumulators)), generic, routes
         finally:
             self._forget_forward()
+
+    def _accumulator(self, layer: Layer, dim: int, ctx: AccumulatorContext):
+        """The accumulator of a fast layer whose samples lie along dimension ``dim`` of its output."""
+        record = self.records[id(layer)][0]
+        record.sample_dim = dim
+        moved = dim != 0 and layer.rule.moves_samples
+        acc = layer.rule.accumulator(layer, dataclasses.replace(record, a=record.a.movedim(dim, 0)) if moved else record, ctx)
+        if acc.target is None and acc.reads_gradient:
+            acc.target = record.z
+        if moved:  # samples along another dimension (a sequence-first layout): the accumulator reads them first
+            acc = SamplesMoved(acc, dim)
+        if record.scale is not None:  # b_c ⊙ m (GRU's hh)
+            acc = GradientScaled(acc, record.scale)
+        return acc
 
     @staticmethod
     def _seed(accumulators: list, graph) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -242,22 +267,60 @@ class ForwardCapture:
             text = (f"gram: {len(said)} parameter tensors of {type(self.model).__name__} go through the generic torch.func "
                     f"path (exact, slower): {listed}")
             if kind == "warn":
-                warnings.warn(text, GenericPathWarning, stacklevel=6)
+                warnings.warn(text, GenericPathWarning, stacklevel=outside_stacklevel())
             else:
                 log.info(text)
 
     def add_parts(
         self, parts: list, generic: list[str], out: torch.Tensor, inputs: torch.Tensor, *, n_classes: int,
         groups: dict | None = None, rows: slice | None = None, total: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """total[rows] += the fast parts [(group name, accumulator)] and the generic path's share for ``generic``
-        (groups alike)."""
+        factors: dict | None = None, dense: bool = True, n_all: int | None = None,
+    ) -> torch.Tensor | None:
+        """total[rows] = the sum of the fast parts [(group name, accumulator)] and of the generic path's share for
+        ``generic`` (groups: += each); returns total, allocated (n_all, C, C) when None and rows are to be written.
+
+        The layers below a narrow logits layer (:class:`.head.ThroughHead`) add their d × d shares M^(l) first and
+        are expanded to C × C once. ``factors``, if a dict, receives ``scale`` (n_all,), ``core`` (n_all, d, d) and
+        ``basis`` (C, d) of A = s·I + Q M Qᵀ (:class:`.head.LowRankHead`) for these rows, and ``"invalid"`` (True)
+        when some rows' A is not of that form (a parameter on the generic path, no narrow logits layer). With
+        ``dense=False`` rows of that form are not written to ``total`` (their slice is appended to
+        ``factors["skipped"]``): the caller forms them from the factors if it needs them.
+        """
         n = out.shape[0]
         rows = rows or slice(0, n)
-        if total is None:
-            total = torch.zeros(n, n_classes, n_classes, dtype=self.named_params[0][1].dtype, device=out.device)
-        n_all = total.shape[0]
+        n_all = n_all or (n if total is None else total.shape[0])
+        dtype = self.named_params[0][1].dtype
+        core, head, scale, plain = None, None, None, []
         for name, acc in parts:
+            if not isinstance(acc, ThroughHead):
+                plain.append((name, acc))
+                if acc.seed is not None:
+                    scale = acc.scale
+                continue
+            head = acc.head
+            if core is None:
+                core = torch.zeros(n, head.rank, head.rank, dtype=dtype, device=out.device)
+            if groups is None:
+                acc.core(core)
+            else:
+                share = acc.core()
+                core += share
+                add_group(groups, name, rows, head.expand(share), n_all)
+        factored = not generic and core is not None and scale is not None and len(plain) == 1
+        if factors is not None:
+            self._factors(factors, factored, head, core, scale, rows, n_all)
+            if factored and not dense:
+                factors.setdefault("skipped", []).append(rows)
+                if groups is not None:  # the logits layer's own group
+                    add_group(groups, plain[0][0], rows, plain[0][1].result(), n_all)
+                return total
+        if total is None:  # uninitialised: every chunk writes its own rows first
+            total = torch.empty(n_all, n_classes, n_classes, dtype=dtype, device=out.device)
+        if core is not None:  # Q M Qᵀ written over the rows (no zero fill of B·C² values first)
+            torch.bmm(torch.matmul(head.Q, core), head.Q.T.expand(n, *head.Q.T.shape), out=total[rows])
+        else:
+            total[rows].zero_()
+        for name, acc in plain:
             if groups is None:
                 acc.add_into(total[rows])
             else:
@@ -275,3 +338,16 @@ class ForwardCapture:
             for name, value in (sub or {}).items():
                 add_group(groups, name, rows, value, n_all)
         return total
+
+    @staticmethod
+    def _factors(factors: dict, factored: bool, head, core, scale, rows: slice, n_all: int) -> None:
+        """Write this chunk's :class:`.head.LowRankHead` factors into ``factors`` (see :meth:`add_parts`)."""
+        if not factored:
+            factors["invalid"] = True
+            return
+        if "core" not in factors:
+            factors["core"] = torch.zeros(n_all, *core.shape[1:], dtype=core.dtype, device=core.device)
+            factors["scale"] = torch.zeros(n_all, dtype=scale.dtype, device=scale.device)
+            factors["basis"] = head.Q64
+        factors["core"][rows] = core
+        factors["scale"][rows] = scale

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from ..errors import check_finite_structure
-from ._context import check_outputs, forward_failure, prepare_inputs, probing, trainable_parameters
+from ._context import check_outputs, forward_failure, outside_stacklevel, prepare_inputs, probing, trainable_parameters
 from .cache import ModelCache, model_cache
 from .capture import ForwardCapture
 from .gram import gram_capture, structural_matrix_gram
+from .head import LowRankHead
 from .jacobian import structural_matrix_jacobian
 from .loop import structural_matrix_loop
 from .options import EngineOptions
@@ -61,19 +62,24 @@ class StructuralMatrix:
     """What :func:`structural_matrix` returns, for every method.
 
     Attributes:
-        A: (batch, C, C) in the model's dtype, symmetric positive semi-definite, trace A_x = ‖J_x‖_F².
+        A: (batch, C, C) in the model's dtype, symmetric positive semi-definite, trace A_x = ‖J_x‖_F² (None only
+            with ``dense=False``, when ``head`` holds it).
         method: the method that ran (``"gram"``, ``"jacobian"`` or ``"loop"``; ``auto`` resolved).
         route: per parameter, the rule and contraction form, or the generic path and why (:class:`.route.RouteReport`).
         per_layer: with ``per_layer=True``, {module path: (batch, C, C)} with A = Σ of them; else None.
         logits: (batch, C), detached, when the method ran a forward over the whole batch in eval mode (``gram``);
             else None.
+        head: the factors of A_x = s_x·I + Q M_x Qᵀ (:class:`.head.LowRankHead`) when ``gram`` ran with the logits
+            a Linear layer narrower than C and every parameter on the fast path (``EngineOptions.factor_head``);
+            else None. They give λmin and λmax of each A_x without a C × C eigensolver.
     """
 
-    A: torch.Tensor
+    A: torch.Tensor | None
     method: str
     route: RouteReport
     per_layer: dict[str, torch.Tensor] | None = None
     logits: torch.Tensor | None = None
+    head: LowRankHead | None = None
 
 
 def _resolve(method: str | EngineMethod) -> EngineMethod:
@@ -96,6 +102,7 @@ def structural_matrix(
     chunk_size: int | None = None,
     per_layer: bool = False,
     output: OutputSelector = None,
+    dense: bool = True,
 ) -> StructuralMatrix:
     """Per-sample structural matrices A_x = J_x J_xᵀ for a batch (paper Sec. 4.3).
 
@@ -118,6 +125,9 @@ def structural_matrix(
         output: where the logits are in the model's output (:func:`.signature.select_logits`): by default the
             output itself (a tensor), its ``.logits`` (Hugging Face), its ``"logits"`` key or its first item;
             else a key or attribute name, an index, or a function of the output.
+        dense: False: when the logits are a Linear layer narrower than C and its factors hold A whole
+            (A_x = s_x·I + Q M_x Qᵀ, the result's ``head``), A itself is not formed and ``A`` is None; the factors
+            give its spectrum at a d × d cost (the probe's route; docs/engine.md, "Cost in C").
 
     Returns:
         :class:`StructuralMatrix` with ``A`` (batch, classes, classes), the method that ran, the route report,
@@ -146,7 +156,7 @@ def structural_matrix(
     # the model as a function of one tensor returning logits (a structured batch: of the samples' indices)
     with probing(model), bound(model, batch, output, cache=cache) as x:
         try:
-            result = _run(model, x, named, chosen, options, cache, chunk_size, per_layer)
+            result = _run(model, x, named, chosen, options, cache, chunk_size, per_layer, dense=dense)
         except Exception as err:
             failure = forward_failure(model, x, err, shown)
             if failure is not None:
@@ -158,7 +168,7 @@ def structural_matrix(
                 f"structural_matrix: the 'auto' method failed on this model ({str(err).splitlines()[0]}); "
                 "falling back to the exact but slower 'loop' method.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=outside_stacklevel(),
             )
             result = _run(model, x, named, EngineMethod.LOOP, options, cache, chunk_size, per_layer)
 
@@ -168,25 +178,31 @@ def structural_matrix(
             with torch.no_grad():
                 return model(x)
 
-        check_finite_structure(result.A, logits)
-    log.debug("structural_matrix: method=%s batch=%d classes=%d", result.method, result.A.shape[0], result.A.shape[1])
+        if result.A is None:
+            result.head.check_finite(logits)
+        else:
+            check_finite_structure(result.A, logits)
+    log.debug("structural_matrix: method=%s batch=%d", result.method, x.shape[0])
     return result
 
 
 def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chunk_size, per_layer,
-         capture: ForwardCapture | None = None) -> StructuralMatrix:
+         capture: ForwardCapture | None = None, dense: bool = True) -> StructuralMatrix:
     groups: dict[str, torch.Tensor] | None = {} if per_layer else None
     if chosen is EngineMethod.AUTO:
         capture = gram_capture(model, named, options, cache, x.device)  # its claims decide; gram then runs with it
         ran, key = _auto_choice(capture, x, named, options, cache, chunk_size, per_layer)
         if key is not None:  # first call of this kind: time both exact methods, keep the faster
-            return _auto_trial(model, x, named, options, cache, chunk_size, per_layer, key, capture)
+            return _auto_trial(model, x, named, options, cache, chunk_size, per_layer, key, capture, dense)
         chosen = ran
     logits: list[torch.Tensor] = []
+    head = None
     if chosen is EngineMethod.GRAM:
+        factors: dict = {}
         A, routes = structural_matrix_gram(model, x, named, options=options, cache=cache, chunk_size=chunk_size,
-                                           groups=groups, logits=logits, capture=capture)
+                                           groups=groups, logits=logits, capture=capture, factors=factors, dense=dense)
         route = RouteReport("gram", list(routes.values()))
+        head = LowRankHead.from_factors(factors)
     else:
         with torch.no_grad():
             n_classes = check_outputs(model(x[:1]), 1).shape[1]
@@ -195,7 +211,7 @@ def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chun
         else:
             A = structural_matrix_loop(model, x, named, groups)
         route = RouteReport(chosen.value, [Route(name, None, chosen.value) for name, _ in named])
-    return StructuralMatrix(A, chosen.value, route, groups, torch.cat(logits) if logits else None)
+    return StructuralMatrix(A, chosen.value, route, groups, torch.cat(logits) if logits else None, head)
 
 
 def _auto_choice(capture: ForwardCapture, x, named, options, cache: ModelCache, chunk_size, per_layer) -> tuple[EngineMethod, tuple | None]:
@@ -218,7 +234,7 @@ def _auto_choice(capture: ForwardCapture, x, named, options, cache: ModelCache, 
     return (EngineMethod(known), None) if known is not None else (EngineMethod.GRAM, key)
 
 
-def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_layer, key, capture) -> StructuralMatrix:
+def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_layer, key, capture, dense) -> StructuralMatrix:
     """Run ``gram`` and ``jacobian``, timed; remember the faster in the model's cache; return its result.
 
     On the CPU, when ``gram``'s forward left no parameter generic (a rule took parameters used directly, or
@@ -239,7 +255,7 @@ def _auto_trial(model, x, named, options, cache: ModelCache, chunk_size, per_lay
             if cuda:
                 torch.cuda.synchronize(x.device)
             start = time.perf_counter()
-            results[method] = _run(model, x, named, method, options, cache, chunk_size, per_layer, capture)
+            results[method] = _run(model, x, named, method, options, cache, chunk_size, per_layer, capture, dense)
             if cuda:
                 torch.cuda.synchronize(x.device)
             runs.append(time.perf_counter() - start)

@@ -36,6 +36,7 @@ from torch import nn
 from ._context import check_outputs
 from .cache import ModelCache
 from .capture import ForwardCapture
+from .head import LowRankHead
 from .options import EngineOptions
 from .route import Route
 
@@ -61,7 +62,9 @@ def structural_matrix_gram(
     groups: dict[str, torch.Tensor] | None = None,
     logits: list[torch.Tensor] | None = None,
     capture: ForwardCapture | None = None,
-) -> tuple[torch.Tensor, dict[str, Route]]:
+    factors: dict | None = None,
+    dense: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, Route]]:
     """(A (batch, C, C), {parameter: Route}) by the rules' Gram contractions, the rest through torch.func.
 
     Args:
@@ -74,6 +77,10 @@ def structural_matrix_gram(
         groups: if a dict, receives {module path: (batch, C, C)} with A = Σ of the groups.
         logits: if a list, receives the detached logits of each chunk's forward.
         capture: the :func:`gram_capture` to run with, when the caller made it already (``auto``).
+        factors: if a dict, receives the factors of A = s·I + Q M Qᵀ when every chunk's A has that form
+            (:meth:`.capture.ForwardCapture.add_parts`; :class:`.head.LowRankHead`).
+        dense: False (with ``factors``): A is not formed when the factors hold it whole, and None is returned
+            in its place; rows of chunks that had the factors' form are formed from them when another chunk's had not.
 
     With ``options.channels_last`` on the CPU, a forward that raises a RuntimeError on channels-last Conv2d
     outputs is rerun in the model's own layout, which the model's cache keeps for later calls (logged at INFO).
@@ -81,7 +88,7 @@ def structural_matrix_gram(
     """
     n = inputs.shape[0]
     chunk = n if chunk_size is None else chunk_size
-    total = None
+    total, first = None, True
     capture = gram_capture(model, named_params, options, cache, inputs.device) if capture is None else capture
     routes: dict[str, Route] = {}
     for start in range(0, n, chunk):
@@ -91,15 +98,15 @@ def structural_matrix_gram(
                 capture.batch_size = x.shape[0]
                 with capture, torch.enable_grad():
                     out = check_outputs(model(x), x.shape[0])
-                if total is None:  # C from the first chunk's logits: no separate forward to find it
+                if first:  # C from the first chunk's logits: no separate forward to find it
                     n_classes = out.shape[1] if n_classes is None else n_classes
-                    total = torch.zeros(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+                    first = False
                 elif out.shape[1] != n_classes:
                     raise ValueError(
                         f"model output: expected {n_classes} logits per sample in every chunk, got {out.shape[1]} for "
                         f"samples {start}…{start + x.shape[0] - 1}. The number of classes must not depend on the input."
                     )
-                parts, generic, chunk_routes = capture.fast_parts(out, n_classes)
+                parts, generic, chunk_routes = capture.fast_parts(out, n_classes, dense=dense or factors is None)
                 break
             except RuntimeError as err:
                 if not capture.channels_last:
@@ -108,11 +115,16 @@ def structural_matrix_gram(
                 cache.own_layout = True
                 capture.channels_last = False
                 log.info("gram: %s does not run on channels-last convolution outputs (%s); using its own layout", type(model).__name__, err)
-        capture.add_parts(parts, generic, out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk), total=total)
+        total = capture.add_parts(parts, generic, out, x, n_classes=n_classes, groups=groups, rows=slice(start, start + chunk),
+                                  total=total, factors=factors, dense=dense, n_all=n)
         for name, route in chunk_routes.items():
             if name not in routes or not route.fast:
                 routes[name] = route
         if logits is not None:
             logits.append(out.detach())
         del out
+    if factors is not None and factors.get("skipped") and factors.get("invalid"):  # some chunks only in factors
+        if total is None:
+            total = torch.empty(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
+        LowRankHead.fill_skipped(factors, total)
     return total, routes

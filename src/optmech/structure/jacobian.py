@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from ._context import add_group, forward_failure, layer_of
+from ._context import add_group, forward_failure, layer_of, outside_stacklevel
 from .cache import ModelCache, model_cache
 from .loop import jacobian_rows_loop
 from .route import SlowPathWarning
@@ -72,7 +72,7 @@ def structural_matrix_jacobian(
                     f"jacobian: torch.func cannot vmap {type(model).__name__}'s forward over samples "
                     f"({str(err).splitlines()[0]}); taking the Jacobians of {', '.join(n for n, _ in named_params[:4])}"
                     f"{' …' if len(named_params) > 4 else ''} one sample at a time (exact, slower)",
-                    SlowPathWarning, stacklevel=2,
+                    SlowPathWarning, stacklevel=outside_stacklevel(),
                 )
         tensors = [p for _, p in named_params]
         with torch.enable_grad():

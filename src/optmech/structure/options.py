@@ -28,6 +28,9 @@ class EngineOptions:
         direct: watch the forward for parameters used directly (added, multiplied, expanded: :mod:`.rules.direct`).
         contraction: ``"auto"`` (the cheaper form per layer by :func:`.contract.contraction_costs`), or force
             ``"ghost"`` or ``"materialise"`` on every Linear and convolution layer.
+        factor_head: when the logits are a Linear layer f = h Wᵀ + b with h narrower than C (d < C), run the
+            backward passes on d cotangents and contract every layer below it d × d, then form A = s·I + Q M Qᵀ
+            (:mod:`.head`); the probe then takes λmin and λmax from the factors, without a C × C eigensolver.
         pass_bytes: on the CPU, the C classes share one vmapped backward pass only while one class's ∂f/∂z over
             all layers is at most this many bytes (:func:`.passes.one_pass`).
 
@@ -41,6 +44,7 @@ class EngineOptions:
     recompute: bool = True
     direct: bool = True
     contraction: str = "auto"
+    factor_head: bool = True
     pass_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
@@ -48,7 +52,7 @@ class EngineOptions:
             raise ValueError(f"contraction: expected one of {list(CONTRACTIONS)}, got {self.contraction!r} instead.")
         if not isinstance(self.pass_bytes, int) or self.pass_bytes < 0:
             raise ValueError(f"pass_bytes: expected a non-negative integer, got {self.pass_bytes!r} instead.")
-        for field in ("channels_last", "relu_taps", "fold_pools", "recompute", "direct"):
+        for field in ("channels_last", "relu_taps", "fold_pools", "recompute", "direct", "factor_head"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field}: expected a bool, got {type(getattr(self, field)).__name__} instead.")
 
