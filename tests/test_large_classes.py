@@ -167,3 +167,20 @@ def test_the_threaded_eigensolver_matches_torch_and_restores_the_thread_count():
     threads = torch.get_num_threads()
     assert torch.allclose(eigvalsh(S), torch.linalg.eigvalsh(S), rtol=1e-11, atol=1e-9)
     assert torch.get_num_threads() == threads
+
+
+def test_the_logits_weights_QR_is_reused_until_the_weight_changes():
+    from optmech.structure import model_cache
+
+    torch.manual_seed(6)
+    model = mlp(300).double()
+    x = torch.randn(3, 12, dtype=torch.float64)
+    structural_matrix(model, x, method="gram")
+    key, basis = model_cache(model).head_basis
+    structural_matrix(model, x, method="gram")
+    assert model_cache(model).head_basis[1] is basis  # unchanged weight: the same QR
+    with torch.no_grad():
+        model[-1].weight.mul_(-2.0)  # an optimiser step writes in place: the version changes
+    result = structural_matrix(model, x, method="gram")
+    assert model_cache(model).head_basis[0] != key
+    assert rel_err(result.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

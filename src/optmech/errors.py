@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["NonFiniteLogitsError", "NonFiniteStructureError", "bad_samples", "check_finite_structure"]
 
 
@@ -19,7 +21,7 @@ def check_finite_structure(A, logits=None) -> None:
 
     One reduction first (finite unless some entry is NaN/inf or the sum overflowed), the per-sample check only then.
     """
-    if bool(A.sum().isfinite()):
+    if math.isfinite(A.sum().item()):
         return
     finite = A.isfinite().flatten(1).all(1)
     if bool(finite.all()):

@@ -202,7 +202,7 @@ class ForwardCapture:
             head = None
             if seed is not None and self.options.factor_head:
                 width = sum(self.records[id(layer)][0].z.numel() for i, (layer, _) in enumerate(fast) if i not in at_logits)
-                head = head_basis(seed[1], n_classes, dense, width // max(n, 1))
+                head = head_basis(seed[1], n_classes, dense, width // max(n, 1), self.cache)
             ctx_below = ctx if head is None else AccumulatorContext(head.rank, self, graph, out)
             for i, (layer, dim) in enumerate(fast):
                 if accumulators[i] is None:

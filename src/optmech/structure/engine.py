@@ -211,7 +211,8 @@ def _run(model, x, named, chosen: EngineMethod, options, cache: ModelCache, chun
         else:
             A = structural_matrix_loop(model, x, named, groups)
         route = RouteReport(chosen.value, [Route(name, None, chosen.value) for name, _ in named])
-    return StructuralMatrix(A, chosen.value, route, groups, torch.cat(logits) if logits else None, head)
+    joined = None if not logits else logits[0] if len(logits) == 1 else torch.cat(logits)
+    return StructuralMatrix(A, chosen.value, route, groups, joined, head)
 
 
 def _auto_choice(capture: ForwardCapture, x, named, options, cache: ModelCache, chunk_size, per_layer) -> tuple[EngineMethod, tuple | None]:

@@ -27,6 +27,11 @@ class GraphUses:
     leaves: dict[int, int]
     consumers: dict[int, int]
     nodes: dict[int, object]
+    kinds: set[str] = dataclasses.field(default_factory=set)  # the type names of the nodes
+
+    def has_kind(self, kinds: tuple[str, ...]) -> bool:
+        """Whether some node's type name contains one of ``kinds``."""
+        return any(kind in name for name in self.kinds for kind in kinds)
 
 
 def graph_uses(output: torch.Tensor) -> GraphUses:
@@ -34,12 +39,14 @@ def graph_uses(output: torch.Tensor) -> GraphUses:
     leaves: dict[int, int] = {}
     consumers: dict[int, int] = {}
     seen: dict[int, object] = {}  # id -> the node itself, so that no id is reused during the walk
+    kinds: set[str] = set()
     stack = [output.grad_fn] if output.grad_fn is not None else []
     while stack:
         fn = stack.pop()
         if id(fn) in seen:
             continue
         seen[id(fn)] = fn
+        kinds.add(type(fn).__name__)
         for nxt, _ in fn.next_functions:
             if nxt is None:
                 continue
@@ -49,7 +56,7 @@ def graph_uses(output: torch.Tensor) -> GraphUses:
             else:
                 consumers[id(nxt)] = consumers.get(id(nxt), 0) + 1  # nxt stays alive on the stack, then in seen
                 stack.append(nxt)
-    return GraphUses(leaves, consumers, seen)
+    return GraphUses(leaves, consumers, seen, kinds)
 
 
 def backward_runs(out: torch.Tensor, zs: list[torch.Tensor], graph: GraphUses, kinds: tuple[str, ...]) -> bool:
@@ -61,6 +68,8 @@ def backward_runs(out: torch.Tensor, zs: list[torch.Tensor], graph: GraphUses, k
     contracted at its pool's output (SNet), runs no convolution backward. ``graph`` (the logits'
     :func:`graph_uses`) keeps every node alive, so that node ids stay unique during the walk.
     """
+    if not graph.has_kind(kinds):  # no such node anywhere in the graph
+        return False
     targets = {id(z.grad_fn) for z in zs if z.grad_fn is not None}
     reaches: dict[int, bool] = {}  # node id -> a target lies at or below it
     stack = [(out.grad_fn, False)] if out.grad_fn is not None else []

@@ -57,14 +57,21 @@ def factoring_pays(d: int, n_classes: int, width: int) -> bool:
     return d * d * width + C * d * d + C * C * d < C * C * width
 
 
-def head_basis(W: torch.Tensor, n_classes: int, dense: bool, width: int) -> HeadBasis | None:
+def head_basis(W: torch.Tensor, n_classes: int, dense: bool, width: int, cache=None) -> HeadBasis | None:
     """The :class:`HeadBasis` of a logits weight W (C × d) when d < C and, if A is to be formed (``dense``), forming
-    it through the factors is cheaper (:func:`factoring_pays`); else None."""
+    it through the factors is cheaper (:func:`factoring_pays`); else None. With the model's :class:`.cache.ModelCache`
+    the QR of a weight unchanged since the last call is reused."""
     C, d = W.shape
     if d >= C or C != n_classes or (dense and not factoring_pays(d, C, width)):
         return None
+    key = (W.untyped_storage().data_ptr(), W.storage_offset(), W._version, W.shape, W.dtype, W.device)
+    if cache is not None and cache.head_basis is not None and cache.head_basis[0] == key:
+        return cache.head_basis[1]
     Q64, R64 = torch.linalg.qr(W.detach().to(torch.float64), mode="reduced")
-    return HeadBasis(Q64.to(W.dtype), R64.to(W.dtype).contiguous(), Q64)
+    basis = HeadBasis(Q64.to(W.dtype), R64.to(W.dtype).contiguous(), Q64)
+    if cache is not None:
+        cache.head_basis = (key, basis)
+    return basis
 
 
 class ThroughHead(_Wrapped):

@@ -135,8 +135,10 @@ class LayerGram(Accumulator):
             return materialised_gram(self.buffer, a, into)
         if self.strategy == "ghost" and self.S == 1:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = self.class_major.transpose(0, 1) if self.class_major is not None else torch.stack(self.vectors, 1)  # (n, C, d_out)
-            scale = (a[..., 0] ** 2).sum(-1) + float(self.bias)
-            return gram_of(F_ * scale.sqrt()[:, None, None], into)
+            scale = torch.linalg.vecdot(a[..., 0], a[..., 0])
+            if self.bias:
+                scale += 1
+            return gram_of(F_ * scale.sqrt_().view(-1, 1, 1), into)
         out = ghost_gram(self.buffer, a.transpose(1, 2) @ a, into)  # Γ = (a_s·a_t), (n, S, S)
         if self.bias:
             out = gram_of(self.buffer.sum(3), out)  # + ⟨Σ_s b_c, Σ_s b_c'⟩, (n, C, d_out)

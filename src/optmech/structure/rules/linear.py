@@ -46,7 +46,9 @@ class LogitsLinearGram(Accumulator):
     def __init__(self, module: nn.Linear, record: Record, n_classes: int) -> None:
         self.n_classes, self.count = n_classes, n_classes
         a = record.a
-        self.scale = (a * a).sum(1) + float(module.bias is not None)  # (n,)
+        self.scale = torch.linalg.vecdot(a, a)  # (n,)
+        if module.bias is not None:
+            self.scale += 1
         h = record.input
         if h is not None and h.grad_fn is not None and h.dim() == 2:
             self.seed = (h, module.weight.detach())
