@@ -138,7 +138,10 @@ class LayerGram(Accumulator):
             scale = torch.linalg.vecdot(a[..., 0], a[..., 0])
             if self.bias:
                 scale += 1
-            return gram_of(F_ * scale.sqrt_().view(-1, 1, 1), into)
+            # √scale·B written sample-major into a kept buffer: the batched GEMM on it runs about 1.1× faster than on
+            # the class-major product (docs/engine.md)
+            scaled = self.ws.get(self.module, "scaled-dfdz", F_.shape, F_.dtype, F_.device)
+            return gram_of(torch.mul(F_, scale.sqrt_().view(-1, 1, 1), out=scaled), into)
         out = ghost_gram(self.buffer, a.transpose(1, 2) @ a, into)  # Γ = (a_s·a_t), (n, S, S)
         if self.bias:
             out = gram_of(self.buffer.sum(3), out)  # + ⟨Σ_s b_c, Σ_s b_c'⟩, (n, C, d_out)
