@@ -2,10 +2,13 @@
 
     .venv-nt/bin/python benchmarks/vs_neural_tangents.py                 # the environment of neural_tangents_env.md
     .venv-nt/bin/python benchmarks/vs_neural_tangents.py --models c1 mlp256 --rounds 5
+    .venv-nt/bin/python benchmarks/vs_neural_tangents.py --models mlp256 mlp1024 --rounds 21 --calls 10
 
 For each model of benchmarks/structural.py (batch 64, C = 10, float32) it times, round by round and
 interleaved (each call after a 50-ms pause, so that neither runtime's idle threads spin into the other's
-call): a PyTorch training step, ``structural_matrix(method="gram").A``, and the per-sample NTK
+call; with ``--calls N``, N calls back to back after the pause, the first not counted: each runtime with its
+threads awake, as in a loop that calls it every step; the x@W.T port, at 0.1–6 s a call, still once): a PyTorch
+training step, ``structural_matrix(method="gram").A``, and the per-sample NTK
 blocks A_x from ``nt.empirical_ntk_fn(apply, trace_axes=(), vmap_axes=0,
 implementation=STRUCTURED_DERIVATIVES)``, jitted (compile time reported apart), where ``apply`` is the model
 replayed in JAX with the same weights (benchmarks/jax_port.py), three ways: vmapped over single samples ("nt
@@ -74,12 +77,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=1,
+                        help="calls per method and round, back to back after the pause; with more than one the first "
+                             "(the one that wakes the runtime's threads) is not counted")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from importlib.metadata import version
 
     print(f"torch {torch.__version__}, jax {jax.__version__}, neural-tangents {version('neural-tangents')}, {torch.get_num_threads()} torch "
-          f"threads, batch {BATCH}, C = 10, float32")
+          f"threads, batch {BATCH}, C = 10, float32, {args.rounds} rounds of {args.calls} call(s) per method"
+          f"{' (the first of each not counted)' if args.calls > 1 else ''}")
     print(f"{'model':8s} {'method':16s} {'median ms':>10s} {'× step':>8s} {'× gram':>8s} {'rel err f64':>12s}")
     print("-" * 68)
     for name in args.models:
@@ -116,9 +123,12 @@ def main() -> None:
         for _ in range(args.rounds):
             for k, fn in runs.items():
                 time.sleep(PAUSE)
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+                calls = 1 if k == "nt x@W.T port" else args.calls  # (0.1–6 s a call: one is enough)
+                for call in range(calls):
+                    t = time.perf_counter()
+                    fn()
+                    if calls == 1 or call > 0:
+                        times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         errs = rel_errors(name)
         for k in runs:

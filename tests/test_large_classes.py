@@ -114,6 +114,8 @@ def test_the_probe_measures_from_the_factors_what_it_measures_from_A(name):
     assert bool(factored.bound_holds.all()) and (a["bound_holds"] == b["bound_holds"]).all()
     assert (factored.eigenvalues - dense.eigenvalues).abs().max() <= 1e-10 * dense.lambda_max.max()
     assert rel_err(factored.A, dense.A) < 1e-12  # formed from the factors when read
+    shares = Probe(model, per_layer=True).measure(x, y)  # per-layer shares, the logits layer's included
+    assert shares.given_A is None and rel_err(sum(shares.per_layer.values()), dense.A) < 1e-12
     # the extras read A: formed from the factors, same values
     extra = Probe(model, extras=("perp", "gic")).measure(x, y).to_frame()
     extra_dense = Probe(model, extras=("perp", "gic"), options=EngineOptions(factor_head=False)).measure(x, y).to_frame()
