@@ -38,7 +38,7 @@ def test_many_classes_match_the_oracle_and_the_logits_layer_is_closed_form(name,
     assert result.A.shape == (3, C, C) and rel_err(result.A, reference) < RTOL[torch.float64]
     assert (result.head is not None) == factor  # logits layers of width 16 and 36, narrower than C
     if factor:
-        assert rel_err(result.head.dense(), reference) < RTOL[torch.float64]
+        assert rel_err(result.head.form(torch.float64), reference) < RTOL[torch.float64]
     head = [p for p in result.route if p.endswith("weight")][-1]
     assert result.route[head].form == "closed" and not result.route.generic()
     a = model[:-1](x).detach()  # the logits layer's input
@@ -145,7 +145,7 @@ def test_factoring_for_a_dense_A_only_where_it_pays():
     assert structural_matrix(model, x, method="gram").head is None
     lazy = structural_matrix(model, x, method="gram", dense=False)
     assert lazy.A is None and lazy.head is not None
-    assert rel_err(lazy.head.dense(), structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    assert rel_err(lazy.head.form(torch.float64), structural_oracle(model, x)[0]) < RTOL[torch.float64]
 
 
 def test_chunks_left_to_the_factors_are_formed_when_another_chunk_needs_A_whole():

@@ -207,7 +207,7 @@ class ForwardCapture:
             for i, (layer, dim) in enumerate(fast):
                 if accumulators[i] is None:
                     acc = self._accumulator(layer, dim, ctx_below)
-                    accumulators[i] = ThroughHead(acc, head, n_classes) if head is not None and acc.reads_gradient else acc
+                    accumulators[i] = acc if head is None else ThroughHead(acc, head, n_classes)
             names = [layer.name for layer, _ in fast]
             routes = {name: Route(name, None, "generic", reason) for name, reason in reasons.items()}
             for (layer, _), acc in zip(fast, accumulators):
@@ -317,7 +317,7 @@ class ForwardCapture:
         if total is None:  # uninitialised: every chunk writes its own rows first
             total = torch.empty(n_all, n_classes, n_classes, dtype=dtype, device=out.device)
         if core is not None:  # Q M Qᵀ written over the rows (no zero fill of B·C² values first)
-            torch.bmm(torch.matmul(head.Q, core), head.Q.T.expand(n, *head.Q.T.shape), out=total[rows])
+            head.expand(core, out=total[rows])
         else:
             total[rows].zero_()
         for name, acc in plain:

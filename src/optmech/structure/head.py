@@ -22,7 +22,7 @@ import torch
 from ..errors import check_finite_structure
 from .accumulator import Accumulator, _Wrapped
 
-__all__ = ["HeadBasis", "ThroughHead", "LowRankHead", "head_basis", "factoring_pays"]
+__all__ = ["HeadBasis", "ThroughHead", "LowRankHead", "head_basis", "factoring_pays", "expand"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +39,19 @@ class HeadBasis:
         """d: the number of backward cotangents and the size of each M_x."""
         return self.R.shape[0]
 
-    def expand(self, core: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """Q M Qᵀ for M (n, d, d): a new (n, C, C) tensor, or added into ``into``."""
-        QM = torch.matmul(self.Q, core)  # (n, C, d)
-        Qt = self.Q.T.expand(core.shape[0], *self.Q.T.shape)
-        if into is None:
-            return torch.bmm(QM, Qt)
+    def expand(self, core: torch.Tensor, into: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Q M Qᵀ for M (n, d, d) (:func:`expand`)."""
+        return expand(self.Q, core, into=into, out=out)
+
+
+def expand(Q: torch.Tensor, core: torch.Tensor, *, into: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Q M Qᵀ for Q (C, d) and M (n, d, d): a new (n, C, C) tensor, added into ``into``, or written over ``out``."""
+    QM = torch.matmul(Q, core)  # (n, C, d)
+    Qt = Q.T.expand(core.shape[0], *Q.T.shape)
+    if into is not None:
         return into.baddbmm_(QM, Qt)
+    return torch.bmm(QM, Qt, out=out)
 
 
 def factoring_pays(d: int, n_classes: int, width: int) -> bool:
@@ -121,23 +127,18 @@ class LowRankHead:
         """Form in ``total`` the rows :meth:`.capture.ForwardCapture.add_parts` left to the factors (``dense=False``)."""
         Q = factors["basis"].to(total.dtype)
         for rows in factors.pop("skipped", []):
-            torch.matmul(torch.matmul(Q, factors["core"][rows]), Q.T, out=total[rows])
+            expand(Q, factors["core"][rows], out=total[rows])
             total[rows].diagonal(dim1=-2, dim2=-1).add_(factors["scale"][rows, None].to(total.dtype))
 
-    def form(self) -> torch.Tensor:
-        """A (batch, C, C) in the core's dtype (the model's), formed from the factors."""
-        total = torch.empty(self.core.shape[0], self.basis.shape[0], self.basis.shape[0], dtype=self.core.dtype,
-                            device=self.core.device)
-        self.fill_skipped({"basis": self.basis, "core": self.core, "scale": self.scale, "skipped": [slice(None)]}, total)
+    def form(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A (batch, C, C) formed from the factors, in ``dtype`` (default the core's: the model's)."""
+        dtype = self.core.dtype if dtype is None else dtype
+        C = self.basis.shape[0]
+        total = torch.empty(self.core.shape[0], C, C, dtype=dtype, device=self.core.device)
+        whole = {"basis": self.basis, "core": self.core.to(dtype), "scale": self.scale, "skipped": [slice(None)]}
+        self.fill_skipped(whole, total)
         return total
 
     @property
     def rank(self) -> int:
         return self.basis.shape[1]
-
-    def dense(self) -> torch.Tensor:
-        """A (batch, C, C) in float64, formed from the factors (for checks; the engine's A is formed once already)."""
-        Q = self.basis
-        A = torch.matmul(torch.matmul(Q, self.core.to(torch.float64)), Q.T)
-        A.diagonal(dim1=-2, dim2=-1).add_(self.scale.to(torch.float64)[:, None])
-        return A
