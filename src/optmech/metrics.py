@@ -112,7 +112,7 @@ def symmetric_float64(A: torch.Tensor) -> torch.Tensor:
 #: below this many multiply-adds per batch (n·C³) the eigensolver runs on the calling thread alone
 _THREADED_EIG_WORK = 2**22
 
-_eig_pool: ThreadPoolExecutor | None = None
+_eig_pool: tuple[int, ThreadPoolExecutor] | None = None  # (its threads, the pool)
 
 
 def eigvalsh(S: torch.Tensor) -> torch.Tensor:
@@ -128,11 +128,11 @@ def eigvalsh(S: torch.Tensor) -> torch.Tensor:
     n, C = S.shape[0], S.shape[-1]
     if S.device.type != "cpu" or threads < 2 or n < 2 or n * C**3 < _THREADED_EIG_WORK:
         return torch.linalg.eigvalsh(S)
-    if _eig_pool is None or _eig_pool._max_workers < threads:
-        _eig_pool = ThreadPoolExecutor(threads, thread_name_prefix="optmech-eigvalsh")
+    if _eig_pool is None or _eig_pool[0] < threads:
+        _eig_pool = (threads, ThreadPoolExecutor(threads, thread_name_prefix="optmech-eigvalsh"))
     torch.set_num_threads(1)
     try:
-        return torch.cat(list(_eig_pool.map(torch.linalg.eigvalsh, S.chunk(threads))))
+        return torch.cat(list(_eig_pool[1].map(torch.linalg.eigvalsh, S.chunk(threads))))
     finally:
         torch.set_num_threads(threads)
 
