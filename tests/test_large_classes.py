@@ -178,11 +178,14 @@ def test_the_logits_weights_QR_is_reused_until_the_weight_changes():
     model = mlp(300).double()
     x = torch.randn(3, 12, dtype=torch.float64)
     structural_matrix(model, x, method="gram")
-    key, basis = model_cache(model).head_basis
+    basis = model_cache(model).head_basis[1]
     structural_matrix(model, x, method="gram")
     assert model_cache(model).head_basis[1] is basis  # unchanged weight: the same QR
     with torch.no_grad():
-        model[-1].weight.mul_(-2.0)  # an optimiser step writes in place: the version changes
+        model[-1].weight.mul_(-2.0)  # an optimiser step writes in place
     result = structural_matrix(model, x, method="gram")
-    assert model_cache(model).head_basis[0] != key
+    assert model_cache(model).head_basis[1] is not basis
+    assert rel_err(result.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+    model[-1].weight = nn.Parameter(torch.randn_like(model[-1].weight))  # a new weight tensor
+    result = structural_matrix(model, x, method="gram")
     assert rel_err(result.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]

@@ -68,8 +68,8 @@ class ModelCache:
         stand_ins: the meta-device Linear modules that stand for recomputed projections (:mod:`.stand_in`).
         plain_output: whether the model, called on one tensor, returns its logits as a tensor (None: not yet seen);
             otherwise :func:`.signature.select_logits` finds them in its output.
-        head_basis: (the logits weight's storage, version, shape, dtype), its :class:`.head.HeadBasis`: the QR of an
-            unchanged weight is not recomputed (a training step changes the version).
+        head_basis: (a copy of the logits layer's weight, its :class:`.head.HeadBasis`): the QR of a weight with the
+            same values is not recomputed.
     """
 
     def __init__(self) -> None:
@@ -81,7 +81,7 @@ class ModelCache:
         self.warned: set[frozenset] = set()
         self.stand_ins: dict[tuple, nn.Linear] = {}
         self.plain_output: bool | None = None
-        self.head_basis: tuple[tuple, object] | None = None
+        self.head_basis: tuple[torch.Tensor, object] | None = None
 
     def clear(self) -> None:
         """Forget everything: the next call behaves as a first call."""

@@ -2,7 +2,8 @@
 
 For logits f = h Wᵀ + b (W: C × d) every other parameter's Jacobian row for class c is W[c]·∂h/∂θ, so the
 share of every layer below h is W J_h J_hᵀ Wᵀ, of rank at most d. With the reduced QR factorisation W = Q R
-(Q: C × d with orthonormal columns, R: d × d, computed once per call in float64) and M_x = R J_h J_hᵀ Rᵀ:
+(Q: C × d with orthonormal columns, R: d × d, in float64, recomputed when W's values change) and
+M_x = R J_h J_hᵀ Rᵀ:
 
     A_x = s_x·I_C + Q M_x Qᵀ,     s_x = ‖h_x‖² + 1[bias] (the logits layer's own share, in closed form).
 
@@ -66,17 +67,18 @@ def factoring_pays(d: int, n_classes: int, width: int) -> bool:
 def head_basis(W: torch.Tensor, n_classes: int, dense: bool, width: int, cache=None) -> HeadBasis | None:
     """The :class:`HeadBasis` of a logits weight W (C × d) when d < C and, if A is to be formed (``dense``), forming
     it through the factors is cheaper (:func:`factoring_pays`); else None. With the model's :class:`.cache.ModelCache`
-    the QR of a weight unchanged since the last call is reused."""
+    the QR of a weight equal to the last call's (compared value by value: C·d reads against a QR's C·d²) is reused."""
     C, d = W.shape
     if d >= C or C != n_classes or (dense and not factoring_pays(d, C, width)):
         return None
-    key = (W.untyped_storage().data_ptr(), W.storage_offset(), W._version, W.shape, W.dtype, W.device)
-    if cache is not None and cache.head_basis is not None and cache.head_basis[0] == key:
-        return cache.head_basis[1]
+    kept = None if cache is None else cache.head_basis
+    if kept is not None and kept[0].shape == W.shape and kept[0].dtype == W.dtype and kept[0].device == W.device \
+            and torch.equal(kept[0], W):
+        return kept[1]
     Q64, R64 = torch.linalg.qr(W.detach().to(torch.float64), mode="reduced")
     basis = HeadBasis(Q64.to(W.dtype), R64.to(W.dtype).contiguous(), Q64)
     if cache is not None:
-        cache.head_basis = (key, basis)
+        cache.head_basis = (W.detach().clone(), basis)
     return basis
 
 
