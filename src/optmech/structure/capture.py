@@ -345,6 +345,9 @@ class ForwardCapture:
         if not factored:
             factors["invalid"] = True
             return
+        if "core" not in factors and core.shape[0] == n_all:  # the whole batch in one chunk: no copy
+            factors.update(core=core, scale=scale, basis=head.Q64)
+            return
         if "core" not in factors:
             factors["core"] = torch.zeros(n_all, *core.shape[1:], dtype=core.dtype, device=core.device)
             factors["scale"] = torch.zeros(n_all, dtype=scale.dtype, device=scale.device)
