@@ -396,3 +396,16 @@ def test_extension_columns_are_computed_only_when_asked():
     assert torch.equal(plain.upper, full.upper) and torch.equal(plain.lambda_min, full.lambda_min)
     with pytest.raises(ValueError, match=r"extras: expected a subset of \['perp', 'gic'\], got \['nope'\]"):
         Probe(model, extras=("nope",))
+
+
+@pytest.mark.parametrize("C", [5, 40, 130])  # one operation for small batches, one sample at a time above 1 MiB
+def test_symmetric_float64_is_the_symmetric_part_in_float64_and_leaves_A_alone(C):
+    from optmech.metrics import symmetric_float64
+
+    for dtype in (torch.float32, torch.float64):
+        A = torch.randn(9, C, C, generator=torch.Generator().manual_seed(C), dtype=dtype)
+        before = A.clone()
+        S = symmetric_float64(A)
+        assert S.dtype == torch.float64 and torch.equal(S, S.mT)
+        assert torch.allclose(S, (A.double() + A.double().mT) / 2, rtol=0, atol=1e-15 * float(A.abs().max()))
+        assert torch.equal(A, before)
