@@ -1,7 +1,7 @@
 """How the structural matrix and the probe scale with the number of classes C, against a training step and the
 exact cost floor, measured side by side.
 
-    .venv/bin/python benchmarks/class_count.py                       # MLP and CNN, C = 10, 100, 1000; about 10 minutes
+    .venv/bin/python benchmarks/class_count.py                       # MLP and CNN, C = 10, 100, 1000; a few minutes
     .venv/bin/python benchmarks/class_count.py --classes 10 100 --no-memory
 
 Models: an MLP 784 → 256 → 256 → C (ReLU) and SNet's CNN (Conv(1→8) → ReLU → MaxPool(2) → … → Linear(·, C);
