@@ -189,3 +189,30 @@ def test_the_logits_weights_QR_is_reused_until_the_weight_changes():
     model[-1].weight = nn.Parameter(torch.randn_like(model[-1].weight))  # a new weight tensor
     result = structural_matrix(model, x, method="gram")
     assert rel_err(result.A, structural_oracle(model, x)[0]) < RTOL[torch.float64]
+
+
+def test_a_formed_A_is_scanned_for_overflow_only_where_its_factors_do_not_bound_it():
+    from optmech.errors import NonFiniteStructureError
+    from optmech.structure.head import LowRankHead
+
+    Q = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0]
+    formed = torch.full((2, 6, 6), float("nan"))  # stands for an A that the factors' bound would let through
+    small = LowRankHead(torch.ones(2), Q, torch.eye(2).expand(2, 2, 2).clone())
+    small.check_finite(formed=formed)  # (d + 1)·max|M, s| = 3 is far inside float32: A is not read
+    huge = LowRankHead(torch.ones(2), Q, torch.full((2, 2, 2), 1e38))
+    with pytest.raises(NonFiniteStructureError, match=r"NaN or inf in samples \[0, 1\]"):
+        huge.check_finite(formed=formed)  # near float32's range: A itself is checked
+    with pytest.raises(NonFiniteStructureError, match=r"NaN or inf in samples \[1\]"):
+        LowRankHead(torch.ones(2), Q, torch.stack([torch.eye(2), torch.full((2, 2), float("inf"))])).check_finite()
+
+
+def test_the_factored_path_raises_on_overflow_like_the_dense_one():
+    from optmech.errors import NonFiniteStructureError
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 40))
+    with torch.no_grad():
+        model[0].weight.fill_(1e19)
+    x = torch.ones(4, 3)
+    for factor in (True, False):
+        with pytest.raises(NonFiniteStructureError):
+            structural_matrix(model, x, method="gram", options=EngineOptions(factor_head=factor))

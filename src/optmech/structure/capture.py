@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import fresh
 from ._context import add_group, outside_stacklevel
 from .accumulator import GradientScaled, SamplesMoved
 from .cache import ModelCache, model_cache
@@ -315,7 +316,7 @@ class ForwardCapture:
                     add_group(groups, plain[0][0], rows, plain[0][1].result(), n_all)
                 return total
         if total is None:  # uninitialised: every chunk writes its own rows first
-            total = torch.empty(n_all, n_classes, n_classes, dtype=dtype, device=out.device)
+            total = fresh.empty((n_all, n_classes, n_classes), dtype, out.device)
         if core is not None:  # Q M Qᵀ written over the rows (no zero fill of B·C² values first)
             head.expand(core, out=total[rows])
         else:

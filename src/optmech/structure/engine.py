@@ -178,8 +178,8 @@ def structural_matrix(
             with torch.no_grad():
                 return model(x)
 
-        if result.A is None:
-            result.head.check_finite(logits)
+        if result.head is not None:  # A, if formed, from these factors
+            result.head.check_finite(logits, formed=result.A)
         else:
             check_finite_structure(result.A, logits)
     log.debug("structural_matrix: method=%s batch=%d", result.method, x.shape[0])

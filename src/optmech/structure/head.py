@@ -17,10 +17,12 @@ C − d times, and its others are s_x + eig(M_x), so λmin(A_x) = s_x and λmax(
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from ..errors import check_finite_structure
+from . import fresh
 from .accumulator import Accumulator, _Wrapped
 
 __all__ = ["HeadBasis", "ThroughHead", "LowRankHead", "head_basis", "factoring_pays", "expand"]
@@ -47,12 +49,25 @@ class HeadBasis:
 
 def expand(Q: torch.Tensor, core: torch.Tensor, *, into: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Q M Qᵀ for Q (C, d) and M (n, d, d): a new (n, C, C) tensor, added into ``into``, or written over ``out``."""
-    QM = torch.matmul(Q, core)  # (n, C, d)
-    Qt = Q.T.expand(core.shape[0], *Q.T.shape)
+    """Q M Qᵀ for Q (C, d) and M (n, d, d): a new (n, C, C) tensor, added into ``into``, or written over ``out``.
+
+    P = Q M is one batched GEMM (n, C, d); A = P Qᵀ is then one 2-D GEMM (n·C, d)·(d, C) when the result is
+    contiguous (A's rows are the rows of P, sample by sample), the shape the BLAS runs fastest; new tensors of
+    tens of MiB are advised onto huge pages (:mod:`.fresh`).
+    """
+    n, d, C = core.shape[0], core.shape[1], Q.shape[0]
+    P = torch.bmm(Q.expand(n, C, d), core, out=fresh.empty((n, C, d), core.dtype, core.device))
     if into is not None:
-        return into.baddbmm_(QM, Qt)
-    return torch.bmm(QM, Qt, out=out)
+        if into.is_contiguous():
+            into.view(n * C, C).addmm_(P.view(n * C, d), Q.T)
+            return into
+        return into.baddbmm_(P, Q.T.expand(n, d, C))
+    if out is None:
+        out = fresh.empty((n, C, C), core.dtype, core.device)
+    if out.is_contiguous():
+        torch.mm(P.view(n * C, d), Q.T, out=out.view(n * C, C))
+        return out
+    return torch.bmm(P, Q.T.expand(n, d, C), out=out)
 
 
 def factoring_pays(d: int, n_classes: int, width: int) -> bool:
@@ -113,9 +128,19 @@ class LowRankHead:
     basis: torch.Tensor
     core: torch.Tensor
 
-    def check_finite(self, logits=None) -> None:
-        """:func:`optmech.errors.check_finite_structure` on the factors (s_x added to M_x: an overflow of either)."""
-        check_finite_structure(self.core + self.scale[:, None, None], logits)
+    def check_finite(self, logits=None, formed: torch.Tensor | None = None) -> None:
+        """:func:`optmech.errors.check_finite_structure` on the factors (s_x added to M_x: an overflow of either),
+        and on A formed from them (``formed``) only where the factors do not bound it.
+
+        With m = max(|M_x|, |s_x|) finite, every entry of Q M_x Qᵀ and of the products forming it is at most
+        ‖M_x‖₂ ≤ d·m in size (Q's rows have norm ≤ 1), so A is finite when (d + 1)·m is well inside the dtype's
+        range: then the B·C² values of A need no pass of their own.
+        """
+        peak = torch.maximum(self.core.abs().amax(), self.scale.abs().amax()).item() if self.core.numel() else 0.0
+        if not math.isfinite(peak):
+            check_finite_structure(self.core + self.scale[:, None, None], logits)
+        elif formed is not None and (self.rank + 1) * peak > torch.finfo(formed.dtype).max / 4:
+            check_finite_structure(formed, logits)
 
     @classmethod
     def from_factors(cls, factors: dict) -> LowRankHead | None:
@@ -136,7 +161,7 @@ class LowRankHead:
         """A (batch, C, C) formed from the factors, in ``dtype`` (default the core's: the model's)."""
         dtype = self.core.dtype if dtype is None else dtype
         C = self.basis.shape[0]
-        total = torch.empty(self.core.shape[0], C, C, dtype=dtype, device=self.core.device)
+        total = fresh.empty((self.core.shape[0], C, C), dtype, self.core.device)
         whole = {"basis": self.basis, "core": self.core.to(dtype), "scale": self.scale, "skipped": [slice(None)]}
         self.fill_skipped(whole, total)
         return total
