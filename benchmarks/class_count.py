@@ -6,32 +6,44 @@ exact cost floor, measured side by side.
 
 Models: an MLP 784 → 256 → 256 → C (ReLU) and SNet's CNN (Conv(1→8) → ReLU → MaxPool(2) → … → Linear(·, C);
 ``optmech.models.build("snet", depth=1, n_classes=C)``); batch 64, float32, one process, interleaved round by
-round. Per model and C:
+round in a new shuffled order every round (seeded). Per model and C:
 
 - **step**: a training step (forward, cross-entropy, backward, SGD with lr 0);
-- **floor**: the exact cost floor of A = J Jᵀ, the cheaper of two schedules: one forward, the C activation
-  backward passes to the outputs of the layers before the logits layer, seeded at that layer's input with
-  ∂f_c/∂h = W[c] (the faster of one vmapped pass and C passes, timed together with the forward), plus every
-  layer's cheapest contraction (``structure/contract.py``'s multiply-adds; the logits layer's (‖a‖² + 1)·I is
-  O(n·d)) priced at the throughput of a 2048² float32 GEMM timed in the same rounds; or, when the logits
-  layer's input is narrower than C (d < C), the same with d passes seeded with the rows of R (W = QR), d × d
-  contractions and the product Q M Qᵀ (``structure/head.py``). The GEMM that writes A (the contraction of the
-  C schedule; Q M Qᵀ) is counted as no faster than writing A's B·C² floats into fresh memory
-  (``torch.ones``, timed in the same rounds), which every call that returns A pays;
+- **floor**: the exact cost floor of A = J Jᵀ, the cheaper of two schedules, each the work every exact method
+  must do, run by torch's fastest kernels for it and timed in the same rounds:
+
+  - (C) one forward and the C activation backward passes to the outputs of the layers before the logits layer,
+    seeded at that layer's input h with ∂f_c/∂h = W[c] (the faster of one vmapped pass and C passes, timed
+    together with the forward), and every layer's cheapest contraction (``structure/contract.py``): its
+    C²-term, the Gram F Fᵀ of an (n, C, features) operand, timed as one batched GEMM into kept memory
+    (random operands of the layer's shapes), its other terms priced at the throughput of a 2048² float32
+    GEMM of the same round; the logits layer's (‖a‖² + 1)·I is O(n·d);
+  - (d) when h is narrower than C (d < C): d passes seeded with the rows of R (W = QR), the contractions'
+    Grams at (n, d, features), and Q M Qᵀ (``structure/head.py``): the batched GEMM P = Q M and the
+    2-D GEMM (n·C, d)·(d, C), timed into kept memory.
+
+  The GEMM that writes A (the largest layer's Gram; P Qᵀ) counts as no faster than writing A's B·C² floats
+  into fresh memory (``torch.ones``), which every call that returns A pays. **× ideal**: the same floor with
+  every contraction priced at the 2048² GEMM rate (what a BLAS at its large-matrix speed on these shapes
+  would give; torch's batched GEMMs of a few hundred rows run at about half of it on this CPU);
 - **gram**: ``structural_matrix(model, x, method="gram")``;
 - **probe**: ``Probe(model).measure(x, y)`` with the default columns (no extras).
 
-It prints medians, each one's ratio to the step, to the floor and to ``gram``, and (``--no-memory`` to skip) the growth of
-the peak resident set during one call in a fresh process, next to the size of A itself (B·C² floats).
+It prints medians, each one's ratio to the step, to the floor (the median of the per-round ratios, each
+against the floor of its own round, with their range) and to ``gram``, and (``--no-memory`` to skip) the
+growth of the peak resident set during one call in a fresh process, next to the size of A itself (B·C² floats).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import random
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,19 +67,35 @@ def make(name: str, C: int) -> torch.nn.Module:
     return build("snet", depth=1, n_classes=C, seed=0)
 
 
-def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, tuple]:
-    """The exact cost floor's parts for each schedule: {name: (one vmapped pass, k passes, multiply-adds of the
-    contractions, multiply-adds of the GEMM that writes A)}, the passes timed together with the forward.
+@dataclasses.dataclass
+class Schedule:
+    """One schedule of the exact cost floor (see the module's docstring)."""
 
-    - ``"C"``: C passes seeded at the logits layer's input h with ∂f_c/∂h = W[c], every layer contracted C × C;
-    - ``"d"`` (only when the logits layer's input is narrower than C, d < C): d passes seeded with the rows of R
-      (W = QR), every layer contracted d × d, and Q M Qᵀ formed (C·d² + C²·d per sample).
+    seeds: int  # backward cotangents: C, or d
+    one_pass: Callable[[], None]  # forward + one vmapped backward of the seeds
+    k_passes: Callable[[], None]  # forward + one backward per seed
+    grams: Callable[[], None]  # the contractions' Grams (and P = Q M) that do not write A, into kept memory
+    last: Callable[[], None]  # the GEMM that writes A, into kept memory
+    other_macs: float  # the contractions' multiply-adds outside the timed GEMMs (priced at the 2048² rate)
+    gemm_macs: float  # the timed GEMMs' multiply-adds (for the ideal floor)
 
-    The logits layer's own (‖a‖² + 1)·I costs O(n·d) in both.
-    """
+
+def gram_features(n: int, k: int, S: int, K: int, width: int, bias: bool) -> tuple[float, int]:
+    """(multiply-adds, features) of a layer's cheapest contraction with k cotangents: its cost is a quadratic in k
+    (``contract.contraction_costs``) whose k² coefficient is n·features, the Gram F Fᵀ of F (n, k, features)."""
+    costs = contraction_costs(n, k, S, K, width, bias)
+    form = min(costs, key=costs.get)
+    at = [contraction_costs(n, j, S, K, width, bias)[form] for j in (1, 2, 3)]
+    return costs[form], round((at[2] - 2 * at[1] + at[0]) / 2 / n)
+
+
+def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Schedule]:
+    """The exact cost floor's schedules (module docstring): ``"C"``, and ``"d"`` when the logits layer's input is
+    narrower than C."""
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     head, body = layers[-1], layers[:-1]
     n, d = x.shape[0], head.in_features
+    gen = torch.Generator().manual_seed(3)
 
     def forward():
         seen = {}
@@ -82,8 +110,9 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, tu
 
     seen = forward()
 
-    def contractions(k: int) -> float:
-        macs = float(n * d)  # (‖a‖² + 1)·I
+    def contractions(k: int) -> tuple[float, list[tuple[float, int]]]:
+        """(multiply-adds of the whole contraction, [(the Gram's multiply-adds, features) per layer])."""
+        macs, grams = float(n * d), []  # (‖a‖² + 1)·I
         for m in body:
             a, z = seen[m]
             if isinstance(m, torch.nn.Linear):
@@ -91,8 +120,10 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, tu
             else:
                 K = m.in_channels * m.kernel_size[0] * m.kernel_size[1] // m.groups
                 S, width = z.shape[2] * z.shape[3], m.out_channels
-            macs += min(contraction_costs(n, k, S, K, width, m.bias is not None).values())
-        return macs
+            total, features = gram_features(n, k, S, K, width, m.bias is not None)
+            macs += total
+            grams.append((float(n * k * k * features), features))
+        return macs, grams
 
     def passes(seeds: torch.Tensor, batched: bool):
         k = seeds.shape[0]
@@ -107,17 +138,41 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, tu
                     torch.autograd.grad(h, zs, grad_outputs=seeds[c].expand_as(h), retain_graph=c < k - 1)
         return run
 
+    def gram_gemms(k: int, grams: list[tuple[float, int]]) -> tuple[list, list]:
+        """(F, kept output) per layer, for F Fᵀ at (n, k, features)."""
+        Fs = [torch.randn(n, k, f, generator=gen) for _, f in grams]
+        return Fs, [torch.empty(n, k, k) for _ in grams]
+
     W = head.weight.detach()
-    schedules = {"C": (passes(W, True), passes(W, False), contractions(C), 0.0)}
+    macs, grams = contractions(C)
+    Fs, outs = gram_gemms(C, grams)
+    largest = max(range(len(grams)), key=lambda i: grams[i][0])
+
+    def c_grams():
+        for i, (F, out) in enumerate(zip(Fs, outs)):
+            if i != largest:
+                torch.bmm(F, F.mT, out=out)
+
+    schedules = {"C": Schedule(C, passes(W, True), passes(W, False), c_grams,
+                               lambda: torch.bmm(Fs[largest], Fs[largest].mT, out=outs[largest]),
+                               macs - sum(g for g, _ in grams), sum(g for g, _ in grams))}
     if d < C:
         R = torch.linalg.qr(W.double())[1].to(W.dtype)
-        schedules["d"] = (passes(R, True), passes(R, False), contractions(d), float(n * (C * d * d + C * C * d)))
+        Q = torch.linalg.qr(torch.randn(C, d, generator=gen))[0]
+        M = torch.randn(n, d, d, generator=gen)
+        P, A = torch.empty(n, C, d), torch.empty(n * C, C)
+        dmacs, dgrams = contractions(d)
+        dFs, douts = gram_gemms(d, dgrams)
+
+        def d_grams():
+            for F, out in zip(dFs, douts):
+                torch.bmm(F, F.mT, out=out)
+            torch.bmm(Q.expand(n, C, d), M, out=P)
+
+        schedules["d"] = Schedule(d, passes(R, True), passes(R, False), d_grams,
+                                  lambda: torch.mm(P.view(n * C, d), Q.T, out=A),
+                                  dmacs - sum(g for g, _ in dgrams), sum(g for g, _ in dgrams) + n * (C * d * d + C * C * d))
     return schedules
-
-
-def model_head_width(model: torch.nn.Module) -> int:
-    """d: the width of the logits layer's input."""
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1].in_features
 
 
 def timed(fn) -> float:
@@ -146,12 +201,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--classes", nargs="+", type=int, default=[10, 100, 1000])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds at C = 10 (fewer at larger C, at least 2)")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds at C = 10 (fewer at larger C, at least 3)")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     gemm_a = torch.randn(GEMM, GEMM, generator=torch.Generator().manual_seed(0))
+    order = random.Random(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}, float32")
-    print(f"{'model':<5} {'C':>5} {'what':<6} {'median ms':>10} {'× step':>8} {'× floor':>8} {'× gram':>7} {'peak MiB':>9}")
+    print(f"{'model':<5} {'C':>5} {'what':<6} {'median ms':>10} {'× step':>8} {'× floor':>8} {'(range)':>13} {'× ideal':>8} "
+          f"{'× gram':>7} {'peak MiB':>9}")
     for name in args.models:
         for C in args.classes:
             model = make(name, C).eval()
@@ -167,39 +224,53 @@ def main() -> None:
                 opt.step()
 
             calls = {"step": step, "gemm": lambda: gemm_a @ gemm_a,
-                     "gram": lambda: structural_matrix(model, x, method="gram"), "probe": lambda: probe.measure(x, y)}
-            calls["write_A"] = lambda: torch.ones(BATCH, C, C)  # A's B·C² values into fresh memory, as every call returns
-            for key, (one_pass, k_passes, _, _) in schedules.items():
-                calls[f"one_pass/{key}"], calls[f"k_passes/{key}"] = one_pass, k_passes
+                     "gram": lambda: structural_matrix(model, x, method="gram"), "probe": lambda: probe.measure(x, y),
+                     "write_A": lambda: torch.ones(BATCH, C, C)}  # A's B·C² values into fresh memory
+            for key, sch in schedules.items():
+                for part in ("one_pass", "k_passes", "grams", "last"):
+                    calls[f"{part}/{key}"] = getattr(sch, part)
             for fn in calls.values():  # warm
                 fn()
-            rounds = max(2, args.rounds if C <= 10 else args.rounds // 2 if C <= 100 else 2)
+            rounds = max(3, args.rounds if C <= 10 else args.rounds // 2 if C <= 100 else 3)
             times = {k: [] for k in calls}
             for _ in range(rounds):
-                for k, fn in calls.items():
-                    times[k].append(timed(fn))
-            med = {k: statistics.median(v) for k, v in times.items()}
-            rate = 2 * GEMM**3 / med["gemm"]
-            def last_gemm(key: str) -> float:  # the GEMM that writes A: its arithmetic, or writing A, the slower
-                macs, expand = schedules[key][2:]
-                return max(2 * (expand or macs) / rate, med["write_A"])
+                keys = list(calls)
+                order.shuffle(keys)
+                for k in keys:
+                    times[k].append(timed(calls[k]))
 
-            floors = {key: min(med[f"one_pass/{key}"], med[f"k_passes/{key}"]) + last_gemm(key)
-                      + (2 * schedules[key][2] / rate if schedules[key][3] else 0.0) for key in schedules}
-            best = min(floors, key=floors.get)
-            floor = floors[best]
+            def floors(t: dict[str, float]) -> dict[str, tuple[float, float]]:
+                """{schedule: (floor, ideal floor)} from one set of times (a round's, or the medians)."""
+                rate = 2 * GEMM**3 / t["gemm"]
+                got = {}
+                for key, sch in schedules.items():
+                    passes = min(t[f"one_pass/{key}"], t[f"k_passes/{key}"]) + 2 * sch.other_macs / rate
+                    got[key] = (passes + t[f"grams/{key}"] + max(t[f"last/{key}"], t["write_A"]),
+                                passes + max(2 * sch.gemm_macs / rate, t["write_A"]))
+                return got
+
+            med = {k: statistics.median(v) for k, v in times.items()}
+            at_median = floors(med)
+            best = min(at_median, key=lambda key: at_median[key][0])
+            per_round = [floors({k: v[r] for k, v in times.items()})[best] for r in range(rounds)]
             A_mib = BATCH * C * C * 4 / 2**20
             for k in ("step", "gram", "probe"):
+                ratios = sorted(times[k][r] / per_round[r][0] for r in range(rounds))
+                spread = f"{ratios[0]:.2f}–{ratios[-1]:.2f}"
                 mem = "" if args.no_memory or k == "step" else f"{peak_memory_mib(name, C, k):.0f}"
-                print(f"{name:<5} {C:>5} {k:<6} {1e3 * med[k]:>10.1f} {med[k] / med['step']:>8.2f} {med[k] / floor:>8.2f} "
-                      f"{med[k] / med['gram']:>7.2f} {mem:>9}")
-            for key, (_, _, macs, expand) in schedules.items():
-                k_seeds = C if key == "C" else model_head_width(model)
+                print(f"{name:<5} {C:>5} {k:<6} {1e3 * med[k]:>10.1f} {med[k] / med['step']:>8.2f} "
+                      f"{statistics.median(ratios):>8.2f} {spread:>13} {med[k] / at_median[best][1]:>8.2f} "
+                      f"{med[k] / med['gram']:>7.2f} {mem:>9}", flush=True)
+            rate = 2 * GEMM**3 / med["gemm"]
+            for key, sch in schedules.items():
                 passes_ms = 1e3 * min(med[f"one_pass/{key}"], med[f"k_passes/{key}"])
-                what = (f"contractions {macs / 1e9:.2f} GMAC" if key == "C" else
-                        f"d × d contractions {macs / 1e9:.2f} GMAC + Q M Qᵀ {expand / 1e9:.2f} GMAC")
-                print(f"{'':<5} {'':>5} {'floor' if key == best else 'other'} = forward + {k_seeds} passes {passes_ms:.1f} ms + "
-                      f"{what} at {rate / 1e9:.0f} GFLOP/s, the last GEMM no faster than writing A: {1e3 * floors[key]:.1f} ms")
+                grams_ms, last_ms = 1e3 * med[f"grams/{key}"], 1e3 * med[f"last/{key}"]
+                what = "Grams" if key == "C" else "d × d Grams and Q M"
+                print(f"{'':<5} {'':>5} {'floor' if key == best else 'other'} = forward + {sch.seeds} passes {passes_ms:.1f} ms "
+                      f"+ other contraction terms {sch.other_macs / 1e9:.2f} GMAC at {rate / 1e9:.0f} GFLOP/s + {what} "
+                      f"{grams_ms:.1f} ms + the GEMM that writes A {last_ms:.1f} ms (no faster than writing A): "
+                      f"{1e3 * at_median[key][0]:.1f} ms; ideal {1e3 * at_median[key][1]:.1f} ms "
+                      f"({sch.gemm_macs / 1e9:.2f} GMAC of GEMMs at {rate / 1e9:.0f} GFLOP/s)")
             print(f"{'':<5} {'':>5} A itself {A_mib:.1f} MiB, written into fresh memory in {1e3 * med['write_A']:.1f} ms; "
                   f"{rounds} rounds", flush=True)
 

@@ -25,10 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import fresh
 from ._context import add_group, outside_stacklevel
 from .accumulator import GradientScaled, SamplesMoved
-from .cache import ModelCache, model_cache
+from .cache import SHARED, ModelCache, model_cache
 from .graph import graph_uses
 from .head import ThroughHead, head_basis
 from .jacobian import structural_matrix_jacobian
@@ -316,9 +315,10 @@ class ForwardCapture:
                     add_group(groups, plain[0][0], rows, plain[0][1].result(), n_all)
                 return total
         if total is None:  # uninitialised: every chunk writes its own rows first
-            total = fresh.empty((n_all, n_classes, n_classes), dtype, out.device)
+            total = torch.empty(n_all, n_classes, n_classes, dtype=dtype, device=out.device)
         if core is not None:  # Q M Qᵀ written over the rows (no zero fill of B·C² values first)
-            head.expand(core, out=total[rows])
+            work = self.cache.workspace.get(SHARED, "head-product", (n, n_classes, head.rank), dtype, out.device)
+            head.expand(core, out=total[rows], work=work)
         else:
             total[rows].zero_()
         for name, acc in plain:

@@ -33,7 +33,6 @@ import logging
 import torch
 from torch import nn
 
-from . import fresh
 from ._context import check_outputs
 from .cache import ModelCache
 from .capture import ForwardCapture
@@ -126,6 +125,6 @@ def structural_matrix_gram(
         del out
     if factors is not None and factors.get("skipped") and factors.get("invalid"):  # some chunks only in factors
         if total is None:
-            total = fresh.empty((n, n_classes, n_classes), named_params[0][1].dtype, inputs.device)
+            total = torch.empty(n, n_classes, n_classes, dtype=named_params[0][1].dtype, device=inputs.device)
         LowRankHead.fill_skipped(factors, total)
     return total, routes
