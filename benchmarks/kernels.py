@@ -7,6 +7,9 @@
 2. **The scaled ∂f/∂z of a vector Linear** (``layer_gram.LayerGram``, ghost form (‖a‖² + 1)·B Bᵀ): the product
    √(‖a‖² + 1)·B left in the class-major layout of the vmapped backward pass, against it written sample-major into
    a kept buffer, each followed by the batched GEMM that adds B Bᵀ into A (64 samples, d_out = 256).
+3. **A from the factors of a narrow logits layer** (``head.expand``, A = Q M Qᵀ with Q: C × d, M: (64, d, d)):
+   given P = Q M, A = P Qᵀ as a batched GEMM (the engine's) against one 2-D GEMM (64·C, d)·(d, C) (A's rows are
+   P's rows), A in fresh memory as every call returns it (d = 256; C = 1000, 4000).
 
 Interleaved round by round; it prints medians and the ratio (new / old) with the spread of the per-round ratios.
 It measures; it is not a test.
@@ -74,6 +77,12 @@ def main() -> None:
             A.baddbmm_(F_, F_.transpose(1, 2))
 
         compare(f"√s·B, B Bᵀ, C = {C}: class-major | kept", in_place, sample_major, args.rounds if C < 1000 else 5)
+    for C in (1000, 4000):
+        Q = torch.linalg.qr(torch.randn(C, d, generator=g))[0]
+        X = torch.randn(n, d, d, generator=g)
+        P = torch.bmm(Q.expand(n, C, d), X @ X.mT)
+        compare(f"Q M Qᵀ, C = {C}: batched | 2-D", lambda P=P, Q=Q: torch.bmm(P, Q.T.expand(n, d, Q.shape[0])),
+                lambda P=P, Q=Q: torch.mm(P.view(-1, d), Q.T).view(n, Q.shape[0], Q.shape[0]), 5)
 
 
 if __name__ == "__main__":

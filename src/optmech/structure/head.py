@@ -49,25 +49,14 @@ class HeadBasis:
 
 def expand(Q: torch.Tensor, core: torch.Tensor, *, into: torch.Tensor | None = None,
            out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
-    """Q M Qᵀ for Q (C, d) and M (n, d, d): a new (n, C, C) tensor, added into ``into``, or written over ``out``.
-
-    P = Q M is one batched GEMM (n, C, d), into ``work`` if given (a kept buffer of that shape); A = P Qᵀ is then
-    one 2-D GEMM (n·C, d)·(d, C) when the result is contiguous (A's rows are the rows of P, sample by sample):
-    about 1.5× the speed of the batched GEMM on kept memory at C = 1000, d = 256 (docs/engine.md).
-    """
+    """Q M Qᵀ for Q (C, d) and M (n, d, d): a new (n, C, C) tensor, added into ``into``, or written over ``out``;
+    P = Q M (n, C, d) is written into ``work`` when given (a kept buffer: no page faults on a fresh one)."""
     n, d, C = core.shape[0], core.shape[1], Q.shape[0]
     P = torch.bmm(Q.expand(n, C, d), core, out=work)
+    Qt = Q.T.expand(n, d, C)
     if into is not None:
-        if into.is_contiguous():
-            into.view(n * C, C).addmm_(P.view(n * C, d), Q.T)
-            return into
-        return into.baddbmm_(P, Q.T.expand(n, d, C))
-    if out is None:
-        out = torch.empty(n, C, C, dtype=core.dtype, device=core.device)
-    if out.is_contiguous():
-        torch.mm(P.view(n * C, d), Q.T, out=out.view(n * C, C))
-        return out
-    return torch.bmm(P, Q.T.expand(n, d, C), out=out)
+        return into.baddbmm_(P, Qt)
+    return torch.bmm(P, Qt, out=out)
 
 
 def factoring_pays(d: int, n_classes: int, width: int) -> bool:
