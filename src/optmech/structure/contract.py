@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["contraction_costs", "materialised_gram", "ghost_gram", "class_major_gram", "gram_of"]
+__all__ = ["contraction_costs", "materialised_gram", "ghost_gram", "class_major_gram", "gram_of", "squared_norms"]
 
 
 def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = True) -> dict[str, float]:
@@ -31,6 +31,11 @@ def contraction_costs(n: int, C: int, S: int, K: int, d_out: int, bias: bool = T
     ghost = n * S * S * K + n * S * S * C * d_out + n * C * C * S * d_out
     materialise = n * C * d_out * S * K + n * C * C * d_out * K
     return {"ghost": float(ghost + extra), "materialise": float(materialise + extra)}
+
+
+def squared_norms(a: torch.Tensor) -> torch.Tensor:
+    """‖a_i‖² for the rows of a (n, K): one reduction, no (n, K) temporary (a fresh one costs its page faults)."""
+    return torch.linalg.vector_norm(a, dim=-1).square_()
 
 
 def gram_of(F_: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:

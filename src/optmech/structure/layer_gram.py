@@ -16,7 +16,7 @@ from torch import nn
 
 from .accumulator import Accumulator
 from .cache import SHARED, Workspace
-from .contract import class_major_gram, contraction_costs, ghost_gram, gram_of, materialised_gram
+from .contract import class_major_gram, contraction_costs, ghost_gram, gram_of, materialised_gram, squared_norms
 from .layout import is_channels_last
 from .patches import layer_dims, layer_patches, out_features
 
@@ -135,7 +135,7 @@ class LayerGram(Accumulator):
             return materialised_gram(self.buffer, a, into)
         if self.strategy == "ghost" and self.S == 1:  # (‖a‖² + 1)·B Bᵀ, the +1 for the bias
             F_ = self.class_major.transpose(0, 1) if self.class_major is not None else torch.stack(self.vectors, 1)  # (n, C, d_out)
-            scale = torch.linalg.vecdot(a[..., 0], a[..., 0])
+            scale = squared_norms(a[..., 0])
             if self.bias:
                 scale += 1
             # √scale·B written sample-major into a kept buffer: the batched GEMM on it runs about 1.1× faster than on

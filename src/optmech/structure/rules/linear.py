@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..accumulator import Accumulator
+from ..contract import squared_norms
 from ..layer_gram import LayerGram
 from .base import AccumulatorContext, Layer, Record, Rule
 
@@ -46,7 +47,7 @@ class LogitsLinearGram(Accumulator):
     def __init__(self, module: nn.Linear, record: Record, n_classes: int) -> None:
         self.n_classes, self.count = n_classes, n_classes
         a = record.a
-        self.scale = torch.linalg.vecdot(a, a)  # (n,)
+        self.scale = squared_norms(a)  # (n,)
         if module.bias is not None:
             self.scale += 1
         h = record.input
