@@ -11,7 +11,7 @@ import pytest
 
 from optmech.experiments.calibration import EffectTest, Unit, empirical_claim, permute_labels, spearman
 from optmech.experiments.claims_training import onsets, training_claims
-from optmech.experiments.gates import learned
+from optmech.experiments.gates import at_edge, learned, learning_onset
 from optmech.experiments.reproduce_config import ClaimSettings, ReproduceConfig
 from optmech.metrics import local_pearson, local_pearson_rows
 from optmech.records import Reproduction, probe_arrays
@@ -161,6 +161,32 @@ def test_learning_gate_reads_accuracy_and_divergence():
     assert not ok and "0.290 < 0.30" in why
     ok, why = learned({"summary": {"heldout_accuracy": 0.9, "chance_accuracy": 0.1, "diverged_at_step": 12}}, s)
     assert not ok and "diverged at step 12" in why
+
+
+def _evals_meta(accuracies, final_step=900, **summary):
+    steps = np.linspace(0, final_step, len(accuracies)).astype(int)
+    evals = pd.DataFrame({"step": steps, "heldout_accuracy": accuracies})
+    return {"summary": {"heldout_accuracy": accuracies[-1], "chance_accuracy": 0.1, "steps": final_step, **summary}, "evals": evals}
+
+
+@pytest.mark.parametrize("accuracies, edge", [
+    ([0.1, 0.5, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], None),                        # learned at step 100 of 900
+    ([0.1, 0.1, 0.1, 0.1, 0.29, 0.31, 0.5, 0.7, 0.8, 0.8], "learned late: held-out accuracy first ≥ 0.30 at step 500 of 900"),
+    ([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.66], "first ≥ 0.30 at step 900 of 900"),  # only the last evaluation
+    ([0.1, 0.12, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1], None),                        # never near the bar
+    ([0.1, 0.1, 0.22, 0.15, 0.1, 0.1, 0.1, 0.1, 0.1, 0.12], "did not learn, but reached 0.220 at step 200"),
+])
+def test_runs_at_the_edge_of_learning_are_named(accuracies, edge):
+    s = ClaimSettings(learn_margin=0.2, late_learning_fraction=0.4)
+    got = at_edge(_evals_meta(accuracies), s)
+    assert (got is None) if edge is None else (got is not None and edge in got)
+
+
+def test_the_learning_onset_and_a_diverged_run():
+    s = ClaimSettings(learn_margin=0.2)
+    assert learning_onset(_evals_meta([0.1, 0.1, 0.35, 0.9]), s) == 600
+    assert learning_onset(_evals_meta([0.1, 0.1]), s) is None and learning_onset({"summary": {}}, s) is None
+    assert at_edge(_evals_meta([0.1, 0.25, 0.1], diverged_at_step=300), s) is None  # diverged: said as such, not an edge
 
 
 def test_per_image_statistics_pair_each_image_with_its_own_bounds():

@@ -110,3 +110,18 @@ def test_first_sustained_high_correlation():
 ])
 def test_verdict_rule(passes, exact, verdict):
     assert combine(passes, exact=exact) == verdict
+
+
+def test_the_report_names_runs_at_the_edge_of_learning():
+    from optmech.report.html import _answer, _runs_table
+
+    run = dict(init="he_normal", steps=938, heldout_loss=0.5, learned=True, why="learned (held-out accuracy 0.804)")
+    runs = {"a k3 s1 he_normal": {**run, "heldout_accuracy": 0.804, "edge": "learned late: held-out accuracy first ≥ 0.30 at "
+                                  "step 846 of 938"},
+            "a k1 s1 he_normal": {**run, "heldout_accuracy": 0.95, "edge": None}}
+    answer = _answer([], runs, "", ["he_normal"])
+    assert "At the edge of learning: a k3 s1 (learned late: held-out accuracy first ≥ 0.30 at step 846 of 938)" in answer
+    assert "a k1 s1 (" not in answer and "floating-point kernels" in answer
+    assert "at the edge of learning (learned late" in _runs_table(runs)
+    runs["a k3 s1 he_normal"]["edge"] = None
+    assert "edge of learning" not in _answer([], runs, "", ["he_normal"]) + _runs_table(runs)

@@ -78,6 +78,8 @@ def test_reproduction_writes_every_claim_and_figure(tiny_run):
     runs = claims["runs"]  # every training run's final held-out accuracy and loss
     assert len(runs) == len(load_preset(TINY).train_runs())
     assert all(0 <= r["heldout_accuracy"] <= 1 and r["heldout_loss"] > 0 and isinstance(r["learned"], bool) for r in runs.values())
+    assert all(r["edge"] is None or isinstance(r["edge"], str) for r in runs.values())  # at the edge of learning, or not
+    assert all(r["learned_at_step"] is not None for r in runs.values() if r["learned"])
     assert set(claims["counts"]) >= {"empirical", "identity", "theory"} and "empirical:" in claims["summary"]
     by_id = {c["id"]: c for c in claims["claims"]}
     # exact statements are exact here too: Theorem 3 on every row, eᵀAe = autograd on every checked row

@@ -306,8 +306,10 @@ def _report(run_dir: Path) -> None:
     learned = [r for r in runs.values() if r["learned"]]
     if runs:
         accs = [r["heldout_accuracy"] for r in runs.values() if r["heldout_accuracy"] is not None]
+        edge = [k for k, r in runs.items() if r.get("edge")]
         console.print(f"training runs: {len(learned)} of {len(runs)} learned (final held-out accuracy {min(accs):.3f}–{max(accs):.3f}); "
-                      "the others' claims are not measurable")
+                      "the others' claims are not measurable"
+                      + (f"; at the edge of learning (see the report): {', '.join(edge)}" if edge else ""))
     from .experiments.claims import count_verdicts, summary_line
 
     console.print(f"{summary_line(count_verdicts(claims))} — claims: [bold]{run_dir / 'claims.json'}[/]")

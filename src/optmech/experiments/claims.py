@@ -132,8 +132,10 @@ def evaluate_claims(rep: Reproduction) -> list[Claim]:
 
 
 def run_table(rep: Reproduction) -> dict:
-    """Every training run's outcome: {"a k01 s1 he_normal": {final held-out accuracy and loss, chance, learned, ...}}."""
-    from .gates import learned
+    """Every training run's outcome: {"a k01 s1 he_normal": {final held-out accuracy and loss, chance, learned, the
+    step its held-out accuracy first reached the learned bar, why it sits at the edge of learning or None, ...}}
+    (:mod:`.gates`)."""
+    from .gates import at_edge, learned, learning_onset
 
     config = ReproduceConfig(**rep.meta["config"])
     out = {}
@@ -144,7 +146,7 @@ def run_table(rep: Reproduction) -> dict:
             "model": m, "depth": k, "seed": s, "init": init, "steps": summary.get("steps"),
             "heldout_accuracy": summary.get("heldout_accuracy"), "heldout_loss": summary.get("heldout_loss"),
             "chance_accuracy": summary.get("chance_accuracy"), "learned": ok, "diverged_at_step": summary.get("diverged_at_step"),
-            "why": why,
+            "why": why, "learned_at_step": learning_onset(meta, config.claims), "edge": at_edge(meta, config.claims),
         }
     return out
 

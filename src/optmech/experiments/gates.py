@@ -6,6 +6,12 @@ or a degenerate matrix as evidence").
 - **degenerate**: the median over probe images and records of G = log₂(λmax/λmin) is below
   ``degenerate_G_bits``: A_x ≈ c·I, where the Theorem 3 bracket is closed by the vanishing signal
   (READING.md F3), not by a well-conditioned structure.
+
+And a caveat that is not a gate, **at the edge of learning** (:func:`at_edge`): a run that learned, but whose
+held-out accuracy first reached chance + ``learn_margin`` only after ``late_learning_fraction`` of its steps,
+or a run that did not learn although some evaluation along training came halfway to that bar. Whether such a
+run learns can change with the floating-point kernels a CPU selects (same code, same seed), and so can the
+verdicts of the claims it enters; the report names them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 
 import numpy as np
 
-__all__ = ["learned", "degenerate", "learned_gate"]
+__all__ = ["learned", "degenerate", "learned_gate", "learning_onset", "at_edge"]
 
 
 def learned(meta: dict, settings) -> tuple[bool, str]:
@@ -49,4 +55,37 @@ def learned_gate(meta: dict, G, settings, *, need_learning: bool = True, need_st
     if need_structure and degenerate(G, settings):
         med = float(np.nanmedian(np.asarray(G, dtype=float)))
         return f"degenerate (A_x ≈ I: median G {med:.2g} bits)"
+    return None
+
+
+def _bar(meta: dict, settings) -> float:
+    return (meta.get("summary", {}).get("chance_accuracy") or 0.1) + settings.learn_margin
+
+
+def learning_onset(meta: dict, settings) -> int | None:
+    """The first evaluation step at which the held-out accuracy reached chance + ``learn_margin`` (the run's
+    ``evals``), or None."""
+    evals = meta.get("evals")
+    if evals is None or len(evals) == 0:
+        return None
+    above = evals[evals["heldout_accuracy"] >= _bar(meta, settings)]
+    return int(above["step"].iloc[0]) if len(above) else None
+
+
+def at_edge(meta: dict, settings) -> str | None:
+    """Why a run sits at the edge of learning (see the module's docstring), or None."""
+    summary, evals = meta.get("summary", {}), meta.get("evals")
+    if summary.get("diverged_at_step") is not None or evals is None or len(evals) == 0:
+        return None
+    steps, bar = summary.get("steps") or int(evals["step"].iloc[-1]), _bar(meta, settings)
+    if learned(meta, settings)[0]:
+        onset = learning_onset(meta, settings)
+        if onset is not None and steps and onset > settings.late_learning_fraction * steps:
+            return f"learned late: held-out accuracy first ≥ {bar:.2f} at step {onset} of {steps}"
+        return None
+    chance = summary.get("chance_accuracy") or 0.1
+    best = int(evals["heldout_accuracy"].idxmax())
+    peak = float(evals["heldout_accuracy"].loc[best])
+    if peak >= chance + settings.learn_margin / 2:
+        return f"did not learn, but reached {peak:.3f} at step {int(evals['step'].loc[best])}"
     return None

@@ -96,6 +96,8 @@ class ClaimSettings(_Frozen):
     min_ratio_bits: float = Field(1.0, gt=0, description="C4.2: log₂ of the early/late ratio of |ΔG| (1 = twice as large)")
     skip_gain_bits: float = Field(1.0, gt=0, description="C5.grad: log₂‖g‖² with skip connections at least this much larger")
     learn_margin: float = Field(0.2, ge=0, lt=1, description="a run learned when its final held-out accuracy ≥ chance + this")
+    late_learning_fraction: float = Field(0.4, gt=0, le=1, description="a learned run is at the edge of learning when its "
+                                          "held-out accuracy first reached chance + learn_margin after this fraction of its steps")
     degenerate_G_bits: float = Field(0.01, gt=0, description="a run or model is degenerate (A_x ≈ I) when its median G is below this")
     min_depths: int = Field(3, ge=2, description="a depth trend needs at least this many measurable depths")
     null_draws: int = Field(200, ge=0, description="null draws per claim for its false-pass rate")

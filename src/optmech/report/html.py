@@ -114,7 +114,8 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
                      + ("Did not learn: " + _esc(", ".join(f"{k.rsplit(' ', 1)[0]} (" + (f"diverged at step {r['diverged_at_step']}"
                                                                     if r.get("diverged_at_step") is not None else f"{r['heldout_accuracy']:.2f}") + ")"
                                                         for k, r in failed))
-                        + "; their trend claims are not measurable, never evidence." if failed else "") + "</p>")
+                        + "; their trend claims are not measurable, never evidence." if failed else "")
+                     + _edge_sentence(arm) + "</p>")
     if len(inits) > 1:
         parts.append(f"<p class='small'>A claim id without brackets is decided on the main arm (init {_esc(inits[0])}); "
                      "[name] marks another initialisation arm of the same claim.</p>")
@@ -133,6 +134,17 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
     return "".join(parts)
 
 
+def _edge_sentence(arm: dict) -> str:
+    """' At the edge of learning: …' for the runs of one arm that sit there (``run_table``'s ``edge``), or ''."""
+    edge = [(k, r["edge"]) for k, r in arm.items() if r.get("edge")]
+    if not edge:
+        return ""
+    return (" At the edge of learning: " + _esc("; ".join(f"{k.rsplit(' ', 1)[0]} ({why})" for k, why in edge))
+            + ". Whether such a run learns can change with the floating-point kernels a CPU selects (the same code and seed "
+            "learn on one machine and stay at chance on another), and with it the verdicts of the claims it enters: rerun "
+            "them elsewhere, or with more seeds, before leaning on those verdicts.")
+
+
 def _runs_table(runs: dict) -> str:
     if not runs:
         return ""
@@ -141,8 +153,9 @@ def _runs_table(runs: dict) -> str:
         acc = "—" if r.get("heldout_accuracy") is None else f"{r['heldout_accuracy']:.3f}"
         loss = "—" if r.get("heldout_loss") is None else f"{r['heldout_loss']:.3f}"
         cls = "holds" if r.get("learned") else "fails"
+        why = r.get("why") if not r.get("edge") else f"{r.get('why')}; at the edge of learning ({r['edge']})"
         rows.append(f"<tr class='{cls}'><td>{_esc(key)}</td><td>{_esc(r.get('steps'))}</td><td>{acc}</td><td>{loss}</td>"
-                    f"<td>{_esc(r.get('why'))}</td></tr>")
+                    f"<td>{_esc(why)}</td></tr>")
     return "<h2>Training runs</h2><p class='small'>Final held-out accuracy and loss on every held-out image after the last step; the " \
            "learning curves are in the figures.</p><table>" + "".join(rows) + "</table>"
 
