@@ -123,5 +123,7 @@ def test_the_report_names_runs_at_the_edge_of_learning():
     assert "At the edge of learning: a k3 s1 (learned late: held-out accuracy first ≥ 0.30 at step 846 of 938)" in answer
     assert "a k1 s1 (" not in answer and "floating-point kernels" in answer
     assert "at the edge of learning (learned late" in _runs_table(runs)
+    both = {**runs, "a k0 s1 pytorch": {**run, "init": "pytorch", "heldout_accuracy": 0.9, "edge": "learned late: …"}}
+    assert _answer([], both, "", ["he_normal", "pytorch"]).count("floating-point kernels") == 1  # said once
     runs["a k3 s1 he_normal"]["edge"] = None
     assert "edge of learning" not in _answer([], runs, "", ["he_normal"]) + _runs_table(runs)

@@ -105,6 +105,7 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
                        f" <span class='small'>— {_esc(c.get('reason', ''))}</span></li>" for c in cs)
 
     parts = ["<div class='answer'><h2>The answer first</h2>"]
+    explained = False  # the edge-of-learning caveat, said once
     for init in [i for i in inits if any(r.get("init") == i for r in runs.values())]:
         arm = {k: r for k, r in runs.items() if r.get("init") == init}
         failed = [(k, r) for k, r in arm.items() if not r.get("learned")]
@@ -115,7 +116,8 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
                                                                     if r.get("diverged_at_step") is not None else f"{r['heldout_accuracy']:.2f}") + ")"
                                                         for k, r in failed))
                         + "; their trend claims are not measurable, never evidence." if failed else "")
-                     + _edge_sentence(arm) + "</p>")
+                     + _edge_sentence(arm, explain=not explained) + "</p>")
+        explained = explained or any(r.get("edge") for r in arm.values())
     if len(inits) > 1:
         parts.append(f"<p class='small'>A claim id without brackets is decided on the main arm (init {_esc(inits[0])}); "
                      "[name] marks another initialisation arm of the same claim.</p>")
@@ -134,15 +136,16 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
     return "".join(parts)
 
 
-def _edge_sentence(arm: dict) -> str:
-    """' At the edge of learning: …' for the runs of one arm that sit there (``run_table``'s ``edge``), or ''."""
+def _edge_sentence(arm: dict, explain: bool = True) -> str:
+    """' At the edge of learning: …' for the runs of one arm that sit there (``run_table``'s ``edge``), with what it
+    means when ``explain``; or ''."""
     edge = [(k, r["edge"]) for k, r in arm.items() if r.get("edge")]
     if not edge:
         return ""
-    return (" At the edge of learning: " + _esc("; ".join(f"{k.rsplit(' ', 1)[0]} ({why})" for k, why in edge))
-            + ". Whether such a run learns can change with the floating-point kernels a CPU selects (the same code and seed "
-            "learn on one machine and stay at chance on another), and with it the verdicts of the claims it enters: rerun "
-            "them elsewhere, or with more seeds, before leaning on those verdicts.")
+    return (" At the edge of learning: " + _esc("; ".join(f"{k.rsplit(' ', 1)[0]} ({why})" for k, why in edge)) + "."
+            + (" Whether such a run learns can change with the floating-point kernels a CPU selects (the same code and seed "
+               "learn on one machine and stay at chance on another), and with it the verdicts of the claims it enters: rerun "
+               "them elsewhere, or with more seeds, before leaning on those verdicts." if explain else ""))
 
 
 def _runs_table(runs: dict) -> str:
