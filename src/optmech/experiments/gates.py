@@ -83,9 +83,11 @@ def at_edge(meta: dict, settings) -> str | None:
         if onset is not None and steps and onset > settings.late_learning_fraction * steps:
             return f"learned late: held-out accuracy first ≥ {bar:.2f} at step {onset} of {steps}"
         return None
-    chance = summary.get("chance_accuracy") or 0.1
-    best = int(evals["heldout_accuracy"].idxmax())
-    peak = float(evals["heldout_accuracy"].loc[best])
+    chance, accuracy = summary.get("chance_accuracy") or 0.1, evals["heldout_accuracy"]
+    if not accuracy.notna().any():
+        return None
+    best = accuracy.idxmax()
+    peak = float(accuracy.loc[best])
     if peak >= chance + settings.learn_margin / 2:
         return f"did not learn, but reached {peak:.3f} at step {int(evals['step'].loc[best])}"
     return None
