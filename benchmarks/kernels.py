@@ -1,4 +1,4 @@
-"""Two kernel choices of the engine and the probe, each timed against its alternative side by side.
+"""Three kernel choices of the engine and the probe, each timed against its alternative side by side.
 
     .venv/bin/python benchmarks/kernels.py            # about a minute on 2 cores
 
