@@ -141,18 +141,17 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Sc
                     torch.autograd.grad(h, zs, grad_outputs=seeds[c].expand_as(h), retain_graph=c < k - 1)
         return run
 
-    def gram_gemms(k: int, grams: list[tuple[float, int]]) -> tuple[list, list]:
-        """(F, kept output) per layer, for F Fᵀ at (n, k, features)."""
-        Fs = [torch.randn(n, k, f, generator=gen) for _, f in grams]
-        return Fs, [torch.empty(n, k, k) for _ in grams]
+    def gram_gemms(k: int, grams: list[tuple[float, int]]) -> tuple[list, torch.Tensor]:
+        """(F per layer, for F Fᵀ at (n, k, features); one kept (n, k, k) output that the Grams overwrite in turn)."""
+        return [torch.randn(n, k, f, generator=gen) for _, f in grams], torch.empty(n, k, k)
 
     W = head.weight.detach()
     macs, grams = contractions(C)
-    Fs, outs = gram_gemms(C, grams)
+    Fs, out = gram_gemms(C, grams)
     largest = max(range(len(grams)), key=lambda i: grams[i][0])
 
     def c_grams():
-        for i, (F, out) in enumerate(zip(Fs, outs)):
+        for i, F in enumerate(Fs):
             if i != largest:
                 torch.bmm(F, F.mT, out=out)
 
@@ -165,11 +164,11 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Sc
         M = torch.randn(n, d, d, generator=gen)
         P = torch.empty(n, C, d)
         dmacs, dgrams = contractions(d)
-        dFs, douts = gram_gemms(d, dgrams)
+        dFs, dout = gram_gemms(d, dgrams)
 
         def d_grams():
-            for F, out in zip(dFs, douts):
-                torch.bmm(F, F.mT, out=out)
+            for F in dFs:
+                torch.bmm(F, F.mT, out=dout)
             torch.bmm(Q.expand(n, C, d), M, out=P)
 
         schedules["d"] = Schedule(d, passes(R, True), passes(R, False), d_grams,

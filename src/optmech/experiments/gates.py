@@ -23,12 +23,16 @@ import numpy as np
 __all__ = ["learned", "degenerate", "learned_gate", "learning_onset", "at_edge"]
 
 
+def _bar(meta: dict, settings) -> float:
+    """The held-out accuracy a run must reach to have learned: chance (1/C; 0.1 when unrecorded) + ``learn_margin``."""
+    return (meta.get("summary", {}).get("chance_accuracy") or 0.1) + settings.learn_margin
+
+
 def learned(meta: dict, settings) -> tuple[bool, str]:
     """(did the run learn, the sentence that says so) from its run.json and the ClaimSettings."""
     summary = meta.get("summary", {})
     acc = summary.get("heldout_accuracy")
-    chance = summary.get("chance_accuracy") or 0.1
-    need = chance + settings.learn_margin
+    need = _bar(meta, settings)
     if summary.get("diverged_at_step") is not None:
         because = f" ({summary['diverged_because']})" if summary.get("diverged_because") else ""
         return False, f"diverged at step {summary['diverged_at_step']}{because}"
@@ -56,10 +60,6 @@ def learned_gate(meta: dict, G, settings, *, need_learning: bool = True, need_st
         med = float(np.nanmedian(np.asarray(G, dtype=float)))
         return f"degenerate (A_x ≈ I: median G {med:.2g} bits)"
     return None
-
-
-def _bar(meta: dict, settings) -> float:
-    return (meta.get("summary", {}).get("chance_accuracy") or 0.1) + settings.learn_margin
 
 
 def learning_onset(meta: dict, settings) -> int | None:

@@ -125,7 +125,10 @@ class LowRankHead:
         ‖M_x‖₂ ≤ d·m in size (Q's rows have norm ≤ 1), so A is finite when (d + 1)·m is well inside the dtype's
         range: then the B·C² values of A need no pass of their own.
         """
-        peak = torch.maximum(self.core.abs().amax(), self.scale.abs().amax()).item() if self.core.numel() else 0.0
+        if self.core.numel() == 0:
+            return
+        low, high = torch.aminmax(self.core)  # one pass, no |M| temporary; NaN propagates
+        peak = torch.stack([-low, high, self.scale.abs().amax()]).amax().item()
         if not math.isfinite(peak):
             check_finite_structure(self.core + self.scale[:, None, None], logits)
         elif formed is not None and (self.rank + 1) * peak > torch.finfo(formed.dtype).max / 4:
