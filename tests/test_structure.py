@@ -612,3 +612,25 @@ def test_every_padding_and_convolution_dimension_is_fast_and_exact(case, strateg
         assert rel_err(A, reference) < 1e-12 and not _r.route.generic()
     for name, part in groups.items():
         assert rel_err(part, ref_groups[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("method", ["gram", "jacobian", "auto", "probe"])
+def test_what_the_engine_keeps_does_not_keep_the_model_alive(method):
+    """The per-model cache is keyed weakly by the model: nothing it keeps may refer back to the model or its layers,
+    or every model ever probed (a depth sweep's, a hyperparameter search's) would stay in memory with its weights."""
+    import gc
+    import weakref
+
+    from optmech import Probe
+
+    x = torch.randn(2, 4)
+    for make in (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), lambda: nn.Linear(4, 3)):  # (a claimed root)
+        model = make()
+        if method == "probe":
+            Probe(model).measure(x, torch.tensor([0, 2]))
+        else:
+            structural_matrix(model, x, method=method)
+        alive = [weakref.ref(m) for m in model.modules()]
+        del model
+        gc.collect()
+        assert not any(ref() is not None for ref in alive)
