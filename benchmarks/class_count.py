@@ -5,8 +5,9 @@ exact cost floor, measured side by side.
     .venv/bin/python benchmarks/class_count.py --classes 10 100 --no-memory
 
 Models: an MLP 784 → 256 → 256 → C (ReLU) and SNet's CNN (Conv(1→8) → ReLU → MaxPool(2) → … → Linear(·, C);
-``optmech.models.build("snet", depth=1, n_classes=C)``); batch 64, float32, one process, interleaved round by
-round in a new shuffled order every round (seeded). Per model and C:
+``optmech.models.build("snet", depth=1, n_classes=C)``); with ``--models wide``, the MLP at width 1024, whose logits
+layer is as wide as C = 1000 or wider (no factors of A: the probe's dense C × C eigensolver). Batch 64, float32, one
+process, interleaved round by round in a new shuffled order every round (seeded). Per model and C:
 
 - **step**: a training step (forward, cross-entropy, backward, SGD with lr 0);
 - **floor**: the exact cost floor of A = J Jᵀ, the cheaper of two schedules, each the work every exact method
@@ -28,6 +29,9 @@ round in a new shuffled order every round (seeded). Per model and C:
   that writes A no faster than writing A's B·C² floats into fresh memory (``torch.ones``): what a BLAS at its
   large-matrix speed on these shapes would give (torch's batched GEMMs of a few hundred rows run at about
   half of it on this CPU);
+- **hand** (the MLPs, C ≤ their width): A for that one model written by hand (:func:`hand_written`: its forward
+  with hooks, one vmapped pass, (‖a‖² + 1)·B Bᵀ per layer; no checks, no route report): the floor's work with
+  the small operations of the C-linear terms paid, so that gram's distance from it is the engine's own;
 - **gram**: ``structural_matrix(model, x, method="gram")``;
 - **probe**: ``Probe(model).measure(x, y)`` with the default columns (no extras).
 
@@ -64,9 +68,10 @@ GEMM = 2048
 
 def make(name: str, C: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    if name == "mlp":
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                   torch.nn.ReLU(), torch.nn.Linear(256, C))
+    if name in ("mlp", "wide"):
+        width = 256 if name == "mlp" else 1024
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                   torch.nn.ReLU(), torch.nn.Linear(width, C))
     return build("snet", depth=1, n_classes=C, seed=0)
 
 
@@ -177,6 +182,42 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Sc
     return schedules
 
 
+def hand_written(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """A exactly, for the MLP alone and C ≤ its width, written by hand as directly as this model allows: the eval
+    forward with hooks on the three Linear layers, one vmapped backward of the C rows of the logits layer's weight
+    from its input h, and A = (‖h‖² + 1)·I + Σ_l (‖a_l‖² + 1)·B_l B_lᵀ. No input, graph or finiteness checks, no
+    route report, no other model: what the floor's work costs once the C-linear terms' small operations are paid
+    as any implementation pays them (None for other models)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if len(layers) != len(list(model.modules())) - 4 or layers[-1].out_features > layers[-1].in_features:
+        return None  # not the MLP (Sequential, Flatten, two ReLUs and the Linears), or C > d
+
+    def run() -> torch.Tensor:
+        seen = {}
+        hooks = [m.register_forward_hook(lambda mod, a, o: seen.__setitem__(mod, (a[0], o))) for m in layers]
+        try:
+            was = model.training
+            model.eval()
+            with torch.enable_grad():
+                model(x)
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+        head = layers[-1]
+        h, W = seen[head][0], head.weight.detach()
+        C = W.shape[0]
+        grads = torch.autograd.grad(h, [seen[m][1] for m in layers[:-1]], grad_outputs=W[:, None, :].expand(C, *h.shape),
+                                    is_grads_batched=True)
+        A = torch.zeros(x.shape[0], C, C)
+        A.diagonal(dim1=1, dim2=2).add_(torch.linalg.vector_norm(h.detach(), dim=1).square_().add_(1)[:, None])
+        for m, g in zip(layers[:-1], grads):
+            B = g.transpose(0, 1)  # (n, C, width)
+            A.addcmul_(torch.bmm(B, B.transpose(1, 2)), torch.linalg.vector_norm(seen[m][0].detach(), dim=1).square_().add_(1)[:, None, None])
+        return A
+    return run
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -231,6 +272,12 @@ def main() -> None:
             for key, sch in schedules.items():
                 for part in ("one_pass", "k_passes", "grams", "last"):
                     calls[f"{part}/{key}"] = getattr(sch, part)
+            hand = hand_written(model, x)
+            if hand is not None:
+                reference = structural_matrix(model, x, method="gram").A
+                if not torch.allclose(hand(), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max())):
+                    raise AssertionError("the hand-written A differs from gram's")
+                calls["hand"] = hand
             for fn in calls.values():  # warm
                 fn()
             rounds = max(5, args.rounds if C <= 10 else args.rounds // 2)
@@ -256,10 +303,10 @@ def main() -> None:
             best = min(at_median, key=lambda key: at_median[key][0])
             per_round = [floors({k: v[r] for k, v in times.items()})[best] for r in range(rounds)]
             A_mib = BATCH * C * C * 4 / 2**20
-            for k in ("step", "gram", "probe"):
+            for k in ("step", "hand", "gram", "probe") if hand is not None else ("step", "gram", "probe"):
                 ratios = sorted(times[k][r] / per_round[r][0] for r in range(rounds))
                 spread = f"{ratios[0]:.2f}–{ratios[-1]:.2f}"  # how far one round's ratio moves on this machine
-                mem = "" if args.no_memory or k == "step" else f"{peak_memory_mib(name, C, k):.0f}"
+                mem = "" if args.no_memory or k in ("step", "hand") else f"{peak_memory_mib(name, C, k):.0f}"
                 print(f"{name:<5} {C:>5} {k:<6} {1e3 * med[k]:>10.1f} {med[k] / med['step']:>8.2f} "
                       f"{med[k] / at_median[best][0]:>8.2f} {spread:>13} {med[k] / at_median[best][1]:>8.2f} "
                       f"{med[k] / med['gram']:>7.2f} {mem:>9}", flush=True)

@@ -222,3 +222,34 @@ def test_gic_null_draws_match_direct_sampling_of_ball_rows():
         direct.append(math.log2(lam[-1] / lam[0]))
     for q in (0.1, 0.5, 0.9):
         assert abs(np.quantile(fast, q) - np.quantile(direct, q)) < 0.06 * np.quantile(direct, q)
+
+
+def test_the_verdicts_without_the_runs_that_learned_late(monkeypatch):
+    """A claim resting on a run that learned only late holds with it and is not measurable without it: the claims
+    checker says which verdicts move, and a preset may exclude such runs from the start (``exclude_edge_runs``)."""
+    from optmech.experiments import claims_theory
+    from optmech.experiments.claims import edge_sensitivity, evaluate_claims, run_table
+
+    monkeypatch.setattr(claims_theory, "theory_claims", lambda rep, config: [])  # (the synthetic records hold no theory)
+
+    key = ("a", 1, 1, "he_normal")
+    for late, moves in ((True, True), (False, False)):
+        config = _config()
+        rep = reproduction(config, {key: (synthetic_run(onset=30, G=(3.0, 1.0)), 0.9)})
+        curve = [0.1] * 6 + [0.5, 0.8, 0.9, 0.9] if late else [0.1, 0.5] + [0.9] * 8
+        rep.train_meta[key]["evals"] = pd.DataFrame({"step": np.linspace(0, 480, 10).astype(int), "heldout_accuracy": curve})
+        claims = evaluate_claims(rep)
+        assert _claim(claims, "C2.2").verdict == "holds"
+        runs = run_table(rep)
+        assert (runs["a k1 s1 he_normal"]["edge"] is not None) == late
+        sensitivity = edge_sensitivity(rep, claims, runs)
+        if not moves:
+            assert sensitivity is None
+            continue
+        assert sensitivity["runs"] == ["a k1 s1 he_normal"]
+        moved = sensitivity["moved"]["C2.2"]
+        assert moved["from"] == "holds" and moved["to"] == "not measurable" and "at the edge of learning" in moved["reason"]
+        strict = _config(claims={"exclude_edge_runs": True})  # pre-registered: the same verdict, nothing left to compare
+        rep.meta["config"] = strict.model_dump(mode="json")
+        assert _claim(evaluate_claims(rep), "C2.2").verdict == "not measurable"
+        assert edge_sensitivity(rep, evaluate_claims(rep), run_table(rep)) is None

@@ -127,3 +127,17 @@ def test_the_report_names_runs_at_the_edge_of_learning():
     assert _answer([], both, "", ["he_normal", "pytorch"]).count("floating-point kernels") == 1  # said once
     runs["a k3 s1 he_normal"]["edge"] = None
     assert "edge of learning" not in _answer([], runs, "", ["he_normal"]) + _runs_table(runs)
+
+
+def test_the_report_says_which_verdicts_rest_on_the_runs_that_learned_late():
+    from optmech.report.html import _answer
+
+    run = dict(init="he_normal", steps=938, heldout_loss=0.5, learned=True, heldout_accuracy=0.8, why="learned", edge="learned late: …")
+    runs = {"a k3 s1 he_normal": run}
+    moved = {"runs": ["a k3 s1 he_normal"], "moved": {"C6.1": {"from": "holds", "to": "inconclusive", "reason": "2 of 3 units pass."}}}
+    answer = _answer([], runs, "", ["he_normal"], moved)
+    assert "Without the runs that learned late</b> (a k3 s1 he_normal), counted as not measurable, 1 verdict moves" in answer
+    assert "<b>C6.1</b></a>: holds → <b>inconclusive</b>" in answer and "2 of 3 units pass." in answer
+    still = _answer([], runs, "", ["he_normal"], {"runs": ["a k3 s1 he_normal"], "moved": {}})
+    assert "(a k3 s1 he_normal), counted as not measurable: no verdict moves" in still
+    assert "Without the runs" not in _answer([], runs, "", ["he_normal"], None)  # not evaluated (or excluded by the preset)

@@ -287,14 +287,15 @@ def _measured(claim: dict) -> str:
 def _report(run_dir: Path) -> None:
     from rich.markup import escape
 
-    from .experiments.claims import evaluate_claims, run_table, write_claims
+    from .experiments.claims import edge_sensitivity, evaluate_claims, run_table, write_claims
     from .records import read_reproduction
     from .report.html import build_report
 
     rep = read_reproduction(run_dir)
     claims = evaluate_claims(rep)
     runs = run_table(rep)
-    write_claims(claims, run_dir / "claims.json", runs)
+    without_edge = edge_sensitivity(rep, claims, runs)
+    write_claims(claims, run_dir / "claims.json", runs, without_edge)
     path = build_report(run_dir)
     table = Table(title="claims (READING.md §2, §5)", title_justify="left")
     for column in ("id", "kind", "verdict", "measured"):
@@ -310,6 +311,10 @@ def _report(run_dir: Path) -> None:
         console.print(f"training runs: {len(learned)} of {len(runs)} learned (final held-out accuracy {min(accs):.3f}–{max(accs):.3f}); "
                       "the others' claims are not measurable"
                       + (f"; at the edge of learning (see the report): {', '.join(edge)}" if edge else ""))
+    if without_edge is not None:
+        moved = without_edge["moved"]
+        console.print(f"without the runs that learned late ({', '.join(without_edge['runs'])}): "
+                      + (", ".join(f"{escape(cid)} {m['from']} → {m['to']}" for cid, m in moved.items()) if moved else "no verdict moves"))
     from .experiments.claims import count_verdicts, summary_line
 
     console.print(f"{summary_line(count_verdicts(claims))} — claims: [bold]{run_dir / 'claims.json'}[/]")

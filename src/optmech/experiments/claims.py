@@ -30,7 +30,7 @@ from ..records import Reproduction, write_json_atomic
 from .reproduce_config import ReproduceConfig
 
 __all__ = ["Claim", "evaluate_claims", "write_claims", "VERDICTS", "KINDS", "VERDICT_RULE", "combine", "count_verdicts",
-           "summary_line", "run_table"]
+           "summary_line", "run_table", "edge_sensitivity"]
 
 VERDICTS = ("holds", "fails", "inconclusive", "not measurable")
 KINDS = ("empirical", "identity", "theory", "derived", "descriptive")
@@ -122,13 +122,34 @@ def make_claim(id: str, source: str, statement: str, operationalisation: str, ki
                  caveats=tuple(caveats))
 
 
-def evaluate_claims(rep: Reproduction) -> list[Claim]:
-    """Every claim, from the records of a reproduction (no model is rebuilt)."""
+def evaluate_claims(rep: Reproduction, *, exclude_edge_runs: bool | None = None) -> list[Claim]:
+    """Every claim, from the records of a reproduction (no model is rebuilt). ``exclude_edge_runs``: override the
+    preset's ``ClaimSettings.exclude_edge_runs`` (a learned run at the edge of learning counts as not measurable)."""
     from .claims_theory import theory_claims
     from .claims_training import training_claims
 
     config = ReproduceConfig(**rep.meta["config"])
+    if exclude_edge_runs is not None:
+        config = config.model_copy(update={"claims": config.claims.model_copy(update={"exclude_edge_runs": exclude_edge_runs})})
     return training_claims(rep, config) + theory_claims(rep, config)
+
+
+def edge_sensitivity(rep: Reproduction, claims: list[Claim], runs: dict) -> dict | None:
+    """What the verdicts become when the learned runs at the edge of learning count as not measurable.
+
+    ``claims`` as evaluated with the preset's settings, ``runs`` their :func:`run_table`. None when the preset
+    excludes those runs already or no learned run is at the edge; else {"runs": [the learned runs at the edge],
+    "moved": {claim id: {"from": verdict, "to": verdict, "reason": the new verdict's reason}}}. A run at the edge
+    that did not learn counts for nothing either way (what it would add had it learned is not in the records).
+    """
+    config = ReproduceConfig(**rep.meta["config"])
+    late = [key for key, r in runs.items() if r.get("edge") and r.get("learned")]
+    if config.claims.exclude_edge_runs or not late:
+        return None
+    strict = {c.id: c for c in evaluate_claims(rep, exclude_edge_runs=True)}
+    moved = {c.id: {"from": c.verdict, "to": strict[c.id].verdict, "reason": strict[c.id].reason}
+             for c in claims if c.id in strict and strict[c.id].verdict != c.verdict}
+    return {"runs": late, "moved": moved}
 
 
 def run_table(rep: Reproduction) -> dict:
@@ -164,8 +185,10 @@ def summary_line(counts: dict) -> str:
     return "; ".join(f"{kind}: " + ", ".join(f"{n} {words[v]}" for v, n in per.items() if n) for kind, per in counts.items())
 
 
-def write_claims(claims: list[Claim], path: str | Path, runs: dict | None = None) -> None:
+def write_claims(claims: list[Claim], path: str | Path, runs: dict | None = None, without_edge: dict | None = None) -> None:
     """claims.json: {"counts": {kind: {verdict: n}}, "rule", "runs": every training run's final held-out
-    accuracy and loss, "claims": [...]}, written atomically."""
+    accuracy and loss, "without_edge_runs": :func:`edge_sensitivity` (None when not evaluated), "claims": [...]},
+    written atomically."""
     write_json_atomic(path, {"counts": count_verdicts(claims), "summary": summary_line(count_verdicts(claims)),
-                             "rule": VERDICT_RULE, "runs": clean(runs or {}), "claims": [c.to_json() for c in claims]})
+                             "rule": VERDICT_RULE, "runs": clean(runs or {}), "without_edge_runs": clean(without_edge),
+                             "claims": [c.to_json() for c in claims]})

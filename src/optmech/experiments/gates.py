@@ -7,11 +7,13 @@ or a degenerate matrix as evidence").
   ``degenerate_G_bits``: A_x ≈ c·I, where the Theorem 3 bracket is closed by the vanishing signal
   (READING.md F3), not by a well-conditioned structure.
 
-And a caveat that is not a gate, **at the edge of learning** (:func:`at_edge`): a run that learned, but whose
-held-out accuracy first reached chance + ``learn_margin`` only after ``late_learning_fraction`` of its steps,
-or a run that did not learn although some evaluation along training came halfway to that bar. Whether such a
-run learns can change with the floating-point kernels a CPU selects (same code, same seed), and so can the
-verdicts of the claims it enters; the report names them.
+And a caveat, **at the edge of learning** (:func:`at_edge`): a run that learned, but whose held-out accuracy
+first reached chance + ``learn_margin`` only after ``late_learning_fraction`` of its steps, or a run that did not
+learn although some evaluation along training came halfway to that bar. Whether such a run learns can change with
+the floating-point kernels a CPU selects (same code, same seed), and so can the verdicts of the claims it enters;
+the report names them. It is a gate only with ``exclude_edge_runs`` (a learned run at the edge is then not
+measurable); otherwise the claims checker also evaluates every claim so and reports which verdicts move
+(:func:`.claims.edge_sensitivity`).
 """
 
 from __future__ import annotations
@@ -51,11 +53,15 @@ def degenerate(G, settings) -> bool:
 
 
 def learned_gate(meta: dict, G, settings, *, need_learning: bool = True, need_structure: bool = True) -> str | None:
-    """The reason a run is not measurable (did not learn, degenerate A_x), or None."""
+    """The reason a run is not measurable (did not learn, at the edge of learning with ``exclude_edge_runs``,
+    degenerate A_x), or None."""
     if need_learning:
         ok, why = learned(meta, settings)
         if not ok:
             return why
+        edge = at_edge(meta, settings) if settings.exclude_edge_runs else None
+        if edge:
+            return f"at the edge of learning ({edge})"
     if need_structure and degenerate(G, settings):
         med = float(np.nanmedian(np.asarray(G, dtype=float)))
         return f"degenerate (A_x ≈ I: median G {med:.2g} bits)"

@@ -98,6 +98,9 @@ class ClaimSettings(_Frozen):
     learn_margin: float = Field(0.2, ge=0, lt=1, description="a run learned when its final held-out accuracy ≥ chance + this")
     late_learning_fraction: float = Field(0.4, gt=0, le=1, description="a learned run is at the edge of learning when its "
                                           "held-out accuracy first reached chance + learn_margin after this fraction of its steps")
+    exclude_edge_runs: bool = Field(False, description="count a learned run at the edge of learning (learned after "
+                                    "late_learning_fraction of its steps) as not measurable; when False, the claims are "
+                                    "also evaluated so, and claims.json and the report say which verdicts move")
     degenerate_G_bits: float = Field(0.01, gt=0, description="a run or model is degenerate (A_x ≈ I) when its median G is below this")
     min_depths: int = Field(3, ge=2, description="a depth trend needs at least this many measurable depths")
     null_draws: int = Field(200, ge=0, description="null draws per claim for its false-pass rate")

@@ -95,7 +95,24 @@ def _claims_table(claims: list[dict]) -> str:
     return "<table>" + "\n".join(rows) + "</table>"
 
 
-def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> str:
+def _edge_verdicts(without_edge: dict | None) -> str:
+    """The answer's sentence on what the verdicts become when the learned runs at the edge of learning count as not
+    measurable (claims.json's ``without_edge_runs``, :func:`optmech.experiments.claims.edge_sensitivity`), or ''."""
+    if not without_edge:
+        return ""
+    runs = ", ".join(without_edge["runs"])
+    moved = without_edge.get("moved") or {}
+    if not moved:
+        return (f"<p><b>Without the runs that learned late</b> ({_esc(runs)}), counted as not measurable: no verdict moves.</p>")
+    items = "".join(f"<li><a href='#claim-{_esc(cid)}'><b>{_esc(cid)}</b></a>: {_esc(m['from'])} → <b>{_esc(m['to'])}</b> "
+                    f"<span class='small'>— {_esc(m.get('reason', ''))}</span></li>" for cid, m in moved.items())
+    return (f"<p><b>Without the runs that learned late</b> ({_esc(runs)}), counted as not measurable, "
+            f"{len(moved)} verdict{'s' if len(moved) != 1 else ''} move{'s' if len(moved) == 1 else ''}. These verdicts rest on "
+            "those runs: read them as fragile, not as corrected (how late a run learns is tied to the timings that the onset "
+            f"and correlation claims measure, so leaving such runs out is a selection of its own).</p><ul>{items}</ul>")
+
+
+def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str], without_edge: dict | None = None) -> str:
     """The report's first section: what of the paper holds, fails, cannot be decided, and why, in sentences."""
     empirical = [c for c in claims if c["kind"] == "empirical"]
     by = {v: [c for c in empirical if c["verdict"] == v] for v in ("holds", "fails", "inconclusive", "not measurable")}
@@ -118,6 +135,7 @@ def _answer(claims: list[dict], runs: dict, summary: str, inits: list[str]) -> s
                         + "; their trend claims are not measurable, never evidence." if failed else "")
                      + _edge_sentence(arm, explain=not explained) + "</p>")
         explained = explained or any(r.get("edge") for r in arm.values())
+    parts.append(_edge_verdicts(without_edge))
     if len(inits) > 1:
         parts.append(f"<p class='small'>A claim id without brackets is decided on the main arm (init {_esc(inits[0])}); "
                      "[name] marks another initialisation arm of the same claim.</p>")
@@ -243,7 +261,7 @@ def build_report(run_dir: str | Path) -> Path:
     body = [
         f"<h1>optmech reproduction of Qi, Gong &amp; Li (arXiv 2503.23016) — preset <code>{_esc(cfg['name'])}</code></h1>",
         f"<p class='small'>Built {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {_esc(run_dir)} (records only).</p>",
-        _answer(claims_doc["claims"], claims_doc.get("runs", {}), claims_doc.get("summary", ""), inits),
+        _answer(claims_doc["claims"], claims_doc.get("runs", {}), claims_doc.get("summary", ""), inits, claims_doc.get("without_edge_runs")),
         "<h2>Setup</h2>", _kv_table(setup),
         _runs_table(claims_doc.get("runs", {})),
         "<h2>Claims</h2>", f"<p>{_esc(claims_doc.get('rule', ''))}</p>",
