@@ -97,6 +97,19 @@ def gram_features(n: int, k: int, S: int, K: int, width: int, bias: bool) -> tup
     return costs[form], round((at[2] - 2 * at[1] + at[0]) / 2 / n)
 
 
+def hooked_forward(model: torch.nn.Module, layers: list, x: torch.Tensor) -> dict:
+    """{layer: (its input, its output)} from one forward of ``model`` (in its current mode) with autograd on."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o: seen.__setitem__(mod, (a[0], o))) for m in layers]
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Schedule]:
     """The exact cost floor's schedules (module docstring): ``"C"``, and ``"d"`` when the logits layer's input is
     narrower than C."""
@@ -106,15 +119,7 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Sc
     gen = torch.Generator().manual_seed(3)
 
     def forward():
-        seen = {}
-        hooks = [m.register_forward_hook(lambda mod, a, o: seen.__setitem__(mod, (a[0], o))) for m in layers]
-        try:
-            with torch.enable_grad():
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return seen
+        return hooked_forward(model, layers, x)
 
     seen = forward()
 
@@ -183,25 +188,15 @@ def floor_parts(model: torch.nn.Module, x: torch.Tensor, C: int) -> dict[str, Sc
 
 
 def hand_written(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A exactly, for one of the MLPs of :func:`make` with C ≤ its width, written by hand as directly as this model
-    allows: the eval forward with hooks on the three Linear layers, one vmapped backward of the C rows of the logits
+    """A exactly, for one of the MLPs of :func:`make` (in eval mode, as :func:`main` holds it) with C ≤ its width,
+    written by hand as directly as this model allows: the forward with hooks on the three Linear layers, one vmapped backward of the C rows of the logits
     layer's weight from its input h, and A = (‖h‖² + 1)·I + Σ_l (‖a_l‖² + 1)·B_l B_lᵀ. No input, graph or
     finiteness checks, no route report, no other model: what the floor's work costs once the C-linear terms' small
     operations are paid as any implementation pays them."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
     def run() -> torch.Tensor:
-        seen = {}
-        hooks = [m.register_forward_hook(lambda mod, a, o: seen.__setitem__(mod, (a[0], o))) for m in layers]
-        was = model.training
-        model.eval()
-        try:
-            with torch.enable_grad():
-                model(x)
-        finally:
-            model.train(was)
-            for h in hooks:
-                h.remove()
+        seen = hooked_forward(model, layers, x)
         head = layers[-1]
         h, W = seen[head][0], head.weight.detach()
         C = W.shape[0]
